@@ -1,0 +1,279 @@
+//! The long-poll API in golongpoll's wire format: subscribe (`/events`) and publish
+//! (`/publish`). Subscribe answers everything, errors included, with HTTP 200 and a JSON body
+//! (golongpoll's contract); only a failed authentication is a real 401, because both
+//! official clients treat any non-200 as a failure and retry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::query::Form;
+use super::{App, AuthFailure, Body, Method, Parked, ParkedKind, Reply, Request, Response};
+use crate::event::{Event, Start, push_json_str};
+use crate::store::Reader;
+use crate::store::writer::{Job, Payload, WriteError};
+
+/// Content type of every long-poll answer (golongpoll's).
+const JSON: &str = "application/json";
+
+/// A long-poll answer with golongpoll's headers.
+fn answer(status: u16, body: impl Into<Arc<[u8]>>) -> Response {
+    Response::json(status, JSON, body)
+        .with_header("X-Content-Type-Options", "nosniff")
+        .with_header("Cache-Control", "no-cache, no-store, must-revalidate")
+        .with_header("Pragma", "no-cache")
+        .with_header("Expires", "0")
+}
+
+/// An `{"error": "…"}` answer, spelled as golongpoll spells it.
+pub(crate) fn error_response(status: u16, message: &str) -> Response {
+    let mut body = String::from("{\"error\": ");
+    push_json_str(&mut body, message);
+    body.push('}');
+    answer(status, body.into_bytes())
+}
+
+/// The timeout answer with the given timestamp.
+pub(crate) fn timeout_response(timestamp: u64) -> Response {
+    let body = format!("{{\"timeout\":\"no events before timeout\",\"timestamp\":{timestamp}}}");
+    answer(200, body.into_bytes())
+}
+
+/// An events answer for `category`.
+pub(crate) fn events_response(category: &str, events: &[Arc<Event>]) -> Response {
+    let mut quoted = String::new();
+    push_json_str(&mut quoted, category);
+    let mut body =
+        String::with_capacity(16 + events.iter().map(|e| e.data.len() + 100).sum::<usize>());
+    body.push_str("{\"events\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str("{\"timestamp\":");
+        body.push_str(&e.ts.to_string());
+        body.push_str(",\"category\":");
+        body.push_str(&quoted);
+        body.push_str(",\"data\":");
+        body.push_str(&e.data);
+        body.push_str(",\"id\":\"");
+        body.push_str(
+            e.id.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
+        body.push_str("\"}");
+    }
+    body.push_str("]}");
+    answer(200, body.into_bytes())
+}
+
+fn unauthorized() -> Response {
+    error_response(401, "Unauthorized")
+        .with_header("WWW-Authenticate", "Basic realm=\"eventserver\"")
+}
+
+/// Whether a category is one a stream could have: 1-1024 bytes, no control characters.
+fn valid_category(category: &str) -> bool {
+    super::streams::check_stream_name(category).is_ok()
+}
+
+/// Parses and checks subscribe parameters, in golongpoll's order and wording.
+fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, Start), String> {
+    let form = Form::parse(query);
+    let present = |name| form.first(name).filter(|v| !v.is_empty());
+    let timeout = form
+        .first("timeout")
+        .and_then(|t| t.parse::<u64>().ok())
+        .filter(|t| (1..=max_timeout).contains(t))
+        .ok_or(format!(
+            "Invalid or missing 'timeout' arg.  Must be 1-{max_timeout}."
+        ))?;
+    let category = form.first("category").unwrap_or_default();
+    if !valid_category(category) {
+        return Err("Invalid subscription category, must be 1-1024 characters long.".into());
+    }
+    let since = match present("since_time") {
+        None => None,
+        // golongpoll takes any int64; a time before the epoch means "everything".
+        Some(raw) => Some(
+            raw.parse::<i64>()
+                .map_err(|_| "Invalid 'since_time' arg.".to_owned())?
+                .max(0) as u64,
+        ),
+    };
+    let last_id = match present("last_id") {
+        None => None,
+        Some(_) if since.is_none() => {
+            return Err("Must provide 'since_time' arg when providing 'last_id'.".into());
+        }
+        Some(raw) => Some(
+            uuid::Uuid::parse_str(raw)
+                .map_err(|_| "Param 'last_id' was not a valid UUID.".to_owned())?,
+        ),
+    };
+    let start = match since {
+        None => Start::Now,
+        Some(ms) => Start::Since { ms, last_id },
+    };
+    Ok((category.to_owned(), timeout, start))
+}
+
+/// `GET` (or `POST`) on the subscribe path.
+pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
+    match app.authenticate(reader, &req) {
+        Ok(_) => {}
+        Err(AuthFailure::Unauthorized) => return reply(unauthorized()),
+        Err(AuthFailure::Storage) => {
+            return reply(error_response(500, "could not check credentials"));
+        }
+    }
+    let (category, timeout, start) =
+        match subscribe_params(&req.query, app.config.longpoll_max_timeout) {
+            Ok(params) => params,
+            Err(message) => return reply(error_response(200, &message)),
+        };
+    let parked = Parked {
+        reply,
+        kind: ParkedKind::LongPoll(category.as_str().into()),
+    };
+    app.wait(
+        reader,
+        &category,
+        &start,
+        None,
+        app.config.longpoll_max_batch,
+        Duration::from_secs(timeout),
+        parked,
+    );
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+/// `POST` on the publish path.
+pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
+    match app.authenticate(reader, &req) {
+        Ok(_) => {}
+        Err(AuthFailure::Unauthorized) => return reply(unauthorized()),
+        Err(AuthFailure::Storage) => {
+            return reply(error_response(500, "could not check credentials"));
+        }
+    }
+    if req.method != Method::Post {
+        return reply(error_response(
+            405,
+            "Invalid HTTP Method. Only POST allowed.",
+        ));
+    }
+    let body = match &req.body {
+        Body::Bytes(body) => body,
+        Body::TooLarge => {
+            let why = format!("Payload Too Large - limit is {} bytes", app.config.max_body);
+            return reply(error_response(413, &why));
+        }
+    };
+    let Ok(parsed) = serde_json::from_slice::<PublishBody>(body) else {
+        return reply(error_response(400, "Invalid POST body json."));
+    };
+    let category = parsed.category.unwrap_or_default();
+    if !valid_category(&category) {
+        return reply(error_response(
+            400,
+            "Invalid or missing 'category' arg, must be 1-1024 characters long.",
+        ));
+    }
+    let Some(data) = parsed.data else {
+        return reply(error_response(
+            400,
+            "Invalid or missing 'data' arg, must be non-nil.",
+        ));
+    };
+    let producer = match req.header("X-Producer-ID") {
+        None => None,
+        Some(p) if !p.is_empty() && p.len() <= 255 && !p.chars().any(char::is_control) => {
+            Some(p.to_owned())
+        }
+        Some(_) => {
+            return reply(error_response(
+                400,
+                "Invalid 'X-Producer-ID' header, must be 1-255 bytes without control characters.",
+            ));
+        }
+    };
+    let job = Job::Append {
+        stream: category,
+        producer,
+        payload: Payload::Data(data.get().to_owned()),
+        done: Box::new(move |result: Result<Arc<Event>, WriteError>| {
+            reply(match result {
+                Ok(_) => answer(200, &b"{\"success\": true}"[..]),
+                Err(WriteError::Locked) => {
+                    error_response(423, "Locked - Second writers not allowed")
+                }
+                Err(WriteError::Busy) => {
+                    error_response(503, "Service Unavailable - the write queue is full")
+                }
+                Err(e) => error_response(
+                    500,
+                    &format!("Internal Server Error - {}", super::storage_reason(&e)),
+                ),
+            })
+        }),
+    };
+    if let Err(job) = app.submit(job) {
+        super::refuse_busy(job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_params_in_order() {
+        let err = |q| subscribe_params(q, 110).unwrap_err();
+        assert_eq!(err(""), "Invalid or missing 'timeout' arg.  Must be 1-110.");
+        assert_eq!(
+            err("timeout=111&category=a"),
+            "Invalid or missing 'timeout' arg.  Must be 1-110."
+        );
+        assert_eq!(
+            err("timeout=5"),
+            "Invalid subscription category, must be 1-1024 characters long."
+        );
+        assert_eq!(
+            err("timeout=5&category=a&since_time=x"),
+            "Invalid 'since_time' arg."
+        );
+        assert_eq!(
+            err("timeout=5&category=a&last_id=x"),
+            "Must provide 'since_time' arg when providing 'last_id'."
+        );
+        assert_eq!(
+            err("timeout=5&category=a&since_time=1&last_id=x"),
+            "Param 'last_id' was not a valid UUID."
+        );
+        let (c, t, s) = subscribe_params("timeout=5&category=a&since_time=&last_id=", 110).unwrap();
+        assert_eq!((c.as_str(), t, s), ("a", 5, Start::Now));
+        let id = "{7C17587A-3437-4861-BEF7-8F29905589E4}";
+        let (_, _, s) = subscribe_params(
+            &format!("timeout=5&category=a&since_time=-4&last_id={id}"),
+            110,
+        )
+        .unwrap();
+        assert!(matches!(
+            s,
+            Start::Since {
+                ms: 0,
+                last_id: Some(_)
+            }
+        ));
+    }
+}

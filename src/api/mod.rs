@@ -1,0 +1,360 @@
+//! Routes and handlers for both APIs, independent of the HTTP engine.
+//!
+//! A handler turns an [`Request`] into a typed call, runs it against the store and the
+//! long-poll registry, and answers through its [`Reply`] — at once, after the writer commits,
+//! or later from the registry. Each API renders errors in its own contract: the streams API
+//! as JSON strings with the seed's status codes ([`streams`]), the long-poll API as
+//! golongpoll's `{"error": …}` bodies ([`longpoll`]).
+
+pub mod longpoll;
+mod query;
+pub mod streams;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+
+use crate::auth::{Authenticator, Credentials};
+use crate::config::Config;
+use crate::event::Event;
+use crate::store::Reader;
+use crate::store::writer::{Job, WriteError};
+
+/// The HTTP method, as far as the APIs care.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// GET
+    Get,
+    /// POST
+    Post,
+    /// HEAD
+    Head,
+    /// Anything else.
+    Other(String),
+}
+
+/// The body as received: its bytes, or the size a client declared beyond the limit.
+#[derive(Debug)]
+pub enum Body {
+    /// The whole body.
+    Bytes(Vec<u8>),
+    /// Not read: it declared (or reached) more than the limit.
+    TooLarge,
+}
+
+/// A request, decoded by the HTTP layer.
+#[derive(Debug)]
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// The path, still percent-encoded, without the query.
+    pub path: String,
+    /// The raw query string (after `?`), possibly empty.
+    pub query: String,
+    /// Header names and values in arrival order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Body,
+}
+
+impl Request {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A response, rendered by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers besides `Content-Length`, which the HTTP layer adds.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body, shared so one rendering can answer many waiters.
+    pub body: Arc<[u8]>,
+}
+
+/// Answers a request exactly once. Dropping it unanswered answers 500.
+pub type Reply = Box<dyn FnOnce(Response) + Send>;
+
+/// Content type of every streams-API answer.
+pub const JSON_UTF8: &str = "application/json; charset=utf-8";
+
+impl Response {
+    /// A response with a JSON body.
+    pub fn json(status: u16, content_type: &'static str, body: impl Into<Arc<[u8]>>) -> Response {
+        Response {
+            status,
+            headers: vec![("Content-Type", content_type.to_owned())],
+            body: body.into(),
+        }
+    }
+
+    /// A streams-API answer: a JSON string body.
+    pub fn message(status: u16, text: &str) -> Response {
+        let body = serde_json::to_vec(text).expect("a str always serializes");
+        Response::json(status, JSON_UTF8, body)
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// A parked reply: the request's answer channel and how to render its events.
+pub struct Parked {
+    reply: Reply,
+    kind: ParkedKind,
+}
+
+enum ParkedKind {
+    /// A golongpoll subscriber of a category.
+    LongPoll(Arc<str>),
+    /// A streams-API consumer waiting with `timeout`.
+    Consumer,
+}
+
+/// Everything handlers share: settings, the writer queue, the registry, credentials.
+pub struct App {
+    pub(crate) config: Config,
+    pub(crate) writer: Sender<Job>,
+    pub(crate) registry: crate::longpoll::Registry<Parked>,
+    pub(crate) auth: Authenticator,
+    pub(crate) clock: Arc<crate::clock::Clock>,
+    pub(crate) tasks: Sender<crate::pool::Task>,
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+    pub(crate) timer: Sender<()>,
+}
+
+/// Waiters answered per task, so a large fan-out spreads over the workers.
+const ANSWER_CHUNK: usize = 256;
+
+impl App {
+    /// Serves one request on a worker.
+    pub fn handle(&self, reader: &mut Reader, req: Request, reply: Reply) {
+        let path = req.path.as_str();
+        if path.starts_with("/api/v1/") {
+            if path == "/api/v1/health" {
+                return reply(self.health(reader));
+            }
+            return streams::handle(self, reader, req, reply);
+        }
+        if path == self.config.events_path {
+            return longpoll::subscribe(self, reader, req, reply);
+        }
+        if path == self.config.publish_path {
+            return longpoll::publish(self, reader, req, reply);
+        }
+        if path == "/healthz" {
+            return reply(self.health(reader));
+        }
+        reply(Response::message(404, "Not Found"))
+    }
+
+    /// 200 when the database answers a read and a write, 503 otherwise.
+    fn health(&self, reader: &mut Reader) -> Response {
+        let ok = reader.user_hash("").is_ok();
+        if ok {
+            Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..])
+        } else {
+            Response::json(503, JSON_UTF8, &b"{\"status\":\"unavailable\"}"[..])
+        }
+    }
+
+    /// Checks Basic credentials; `Err` carries the answer to send instead (401 or 500).
+    pub(crate) fn authenticate(
+        &self,
+        reader: &Reader,
+        req: &Request,
+    ) -> Result<Credentials, AuthFailure> {
+        let creds = req
+            .header("Authorization")
+            .and_then(crate::auth::parse_basic)
+            .ok_or(AuthFailure::Unauthorized)?;
+        match self.auth.check(&creds, |user| reader.user_hash(user)) {
+            Ok(true) => Ok(creds),
+            Ok(false) => Err(AuthFailure::Unauthorized),
+            Err(e) => {
+                crate::log::error(&format!("reading credentials failed: {e}"));
+                Err(AuthFailure::Storage)
+            }
+        }
+    }
+
+    /// Queues a writer job; `false` if the queue is full or the writer is gone.
+    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
+        self.writer.try_send(job).map_err(|e| match e {
+            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
+        })
+    }
+
+    /// Parks `reply` or answers it, for a long-poll on `category` from `start`.
+    pub(crate) fn wait(
+        &self,
+        reader: &mut Reader,
+        category: &str,
+        start: &crate::event::Start,
+        filter: Option<&str>,
+        limit: usize,
+        timeout: Duration,
+        parked: Parked,
+    ) {
+        use crate::longpoll::{Poll, Wait};
+        let deadline = Instant::now() + timeout;
+        let wait = |reply| Wait {
+            reply,
+            filter: filter.map(Into::into),
+            limit,
+            deadline,
+        };
+        let mut poll = self.registry.poll(category, start, wait(parked));
+        // The store decides what memory cannot. New commits can race the read; each retry
+        // means another commit landed, and memory answers once it holds them.
+        for _ in 0..8 {
+            let Poll::Unknown(parked) = poll else { break };
+            poll = match reader.since(category, start, filter, limit) {
+                Ok(view) if !view.events.is_empty() => {
+                    let events = view.events.into_iter().map(Arc::new).collect();
+                    Poll::Ready(parked, events)
+                }
+                Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
+                Err(e) => {
+                    crate::log::error(&format!("long-poll read failed: {e}"));
+                    return parked.fail(500, "could not read the stream");
+                }
+            };
+        }
+        match poll {
+            Poll::Ready(parked, events) => {
+                let response = render_events(&parked.kind, &events);
+                (parked.reply)(response);
+            }
+            Poll::Parked { earliest } => {
+                if earliest {
+                    let _ = self.timer.try_send(());
+                }
+            }
+            Poll::Full(parked) => parked.fail(503, "too many parked long-polls"),
+            Poll::Closed(parked) => self.expire(vec![parked]),
+            Poll::Unknown(parked) => parked.fail(503, "the stream is changing too fast"),
+        }
+    }
+
+    /// Registers committed events and answers the waiters they wake, spread over workers.
+    pub(crate) fn wake(&self, stream: &str, events: &[Arc<Event>]) {
+        for group in self.registry.publish(stream, events) {
+            let mut replies = group.replies.into_iter().peekable();
+            let Some(first) = replies.peek() else {
+                continue;
+            };
+            let body = render_events(&first.kind, &group.events);
+            let mut chunk = Vec::with_capacity(ANSWER_CHUNK);
+            for parked in replies {
+                chunk.push(parked);
+                if chunk.len() == ANSWER_CHUNK {
+                    self.spawn_answers(std::mem::take(&mut chunk), body.clone());
+                }
+            }
+            if !chunk.is_empty() {
+                self.spawn_answers(chunk, body);
+            }
+        }
+    }
+
+    fn spawn_answers(&self, chunk: Vec<Parked>, body: Response) {
+        self.spawn(Box::new(move || {
+            for parked in chunk {
+                (parked.reply)(body.clone());
+            }
+        }));
+    }
+
+    /// Runs `task` on a worker.
+    pub(crate) fn spawn(&self, task: Box<dyn FnOnce() + Send>) {
+        if let Err(e) = self.tasks.send(Some(task)) {
+            // Workers are gone; answer here rather than drop the replies.
+            if let Some(task) = e.into_inner() {
+                task();
+            }
+        }
+    }
+
+    /// Answers parked replies whose deadline passed (or that shutdown releases): the
+    /// timeout body for subscribers, `[]` for streams-API consumers.
+    pub(crate) fn expire(&self, replies: Vec<Parked>) {
+        if replies.is_empty() {
+            return;
+        }
+        let stamp = self.clock.answer_stamp();
+        let timeout = longpoll::timeout_response(stamp);
+        let empty = Response::json(200, JSON_UTF8, &b"[]"[..]);
+        let mut replies = replies.into_iter().peekable();
+        while replies.peek().is_some() {
+            let chunk: Vec<Parked> = replies.by_ref().take(ANSWER_CHUNK).collect();
+            let (timeout, empty) = (timeout.clone(), empty.clone());
+            self.spawn(Box::new(move || {
+                for parked in chunk {
+                    let body = match parked.kind {
+                        ParkedKind::LongPoll(_) => timeout.clone(),
+                        ParkedKind::Consumer => empty.clone(),
+                    };
+                    (parked.reply)(body);
+                }
+            }));
+        }
+    }
+}
+
+/// Renders events for a parked reply's kind; all replies of one group share the kind.
+fn render_events(kind: &ParkedKind, events: &[Arc<Event>]) -> Response {
+    match kind {
+        ParkedKind::LongPoll(category) => longpoll::events_response(category, events),
+        ParkedKind::Consumer => streams::elements_response(events.iter().map(|e| &*e.data)),
+    }
+}
+
+impl Parked {
+    fn fail(self, status: u16, why: &str) {
+        let response = match self.kind {
+            ParkedKind::LongPoll(_) => longpoll::error_response(status, why),
+            ParkedKind::Consumer => streams::failure(status, why),
+        };
+        (self.reply)(response);
+    }
+}
+
+/// Why authentication did not pass.
+pub(crate) enum AuthFailure {
+    /// Missing or wrong credentials.
+    Unauthorized,
+    /// The user table could not be read.
+    Storage,
+}
+
+/// Maps a writer refusal to the log line and short reason clients see.
+pub(crate) fn storage_reason(e: &WriteError) -> &'static str {
+    match e {
+        WriteError::Storage(detail) => {
+            crate::log::error(&format!("write failed: {detail}"));
+            "could not store the event"
+        }
+        WriteError::Busy => "the write queue is full",
+        WriteError::Locked | WriteError::NotFound => "unexpected write outcome",
+    }
+}
+
+/// Answers a job the writer could not take (its queue is full, or it has stopped).
+pub(crate) fn refuse_busy(job: Job) {
+    match job {
+        Job::Append { done, .. } => done(Err(WriteError::Busy)),
+        Job::Ack { done, .. } => done(Err(WriteError::Busy)),
+        Job::Stop => {}
+    }
+}

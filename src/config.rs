@@ -1,0 +1,122 @@
+//! Server settings with their defaults and validation. Each limit says why it is that.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How hard the writer pushes each commit to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// `synchronous=FULL`: a 200 means the event survives power loss.
+    Full,
+    /// `synchronous=NORMAL`: may lose the last moments on power loss, never corrupts.
+    Normal,
+}
+
+/// Everything the server needs to run. Build it with [`Config::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to bind when no listener is handed in.
+    pub listen: SocketAddr,
+    /// The SQLite database file.
+    pub db: PathBuf,
+    /// Worker threads serving requests (default: 2 × cores).
+    pub workers: usize,
+    /// Requests waiting for a worker before new ones get 503 (default: 64 per worker), so
+    /// an overload answers quickly instead of queueing without bound.
+    pub queue: usize,
+    /// Largest request body accepted (default 1 MiB); larger ones get 413.
+    pub max_body: usize,
+    /// Largest `limit` a streams-API consumer may ask for (default 1000).
+    pub max_limit: usize,
+    /// Durability of each commit.
+    pub sync: SyncMode,
+    /// Longest long-poll `timeout` in seconds (default 110, golongpoll's own default).
+    pub longpoll_max_timeout: u64,
+    /// Most events in one long-poll answer (default 250); clients page for the rest.
+    pub longpoll_max_batch: usize,
+    /// Most parked long-polls at once; beyond it new ones get 503. Default: derived from the
+    /// open-files limit, since tiny_http spends two descriptors per connection.
+    pub max_parked: usize,
+    /// Path of the golongpoll subscribe handler.
+    pub events_path: String,
+    /// Path of the golongpoll publish handler.
+    pub publish_path: String,
+    /// Most jobs queued for the writer; beyond it writes get 503 instead of unbounded memory.
+    pub write_queue: usize,
+    /// How long a verified credential is trusted without checking its hash again. Users
+    /// removed while the server runs lose access within this time.
+    pub auth_cache_ttl: Duration,
+}
+
+impl Config {
+    /// Defaults for everything, with the database at `db`.
+    pub fn new(db: impl Into<PathBuf>) -> Config {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let workers = 2 * cores;
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            db: db.into(),
+            workers,
+            queue: 64 * workers,
+            max_body: 1 << 20,
+            max_limit: 1000,
+            sync: SyncMode::Full,
+            longpoll_max_timeout: 110,
+            longpoll_max_batch: 250,
+            max_parked: default_max_parked(),
+            events_path: "/events".into(),
+            publish_path: "/publish".into(),
+            write_queue: 16_384,
+            auth_cache_ttl: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks every setting, naming the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("workers", self.workers),
+            ("queue", self.queue),
+            ("max-body", self.max_body),
+            ("max-limit", self.max_limit),
+            ("longpoll-max-batch", self.longpoll_max_batch),
+            ("max-parked", self.max_parked),
+            ("write-queue", self.write_queue),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(format!("--{name} must be at least 1"));
+            }
+        }
+        if self.workers > 1024 {
+            return Err("--workers must be at most 1024".into());
+        }
+        if self.longpoll_max_timeout == 0 || self.longpoll_max_timeout > 86_400 {
+            return Err("--longpoll-max-timeout must be 1-86400 seconds".into());
+        }
+        for (name, path) in [
+            ("events-path", &self.events_path),
+            ("publish-path", &self.publish_path),
+        ] {
+            if !path.starts_with('/') || path.contains('?') || path.starts_with("/api/") {
+                return Err(format!(
+                    "--{name} must start with '/', hold no '?', and lie outside /api/"
+                ));
+            }
+        }
+        if self.events_path == self.publish_path {
+            return Err("--events-path and --publish-path must differ".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parked long-polls allowed by default: well below the open-files limit, which tiny_http
+/// spends at two descriptors per connection, leaving room for the database, the listener and
+/// ordinary traffic.
+fn default_max_parked() -> usize {
+    let limit = crate::sys::open_files_limit().unwrap_or(1024);
+    (limit.saturating_sub(256) / 2).saturating_sub(256).max(16) as usize
+}

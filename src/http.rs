@@ -1,0 +1,424 @@
+//! The HTTP layer: the only module that names tiny_http.
+//!
+//! It turns tiny_http requests into [`api::Request`]s and [`api::Response`]s back into
+//! bytes, and contains tiny_http's hazards (see `ENGINE-FACTS.md` in the project notes):
+//!
+//! - **Bodies are judged before they are read.** A body declared over the limit is never
+//!   read; the API still authenticates first and then answers 413. Bodies that are not
+//!   already buffered by tiny_http are read on a short-lived thread of their own, so a slow
+//!   or endless body never holds a worker.
+//! - **Unread bodies are never drained on a worker.** tiny_http drains an unread body when
+//!   the request is dropped (also after `respond`), allocating the whole declared length at
+//!   once: `Content-Length: 100000000000` would abort the process. Moderate leftovers are
+//!   drained on a bounded set of drain threads; anything larger is answered through
+//!   `upgrade` and the connection is abandoned (kept, never drained) and counted.
+//! - **The accept loop is replaced when it dies.** tiny_http's accept thread ends for good
+//!   on any `accept()` error (`EMFILE`, `ECONNABORTED`); `recv` then reports the error once.
+//!   We keep our own handle on the listener and start a new accept loop from it, while the
+//!   old one keeps delivering requests from its open connections until it falls silent.
+//! - **The listener is ours**: built with std/socket2, with `SO_KEEPALIVE` and `SO_SNDTIMEO`,
+//!   which accepted sockets inherit, so a client that stops reading cannot pin a thread.
+
+use std::io::{self, Cursor, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::api::{self, Body, Method};
+
+/// Receives every decoded request with the means to answer it.
+pub type Sink = Arc<dyn Fn(api::Request, api::Reply) + Send + Sync>;
+
+/// How long a write to a client may block before the connection is given up.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bodies up to this size are already in memory when tiny_http hands the request over.
+const BUFFERED_BODY: usize = 1024;
+/// Largest unread remainder we let tiny_http drain (it allocates it in one piece).
+const DRAIN_CAP: usize = 16 << 20;
+/// Drains running at once; beyond it connections are abandoned instead.
+const MAX_DRAINS: usize = 16;
+/// An accept loop that was replaced retires after this long without a request, by when
+/// its connections have closed.
+const RETIRE_AFTER: Duration = Duration::from_secs(600);
+/// Stack for our short-lived body and drain threads: they hold nothing deep.
+const SMALL_STACK: usize = 128 << 10;
+
+static DRAINS: AtomicUsize = AtomicUsize::new(0);
+static ABANDONED: AtomicUsize = AtomicUsize::new(0);
+
+/// Connections abandoned so far because their unread body was too large to drain.
+pub fn abandoned_connections() -> usize {
+    ABANDONED.load(Ordering::Relaxed)
+}
+
+/// Binds a listener the way the server wants it.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let listener: TcpListener = socket.into();
+    prepare(&listener)?;
+    Ok(listener)
+}
+
+/// Sets the options accepted sockets inherit: keep-alive probes and a send timeout.
+/// (A receive timeout cannot be set here: on a listener it makes `accept` time out.)
+pub fn prepare(listener: &TcpListener) -> io::Result<()> {
+    let sock = socket2::SockRef::from(listener);
+    sock.set_keepalive(true)?;
+    sock.set_write_timeout(Some(SEND_TIMEOUT))?;
+    Ok(())
+}
+
+struct Shared {
+    listener: TcpListener,
+    sink: Sink,
+    max_body: usize,
+    stopping: AtomicBool,
+    servers: Mutex<Vec<Arc<tiny_http::Server>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The running HTTP front end.
+pub struct HttpServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl HttpServer {
+    /// Starts accepting on `listener`, handing every request to `sink`.
+    pub fn start(listener: TcpListener, max_body: usize, sink: Sink) -> io::Result<HttpServer> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            listener,
+            sink,
+            max_body,
+            stopping: AtomicBool::new(false),
+            servers: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+        });
+        let server = new_server(&shared)?;
+        spawn_acceptor(&shared, server, Duration::ZERO)?;
+        Ok(HttpServer { shared, addr })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and waits for the accept threads to end.
+    pub fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let servers = std::mem::take(&mut *lock(&self.shared.servers));
+        for server in &servers {
+            server.unblock();
+        }
+        drop(servers);
+        loop {
+            let Some(handle) = lock(&self.shared.threads).pop() else {
+                break;
+            };
+            let _ = handle.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn new_server(shared: &Shared) -> io::Result<Arc<tiny_http::Server>> {
+    let listener = shared.listener.try_clone()?;
+    let server = tiny_http::Server::from_listener(listener, None)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let server = Arc::new(server);
+    lock(&shared.servers).push(server.clone());
+    Ok(server)
+}
+
+fn spawn_acceptor(
+    shared: &Arc<Shared>,
+    server: Arc<tiny_http::Server>,
+    delay: Duration,
+) -> io::Result<()> {
+    let inner = shared.clone();
+    let handle = thread::Builder::new()
+        .name("http-accept".into())
+        .spawn(move || {
+            if !delay.is_zero() {
+                thread::sleep(delay);
+            }
+            accept_loop(&inner, server);
+        })?;
+    lock(&shared.threads).push(handle);
+    Ok(())
+}
+
+/// Takes requests from one tiny_http server until shutdown, replacing its accept loop if it
+/// dies.
+fn accept_loop(shared: &Arc<Shared>, server: Arc<tiny_http::Server>) {
+    let born = Instant::now();
+    let mut replaced = false;
+    loop {
+        let next = if replaced {
+            match server.recv_timeout(RETIRE_AFTER) {
+                Ok(Some(rq)) => Ok(rq),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            }
+        } else {
+            server.recv()
+        };
+        match next {
+            Ok(rq) => dispatch(shared, rq),
+            Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
+            Err(e) if !replaced => {
+                replaced = true;
+                // A loop that dies at once again (EMFILE persists) is retried with a pause,
+                // so a descriptor shortage does not become a busy loop.
+                let delay = if born.elapsed() < Duration::from_secs(1) {
+                    Duration::from_millis(200)
+                } else {
+                    Duration::ZERO
+                };
+                crate::log::error(&format!(
+                    "the HTTP accept loop stopped ({e}); starting a new one"
+                ));
+                replace(shared, delay);
+            }
+            Err(_) => {}
+        }
+    }
+    lock(&shared.servers).retain(|s| !Arc::ptr_eq(s, &server));
+}
+
+/// Starts a new accept loop, retrying while the listener cannot be cloned (no descriptors).
+fn replace(shared: &Arc<Shared>, delay: Duration) {
+    let inner = shared.clone();
+    let spawned = thread::Builder::new()
+        .name("http-respawn".into())
+        .stack_size(SMALL_STACK)
+        .spawn(move || {
+            let mut pause = delay;
+            while !inner.stopping.load(Ordering::SeqCst) {
+                thread::sleep(pause);
+                match new_server(&inner).and_then(|s| spawn_acceptor(&inner, s, Duration::ZERO)) {
+                    Ok(()) => {
+                        crate::log::info("a new HTTP accept loop is running");
+                        return;
+                    }
+                    Err(e) => {
+                        crate::log::error(&format!("cannot restart the accept loop yet: {e}"));
+                        pause = Duration::from_millis(200)
+                            .max(pause * 2)
+                            .min(Duration::from_secs(1));
+                    }
+                }
+            }
+        });
+    match spawned {
+        Ok(handle) => lock(&shared.threads).push(handle),
+        Err(e) => crate::log::error(&format!("cannot spawn the accept-loop restarter: {e}")),
+    }
+}
+
+fn header_value<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
+    rq.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Decodes the request line and headers, then gets the body without ever blocking this
+/// thread on the client.
+fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
+    let declared = rq.body_length();
+    let chunked = header_value(&rq, "Transfer-Encoding").is_some();
+    let expects = header_value(&rq, "Expect").is_some();
+    let (path, query) = match rq.url().split_once('?') {
+        Some((p, q)) => (p.to_owned(), q.to_owned()),
+        None => (rq.url().to_owned(), String::new()),
+    };
+    let method = match rq.method() {
+        tiny_http::Method::Get => Method::Get,
+        tiny_http::Method::Post => Method::Post,
+        tiny_http::Method::Head => Method::Head,
+        other => Method::Other(other.as_str().to_owned()),
+    };
+    let headers = rq
+        .headers()
+        .iter()
+        .map(|h| {
+            (
+                h.field.as_str().as_str().to_owned(),
+                h.value.as_str().to_owned(),
+            )
+        })
+        .collect();
+    let mut req = api::Request {
+        method,
+        path,
+        query,
+        headers,
+        body: Body::Bytes(Vec::new()),
+    };
+    let mut responder = Responder {
+        rq: Some(rq),
+        unread: None,
+    };
+    if let Some(n) = declared.filter(|n| *n > shared.max_body) {
+        responder.unread = Some(n);
+        req.body = Body::TooLarge;
+        return deliver_request(shared, req, responder);
+    }
+    let buffered = !chunked && !expects && declared.unwrap_or(0) <= BUFFERED_BODY;
+    if buffered {
+        return read_then_deliver(shared, req, responder);
+    }
+    let inner = shared.clone();
+    let spawned = thread::Builder::new()
+        .name("http-body".into())
+        .stack_size(SMALL_STACK)
+        .spawn(move || read_then_deliver(&inner, req, responder));
+    if let Err(e) = spawned {
+        crate::log::error(&format!("cannot spawn a body reader: {e}"));
+    }
+}
+
+/// Reads the body (up to the limit) and hands the request on.
+fn read_then_deliver(shared: &Arc<Shared>, mut req: api::Request, mut responder: Responder) {
+    let rq = responder
+        .rq
+        .as_mut()
+        .expect("a fresh responder holds its request");
+    let limit = shared.max_body as u64 + 1;
+    let mut body = Vec::new();
+    match rq.as_reader().take(limit).read_to_end(&mut body) {
+        Ok(_) if body.len() > shared.max_body => req.body = Body::TooLarge,
+        Ok(_) => req.body = Body::Bytes(body),
+        Err(_) => {
+            let response =
+                api::Response::message(400, "Bad Request - could not read the request body");
+            return responder.send(response);
+        }
+    }
+    deliver_request(shared, req, responder);
+}
+
+fn deliver_request(shared: &Shared, req: api::Request, responder: Responder) {
+    (shared.sink)(req, Box::new(move |response| responder.send(response)));
+}
+
+/// Answers one request exactly once; dropped unanswered, it answers 500.
+struct Responder {
+    rq: Option<tiny_http::Request>,
+    /// The declared length of a body that was never read.
+    unread: Option<usize>,
+}
+
+impl Responder {
+    fn send(mut self, response: api::Response) {
+        if let Some(rq) = self.rq.take() {
+            deliver(rq, self.unread, response);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(rq) = self.rq.take() {
+            let response =
+                api::Response::message(500, "Internal Server Error - the request was not answered");
+            deliver(rq, self.unread, response);
+        }
+    }
+}
+
+fn tiny_response(response: &api::Response, close: bool) -> tiny_http::Response<Cursor<Arc<[u8]>>> {
+    let mut headers = Vec::with_capacity(response.headers.len() + 2);
+    headers.push(header("Server", "eventserver"));
+    if close {
+        // tiny_http refuses to set `Connection` itself; a client about to send a large body
+        // should learn that it can stop.
+        headers.push(header("X-Close", "1\r\nConnection: close"));
+    }
+    for (name, value) in &response.headers {
+        headers.push(header(name, value));
+    }
+    let len = response.body.len();
+    tiny_http::Response::new(
+        tiny_http::StatusCode(response.status),
+        headers,
+        Cursor::new(response.body.clone()),
+        Some(len),
+        None,
+    )
+}
+
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .unwrap_or_else(|_| tiny_http::Header::from_bytes("X-Invalid-Header", "1").expect("ASCII"))
+}
+
+/// Writes a response without ever draining a large unread body on this thread.
+fn deliver(rq: tiny_http::Request, unread: Option<usize>, response: api::Response) {
+    let Some(remaining) = unread else {
+        let _ = rq.respond(tiny_response(&response, false));
+        return;
+    };
+    if remaining <= DRAIN_CAP && DRAINS.fetch_add(1, Ordering::SeqCst) < MAX_DRAINS {
+        let tiny = tiny_response(&response, true);
+        let spawned = thread::Builder::new()
+            .name("http-drain".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || {
+                // `respond` writes the answer, then tiny_http drains the rest of the body.
+                let _ = rq.respond(tiny);
+                DRAINS.fetch_sub(1, Ordering::SeqCst);
+            });
+        match spawned {
+            Ok(_) => return,
+            Err(e) => {
+                DRAINS.fetch_sub(1, Ordering::SeqCst);
+                crate::log::error(&format!("cannot spawn a drain thread: {e}"));
+                // The request went into the failed closure and was dropped with it; tiny_http
+                // drained it on this thread. Nothing is left to answer.
+                return;
+            }
+        }
+    }
+    if remaining <= DRAIN_CAP {
+        DRAINS.fetch_sub(1, Ordering::SeqCst);
+    }
+    abandon(rq, &response);
+}
+
+/// Answers through `upgrade`, which hands us the connection instead of draining it, then
+/// keeps the connection forever: dropping it would make tiny_http allocate the declared
+/// length in one piece. Costs one parked tiny_http thread and two descriptors.
+fn abandon(rq: tiny_http::Request, response: &api::Response) {
+    // In upgrade mode tiny_http writes neither the body nor its length, so both are ours;
+    // the extra header lines travel inside the `Upgrade` value.
+    let framing = format!(
+        "none\r\nContent-Length: {}\r\nConnection: close",
+        response.body.len()
+    );
+    let head = api::Response {
+        body: Arc::from(&b""[..]),
+        ..response.clone()
+    };
+    let mut stream = rq.upgrade(&framing, tiny_response(&head, false));
+    let _ = stream.write_all(&response.body);
+    let _ = stream.flush();
+    std::mem::forget(stream);
+    let total = ABANDONED.fetch_add(1, Ordering::Relaxed) + 1;
+    crate::log::warn(&format!(
+        "abandoned a connection whose unread body was too large to drain ({total} so far)"
+    ));
+}

@@ -1,0 +1,263 @@
+//! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns threads.
+//!
+//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one timer.
+//! Shutdown order, each step waiting for the one before:
+//! 1. stop accepting and close the request queue (new requests get 503);
+//! 2. close the registry: every parked long-poll is answered now, later ones at once;
+//! 3. wait until each worker has taken its last request;
+//! 4. stop the writer after it commits everything queued, and checkpoint the database;
+//! 5. stop the workers once the last answers are sent, then the timer.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+
+use crate::api::{self, App};
+use crate::auth::Authenticator;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::Error;
+use crate::http::HttpServer;
+use crate::longpoll::Registry;
+use crate::pool::{Pool, Task};
+use crate::store::writer::{self, Job};
+use crate::store::{self, Reader};
+
+/// Recent events kept in memory per category, so resuming clients need no query.
+const TAIL_LEN: usize = 64;
+
+type Incoming = (api::Request, api::Reply);
+
+/// Starts servers; see [`ServerHandle`] for what a running one offers.
+pub struct Server;
+
+impl Server {
+    /// Binds `config.listen` and starts serving.
+    pub fn start(config: Config) -> Result<ServerHandle, Error> {
+        config.validate().map_err(Error::Config)?;
+        let listener = crate::http::bind(config.listen)?;
+        Server::start_on(listener, config)
+    }
+
+    /// Starts serving on an existing listener (socket activation, tests, embedding).
+    pub fn start_on(listener: TcpListener, config: Config) -> Result<ServerHandle, Error> {
+        config.validate().map_err(Error::Config)?;
+        crate::http::prepare(&listener)?;
+        let conn = store::open_write(&config.db, config.sync)?;
+        let clock = Arc::new(Clock::starting_at(store::newest_timestamp(&conn)?));
+        // Every worker opens its reader before serving; fail now rather than in a thread.
+        Reader::open(&config.db)?;
+
+        let (writer_tx, writer_rx) = bounded::<Job>(config.write_queue);
+        let (tasks_tx, tasks_rx) = unbounded::<Task>();
+        let (timer_tx, timer_rx) = bounded::<()>(1);
+        let (jobs_tx, jobs_rx) = bounded::<Incoming>(config.queue);
+        let (done_tx, done_rx) = unbounded::<()>();
+
+        let app = Arc::new(App {
+            registry: Registry::new(config.max_parked, TAIL_LEN.min(config.longpoll_max_batch)),
+            auth: Authenticator::new(config.auth_cache_ttl),
+            writer: writer_tx,
+            clock: clock.clone(),
+            tasks: tasks_tx.clone(),
+            stopping: Default::default(),
+            timer: timer_tx,
+            config,
+        });
+
+        let writer = {
+            let app = app.clone();
+            thread::Builder::new()
+                .name("writer".into())
+                .spawn(move || {
+                    let hook = |committed: writer::Committed| on_commit(&app, committed);
+                    let conn = writer::run(conn, writer_rx, clock, hook);
+                    if let Err(e) = store::checkpoint(&conn) {
+                        crate::log::warn(&format!("final checkpoint failed: {e}"));
+                    }
+                })?
+        };
+
+        let db = app.config.db.clone();
+        let worker_app = app.clone();
+        let pool = Pool::start(
+            app.config.workers,
+            jobs_rx,
+            tasks_rx,
+            done_tx,
+            move |_| Reader::open(&db),
+            move |reader: &mut Result<Reader, store::StoreError>, (req, reply): Incoming| {
+                match reader {
+                    Ok(reader) => worker_app.handle(reader, req, reply),
+                    Err(e) => {
+                        crate::log::error(&format!("worker has no database connection: {e}"));
+                        reply(api::Response::message(
+                            500,
+                            "Internal Server Error - no database connection",
+                        ));
+                    }
+                }
+            },
+        )?;
+
+        let timer = {
+            let app = app.clone();
+            thread::Builder::new()
+                .name("timer".into())
+                .spawn(move || run_timer(&app, &timer_rx))?
+        };
+
+        let accepting = Arc::new(RwLock::new(Some(jobs_tx)));
+        let sink = {
+            let accepting = accepting.clone();
+            Arc::new(move |req: api::Request, reply: api::Reply| {
+                let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
+                let refused = match guard.as_ref() {
+                    Some(jobs) => jobs.try_send((req, reply)).err().map(|e| e.into_inner().1),
+                    None => Some(reply),
+                };
+                drop(guard);
+                if let Some(reply) = refused {
+                    reply(api::Response::message(
+                        503,
+                        "Service Unavailable - server is busy",
+                    ));
+                }
+            })
+        };
+        let http = HttpServer::start(listener, app.config.max_body, sink)?;
+        Ok(ServerHandle {
+            addr: http.addr(),
+            app,
+            running: Mutex::new(Some(Running {
+                http,
+                accepting,
+                pool,
+                done: done_rx,
+                writer,
+                timer,
+                tasks: tasks_tx,
+            })),
+            stopped: (Mutex::new(false), Condvar::new()),
+        })
+    }
+}
+
+/// After each commit: wake long-polls on the new events, then answer the writers.
+fn on_commit(app: &App, committed: writer::Committed) {
+    for appended in &committed.appended {
+        app.wake(&appended.stream, &appended.events);
+    }
+    let mut replies = committed.replies.into_iter().peekable();
+    while replies.peek().is_some() {
+        let chunk: Vec<_> = replies.by_ref().take(64).collect();
+        app.spawn(Box::new(move || {
+            chunk.into_iter().for_each(|reply| reply())
+        }));
+    }
+}
+
+/// Answers parked requests at their deadlines, earliest first, sleeping in between.
+fn run_timer(app: &App, pokes: &Receiver<()>) {
+    while !app.stopping.load(Ordering::SeqCst) {
+        let woke = match app.registry.next_deadline() {
+            Some(deadline) => pokes.recv_deadline(deadline),
+            None => pokes.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match woke {
+            Ok(()) => continue,
+            Err(RecvTimeoutError::Timeout) => app.expire(app.registry.expire(Instant::now())),
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+/// A running server. `shutdown` and `join` take `&self`, so one thread can wait while
+/// another (a signal handler, say) stops it.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    app: Arc<App>,
+    running: Mutex<Option<Running>>,
+    stopped: (Mutex<bool>, Condvar),
+}
+
+/// The parts that shutdown takes apart, in order.
+struct Running {
+    http: HttpServer,
+    accepting: Arc<RwLock<Option<Sender<Incoming>>>>,
+    pool: Pool,
+    done: Receiver<()>,
+    writer: JoinHandle<()>,
+    timer: JoinHandle<()>,
+    tasks: Sender<Task>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Long-polls parked right now.
+    pub fn parked(&self) -> usize {
+        self.app.registry.parked()
+    }
+
+    /// Stops the server gracefully: in-flight requests finish, parked long-polls are
+    /// answered, everything queued for the writer is committed and the database is
+    /// checkpointed. Returns when all of that is done; later calls return at once.
+    pub fn shutdown(&self) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(running) = running {
+            self.stop(running);
+            *self.stopped.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.stopped.1.notify_all();
+        }
+    }
+
+    /// Waits until [`ServerHandle::shutdown`] has finished (called from another thread).
+    pub fn join(&self) {
+        let mut stopped = self.stopped.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !*stopped {
+            stopped = self
+                .stopped
+                .1
+                .wait(stopped)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn stop(&self, running: Running) {
+        running.http.stop();
+        *running.accepting.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.app.stopping.store(true, Ordering::SeqCst);
+        self.app.expire(self.app.registry.close());
+        for _ in 0..self.app.config.workers {
+            let _ = running.done.recv();
+        }
+        // No request can queue a write any more; Stop goes after everything queued.
+        if self.app.writer.send(Job::Stop).is_ok() {
+            let _ = running.writer.join();
+        }
+        for _ in 0..self.app.config.workers {
+            let _ = running.tasks.send(None);
+        }
+        running.pool.join();
+        let _ = self.app.timer.try_send(());
+        let _ = running.timer.join();
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

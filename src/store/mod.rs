@@ -1,0 +1,141 @@
+//! The durable log: the only module that names rusqlite.
+//!
+//! One SQLite file in WAL mode. Exactly one writer thread ([`writer`]) owns the write
+//! connection and commits queued appends and ACKs together (group commit); every worker reads
+//! through its own [`Reader`] and never waits for the writer. Schema changes are an
+//! append-only list of migrations keyed by `PRAGMA user_version`.
+
+pub mod admin;
+mod reader;
+pub mod writer;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::SyncMode;
+
+pub use reader::{ConsumeView, Reader, SinceView, StreamInfo};
+
+/// A failure of the database; the message is for logs, never for clients.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> StoreError {
+        StoreError(e.to_string())
+    }
+}
+
+/// The schema, one migration per entry; entry `i` moves `user_version` from `i` to `i + 1`.
+/// Never edit an entry that has shipped: append a new one.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        hash TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE streams (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        owner TEXT,
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        last_ms INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        stream_id INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        id BLOB NOT NULL,
+        name TEXT,
+        ts INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (stream_id, seq)
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX events_by_id ON events (id);
+    CREATE INDEX events_by_name ON events (stream_id, name, seq) WHERE name IS NOT NULL;
+    CREATE INDEX events_by_ts ON events (stream_id, ts);
+    CREATE TABLE offsets (
+        stream_id INTEGER NOT NULL,
+        consumer TEXT NOT NULL,
+        name TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (stream_id, consumer, name)
+    ) WITHOUT ROWID;
+"#];
+
+/// How long a connection waits for another one's lock (admin commands, checkpoints).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens (creating if needed) the database for writing and brings its schema up to date.
+pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
+    let mut conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError(format!(
+            "could not switch {} to WAL mode",
+            path.display()
+        )));
+    }
+    let sync = match sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF;"
+    ))?;
+    migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens a read connection on an existing database.
+pub fn open_read(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.execute_batch("PRAGMA query_only=1;")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError(format!(
+            "the database has schema version {version}, newer than this eventserver knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version={}", i + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The newest event timestamp on disk, so the clock never stamps below it after a restart.
+pub fn newest_timestamp(conn: &Connection) -> Result<u64, StoreError> {
+    let ms: i64 = conn.query_row("SELECT coalesce(max(last_ms), 0) FROM streams", [], |r| {
+        r.get(0)
+    })?;
+    Ok(ms.max(0) as u64)
+}
+
+/// Truncates the write-ahead log into the database file, for a clean shutdown.
+pub fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Read connections: one per worker, each read in its own snapshot, never waiting for the
+//! writer (WAL readers do not block on it).
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::event::{Event, Start};
+
+/// A stream's catalogue entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// Internal id.
+    pub id: i64,
+    /// The producer that owns it, if claimed.
+    pub owner: Option<String>,
+    /// Sequence number of its newest event (0 when empty).
+    pub last_seq: u64,
+}
+
+/// What a streams-API consumer may read next, seen in one snapshot.
+#[derive(Debug)]
+pub struct ConsumeView {
+    /// Elements (JSON) after the consumer's offset, oldest first.
+    pub events: Vec<String>,
+    /// The stream's newest sequence number in the same snapshot.
+    pub hwm: u64,
+}
+
+/// Events after a long-poll start, seen in one snapshot.
+#[derive(Debug)]
+pub struct SinceView {
+    /// Events after the resolved cursor, oldest first.
+    pub events: Vec<Event>,
+    /// The stream's newest sequence number in the same snapshot (0 if it does not exist).
+    pub hwm: u64,
+}
+
+/// A worker's read connection.
+pub struct Reader {
+    conn: Connection,
+}
+
+impl Reader {
+    /// Opens a read connection on the database at `path`.
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        Ok(Reader {
+            conn: super::open_read(path)?,
+        })
+    }
+
+    /// The stored password hash of `user`.
+    pub fn user_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT hash FROM users WHERE name = ?1")?
+            .query_row([user], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The catalogue entry of `stream`.
+    pub fn stream(&self, stream: &str) -> Result<Option<StreamInfo>, StoreError> {
+        stream_info(&self.conn, stream)
+    }
+
+    /// Up to `limit` events named `name` after `consumer`'s offset; `None` if the stream
+    /// does not exist.
+    pub fn consume(
+        &mut self,
+        stream: &str,
+        consumer: &str,
+        name: &str,
+        limit: usize,
+    ) -> Result<Option<ConsumeView>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let Some(info) = stream_info(&tx, stream)? else {
+            return Ok(None);
+        };
+        let offset: i64 = tx
+            .prepare_cached(
+                "SELECT seq FROM offsets WHERE stream_id = ?1 AND consumer = ?2 AND name = ?3",
+            )?
+            .query_row(params![info.id, consumer, name], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let events = tx
+            .prepare_cached(
+                "SELECT data FROM events WHERE stream_id = ?1 AND name = ?2 AND seq > ?3 \
+                 ORDER BY seq LIMIT ?4",
+            )?
+            .query_map(params![info.id, name, offset, limit as i64], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(Some(ConsumeView {
+            events,
+            hwm: info.last_seq,
+        }))
+    }
+
+    /// Up to `limit` events of `stream` after `start`, optionally only those named `name`.
+    pub fn since(
+        &mut self,
+        stream: &str,
+        start: &Start,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<SinceView, StoreError> {
+        let tx = self.conn.transaction()?;
+        let Some(info) = stream_info(&tx, stream)? else {
+            return Ok(SinceView {
+                events: Vec::new(),
+                hwm: 0,
+            });
+        };
+        let cursor = resolve(&tx, &info, start)?;
+        let mut stmt = tx.prepare_cached(
+            "SELECT seq, ts, id, name, data FROM events WHERE stream_id = ?1 AND seq > ?2 \
+             AND (?3 IS NULL OR name = ?3) ORDER BY seq LIMIT ?4",
+        )?;
+        let events = stmt
+            .query_map(params![info.id, cursor as i64, name, limit as i64], |r| {
+                let id: Vec<u8> = r.get(2)?;
+                Ok(Event {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    ts: r.get::<_, i64>(1)? as u64,
+                    id: Uuid::from_slice(&id).unwrap_or_default(),
+                    name: r.get::<_, Option<String>>(3)?.map(String::into_boxed_str),
+                    data: r.get::<_, String>(4)?.into_boxed_str(),
+                })
+            })?
+            .collect::<Result<Vec<Event>, _>>()?;
+        Ok(SinceView {
+            events,
+            hwm: info.last_seq,
+        })
+    }
+}
+
+fn stream_info(conn: &Connection, stream: &str) -> Result<Option<StreamInfo>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
+        .query_row([stream], |r| {
+            Ok(StreamInfo {
+                id: r.get(0)?,
+                owner: r.get(1)?,
+                last_seq: r.get::<_, i64>(2)? as u64,
+            })
+        })
+        .optional()?)
+}
+
+/// Turns a start into the sequence number the reader has seen up to.
+fn resolve(conn: &Connection, info: &StreamInfo, start: &Start) -> Result<u64, StoreError> {
+    let (ms, last_id) = match start {
+        Start::Now => return Ok(info.last_seq),
+        Start::After(seq) => return Ok(*seq),
+        Start::Since { ms, last_id } => (i64::try_from(*ms).unwrap_or(i64::MAX), last_id),
+    };
+    if let Some(id) = last_id {
+        let at: Option<(i64, i64)> = conn
+            .prepare_cached("SELECT seq, ts FROM events WHERE id = ?1 AND stream_id = ?2")?
+            .query_row(params![&id.as_bytes()[..], info.id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        if let Some((seq, ts)) = at
+            && ts == ms
+        {
+            return Ok(seq as u64);
+        }
+    }
+    // Without a usable last_id: everything at exactly `ms` is new when a last_id was given
+    // (the client saw none of them), and already seen when it was not.
+    let sql = if last_id.is_some() {
+        "SELECT seq FROM events WHERE stream_id = ?1 AND ts < ?2 ORDER BY ts DESC, seq DESC LIMIT 1"
+    } else {
+        "SELECT seq FROM events WHERE stream_id = ?1 AND ts <= ?2 ORDER BY ts DESC, seq DESC LIMIT 1"
+    };
+    let seq: Option<i64> = conn
+        .prepare_cached(sql)?
+        .query_row(params![info.id, ms], |r| r.get(0))
+        .optional()?;
+    Ok(seq.unwrap_or(0) as u64)
+}

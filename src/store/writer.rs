@@ -1,0 +1,356 @@
+//! The single writer thread: group commit of appends and ACKs.
+//!
+//! The writer blocks for the first job, takes whatever else is queued (up to
+//! [`MAX_BATCH`]), applies it all in one transaction, commits, and only then hands the
+//! results to the commit hook, which wakes long-poll waiters and answers the requests.
+//! Workers never wait for a commit, so batches grow with the load instead of being capped
+//! by the worker count. A failed transaction fails every job in it: nothing is half-written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::clock::Clock;
+use crate::event::Event;
+
+/// Most jobs committed in one transaction; large enough to amortise the fsync.
+pub const MAX_BATCH: usize = 1024;
+
+/// What an append stores.
+#[derive(Debug)]
+pub enum Payload {
+    /// A streams-API event: the validated fields (`,"event":…` and so on) that follow the
+    /// element's metadata, and the event name.
+    Element {
+        /// The event name consumers filter by.
+        name: String,
+        /// JSON object members, each preceded by a comma.
+        fields: String,
+    },
+    /// A `/publish` event: its `data`, stored as posted.
+    Data(String),
+}
+
+/// Why a write was refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteError {
+    /// The stream belongs to another producer.
+    Locked,
+    /// The stream or event does not exist.
+    NotFound,
+    /// The writer's queue is full (or it has stopped); nothing was tried.
+    Busy,
+    /// The database failed; the transaction was rolled back.
+    Storage(String),
+}
+
+/// Called once with the outcome of a job, after its transaction committed or failed.
+pub type Done<T> = Box<dyn FnOnce(Result<T, WriteError>) + Send>;
+
+/// A unit of work for the writer.
+pub enum Job {
+    /// Append one event to `stream`, claiming it for `producer` if unowned.
+    Append {
+        /// Stream name.
+        stream: String,
+        /// The producer writing, if any; `None` neither claims nor may write owned streams.
+        producer: Option<String>,
+        /// What to store.
+        payload: Payload,
+        /// Receives the committed event.
+        done: Done<Arc<Event>>,
+    },
+    /// Move `consumer`'s offset for the acknowledged event's name up to that event.
+    Ack {
+        /// Stream name.
+        stream: String,
+        /// Consumer id.
+        consumer: String,
+        /// The acknowledged event.
+        id: Uuid,
+        /// Receives the outcome.
+        done: Done<()>,
+    },
+    /// Commit everything queued before it, then stop the writer.
+    Stop,
+}
+
+/// Events committed to one stream by one transaction, oldest first.
+#[derive(Debug)]
+pub struct Appended {
+    /// Stream name.
+    pub stream: String,
+    /// The new events.
+    pub events: Vec<Arc<Event>>,
+}
+
+/// What a committed (or failed) transaction produced.
+pub struct Committed {
+    /// New events per stream; empty when the transaction failed.
+    pub appended: Vec<Appended>,
+    /// Answers to run, one per job, in job order.
+    pub replies: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+/// Runs the writer until it takes [`Job::Stop`] (or every sender is gone), then returns
+/// the connection.
+pub fn run(
+    mut conn: Connection,
+    jobs: Receiver<Job>,
+    clock: Arc<Clock>,
+    on_commit: impl Fn(Committed),
+) -> Connection {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let stop = batch.iter().any(|job| matches!(job, Job::Stop));
+        let ts = clock.stamp_batch();
+        let committed = match apply(&mut conn, &batch, ts) {
+            Ok(outcomes) => finish(batch, outcomes),
+            Err(e) => {
+                crate::log::error(&format!("commit of {} jobs failed: {e}", batch.len()));
+                fail(batch, WriteError::Storage(e.0))
+            }
+        };
+        on_commit(committed);
+        clock.batch_done();
+        if stop {
+            break;
+        }
+    }
+    conn
+}
+
+/// The result of one job inside a transaction that has not committed yet.
+enum Outcome {
+    Appended(usize, Arc<Event>),
+    Acked,
+    Refused(WriteError),
+}
+
+struct StreamRow {
+    id: i64,
+    owner: Option<String>,
+    last_seq: u64,
+    dirty: bool,
+    /// Index into the batch's `Appended` list, once this stream got an event.
+    appended: Option<usize>,
+}
+
+fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut streams: HashMap<&str, StreamRow> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut appended_count = 0;
+    {
+        let mut insert_event = tx.prepare_cached(
+            "INSERT INTO events (stream_id, seq, id, name, ts, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        for job in batch {
+            let outcome = match job {
+                Job::Append {
+                    stream,
+                    producer,
+                    payload,
+                    ..
+                } => {
+                    let row = match streams.get_mut(stream.as_str()) {
+                        Some(row) => row,
+                        None => {
+                            let row = load_or_create(&tx, stream, producer.as_deref(), ts)?;
+                            streams.entry(stream.as_str()).or_insert(row)
+                        }
+                    };
+                    match (&row.owner, producer) {
+                        (Some(owner), Some(p)) if owner == p => {}
+                        (Some(_), _) => {
+                            outcomes.push(Outcome::Refused(WriteError::Locked));
+                            continue;
+                        }
+                        (None, Some(p)) => {
+                            row.owner = Some(p.clone());
+                            row.dirty = true;
+                        }
+                        (None, None) => {}
+                    }
+                    row.last_seq += 1;
+                    row.dirty = true;
+                    let event = render(payload, row.last_seq, ts);
+                    insert_event.execute(params![
+                        row.id,
+                        event.seq as i64,
+                        &event.id.as_bytes()[..],
+                        event.name.as_deref(),
+                        ts as i64,
+                        &*event.data,
+                    ])?;
+                    let slot = *row.appended.get_or_insert_with(|| {
+                        appended_count += 1;
+                        appended_count - 1
+                    });
+                    Outcome::Appended(slot, Arc::new(event))
+                }
+                Job::Ack {
+                    stream,
+                    consumer,
+                    id,
+                    ..
+                } => ack(&tx, stream, consumer, id)?,
+                Job::Stop => Outcome::Acked,
+            };
+            outcomes.push(outcome);
+        }
+        let mut update = tx.prepare_cached(
+            "UPDATE streams SET owner = ?2, last_seq = ?3, last_ms = ?4 WHERE id = ?1",
+        )?;
+        for row in streams.values().filter(|r| r.dirty) {
+            update.execute(params![row.id, row.owner, row.last_seq as i64, ts as i64])?;
+        }
+    }
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+fn load_or_create(
+    tx: &rusqlite::Transaction<'_>,
+    stream: &str,
+    producer: Option<&str>,
+    ts: u64,
+) -> Result<StreamRow, StoreError> {
+    let found = tx
+        .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
+        .query_row([stream], |r| {
+            Ok(StreamRow {
+                id: r.get(0)?,
+                owner: r.get(1)?,
+                last_seq: r.get::<_, i64>(2)? as u64,
+                dirty: false,
+                appended: None,
+            })
+        })
+        .optional()?;
+    if let Some(row) = found {
+        return Ok(row);
+    }
+    // A new stream belongs to the producer that wrote it first; the claim is atomic because
+    // only this thread writes and it does so inside the transaction.
+    tx.prepare_cached("INSERT INTO streams (name, owner, created_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![stream, producer, ts as i64])?;
+    Ok(StreamRow {
+        id: tx.last_insert_rowid(),
+        owner: producer.map(str::to_owned),
+        last_seq: 0,
+        dirty: false,
+        appended: None,
+    })
+}
+
+fn ack(
+    tx: &rusqlite::Transaction<'_>,
+    stream: &str,
+    consumer: &str,
+    id: &Uuid,
+) -> Result<Outcome, StoreError> {
+    let found: Option<(i64, i64, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT s.id, e.seq, e.name FROM events e JOIN streams s ON s.id = e.stream_id \
+             WHERE e.id = ?1 AND s.name = ?2",
+        )?
+        .query_row(params![&id.as_bytes()[..], stream], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    // Events published through /publish have no name, hence no offset an ACK could move.
+    let Some((stream_id, seq, Some(name))) = found else {
+        return Ok(Outcome::Refused(WriteError::NotFound));
+    };
+    tx.prepare_cached(
+        "INSERT INTO offsets (stream_id, consumer, name, seq) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )?
+    .execute(params![stream_id, consumer, name, seq])?;
+    Ok(Outcome::Acked)
+}
+
+/// Builds the stored event: a streams-API element carries its own id and position.
+fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
+    let id = Uuid::new_v4();
+    let (name, data) = match payload {
+        Payload::Element { name, fields } => {
+            let mut data = String::with_capacity(fields.len() + 96);
+            data.push_str("{\"eventId\":\"");
+            data.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+            data.push_str("\",\"sequence\":");
+            data.push_str(&seq.to_string());
+            data.push_str(",\"timestamp\":");
+            data.push_str(&ts.to_string());
+            data.push_str(fields);
+            data.push('}');
+            (Some(name.as_str().into()), data)
+        }
+        Payload::Data(data) => (None, data.clone()),
+    };
+    Event {
+        seq,
+        ts,
+        id,
+        name,
+        data: data.into_boxed_str(),
+    }
+}
+
+fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
+    let mut appended: Vec<Appended> = Vec::new();
+    let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(batch.len());
+    for (job, outcome) in batch.into_iter().zip(outcomes) {
+        match (job, outcome) {
+            (Job::Append { stream, done, .. }, Outcome::Appended(slot, event)) => {
+                if slot == appended.len() {
+                    appended.push(Appended {
+                        stream,
+                        events: Vec::new(),
+                    });
+                }
+                appended[slot].events.push(event.clone());
+                replies.push(Box::new(move || done(Ok(event))));
+            }
+            (job, Outcome::Refused(e)) => replies.extend(reply_err(job, e)),
+            (Job::Ack { done, .. }, _) => replies.push(Box::new(move || done(Ok(())))),
+            (Job::Stop, _) => {}
+            // Only ACKs and barriers end as `Acked`; answer rather than drop if that changes.
+            (Job::Append { done, .. }, Outcome::Acked) => replies.push(Box::new(move || {
+                done(Err(WriteError::Storage(
+                    "append ended without an event".into(),
+                )))
+            })),
+        }
+    }
+    Committed { appended, replies }
+}
+
+fn fail(batch: Vec<Job>, error: WriteError) -> Committed {
+    Committed {
+        appended: Vec::new(),
+        replies: batch
+            .into_iter()
+            .filter_map(|job| reply_err(job, error.clone()))
+            .collect(),
+    }
+}
+
+fn reply_err(job: Job, error: WriteError) -> Option<Box<dyn FnOnce() + Send>> {
+    match job {
+        Job::Append { done, .. } => Some(Box::new(move || done(Err(error)))),
+        Job::Ack { done, .. } => Some(Box::new(move || done(Err(error)))),
+        Job::Stop => None,
+    }
+}
