@@ -1,4 +1,6 @@
-//! Administrative operations for the command line and embedders: users.
+//! Administrative operations for the command line and embedders: users, streams,
+//! consumer offsets and backups. Each works on the database file and is safe while a
+//! server runs on it.
 
 use std::path::Path;
 
@@ -42,4 +44,45 @@ fn check_user_name(name: &str) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+pub use crate::store::admin::{ConsumerOffset, StreamDetail, StreamSummary};
+
+/// All streams, by name.
+pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, Error> {
+    Ok(crate::store::admin::list_streams(db)?)
+}
+
+/// One stream with its consumers; `None` if it does not exist.
+pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, Error> {
+    Ok(crate::store::admin::show_stream(db, name)?)
+}
+
+/// Clears a stream's producer lock, so a replacement producer can write; false if the
+/// stream does not exist.
+pub fn release_stream(db: &Path, name: &str) -> Result<bool, Error> {
+    Ok(crate::store::admin::release_stream(db, name)?)
+}
+
+/// Sets a consumer's offset for one event name; `Err(Config)` explains a refusal.
+pub fn reset_consumer(
+    db: &Path,
+    stream: &str,
+    consumer: &str,
+    event_name: &str,
+    offset: u64,
+) -> Result<(), Error> {
+    crate::store::admin::reset_consumer(db, stream, consumer, event_name, offset)?
+        .map_err(Error::Config)
+}
+
+/// Writes a consistent copy of the database to `target`, which must not exist yet.
+pub fn backup(db: &Path, target: &Path) -> Result<(), Error> {
+    if target.exists() {
+        return Err(Error::Config(format!(
+            "{} already exists",
+            target.display()
+        )));
+    }
+    Ok(crate::store::admin::backup(db, target)?)
 }

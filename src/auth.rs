@@ -144,8 +144,41 @@ impl Authenticator {
     }
 }
 
+/// Whether `name` matches `pattern`, where each `*` matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn globs_match() {
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("orders*", "orders-2024"));
+        assert!(!glob_match("orders*", "order"));
+        assert!(glob_match("a*c*e", "abcde"));
+        assert!(!glob_match("a*c*e", "abcd"));
+        assert!(glob_match("exact", "exact"));
+        assert!(!glob_match("exact", "exactly"));
+        assert!(glob_match("*-log", "x-log"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+
     use super::*;
 
     fn basic(raw: &str) -> String {

@@ -47,6 +47,12 @@ pub struct Config {
     /// How long a verified credential is trusted without checking its hash again. Users
     /// removed while the server runs lose access within this time.
     pub auth_cache_ttl: Duration,
+    /// Whether `GET /metrics` needs Basic auth (default yes).
+    pub metrics_auth: bool,
+    /// Categories whose long-poll subscribe needs no auth (patterns, `*` matches anything).
+    pub public_subscribe: Vec<String>,
+    /// Categories whose `/publish` needs no auth (patterns, `*` matches anything).
+    pub public_publish: Vec<String>,
 }
 
 impl Config {
@@ -71,6 +77,9 @@ impl Config {
             publish_path: "/publish".into(),
             write_queue: 16_384,
             auth_cache_ttl: Duration::from_secs(30),
+            metrics_auth: true,
+            public_subscribe: Vec::new(),
+            public_publish: Vec::new(),
         }
     }
 
@@ -118,5 +127,8 @@ impl Config {
 /// ordinary traffic.
 fn default_max_parked() -> usize {
     let limit = crate::sys::open_files_limit().unwrap_or(1024);
-    (limit.saturating_sub(256) / 2).saturating_sub(256).max(16) as usize
+    let derived = (limit.saturating_sub(256) / 2).saturating_sub(256).max(16);
+    // Past 10,000 the memory of parked connections (~20 KiB each) matters more than the
+    // descriptors: raise --max-parked deliberately if the host has the memory.
+    derived.min(10_000) as usize
 }

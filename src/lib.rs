@@ -17,7 +17,7 @@
 //! | 1 | [`api`] | routes, validation, each API's error contract | name tiny_http or rusqlite |
 //! | 0 | [`store`] | the only module naming rusqlite: schema, writer, readers | know HTTP |
 //! | 0 | [`longpoll`] | parked replies per category, deadlines; no I/O, no threads | block |
-//! | 0 | [`auth`], [`clock`], [`config`], [`event`], [`pool`], [`log`], [`sys`], [`error`] | | |
+//! | 0 | [`auth`], [`clock`], [`config`], [`event`], [`metrics`], [`pool`], [`log`], [`sys`], [`error`] | | |
 //!
 //! Request path: tiny_http's accept loop → [`http`] decodes the request (reading any large
 //! body on its own short-lived thread) → a bounded queue (full: 503) → a worker runs
@@ -52,7 +52,7 @@
 //! server.shutdown();
 //! ```
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod api;
@@ -64,6 +64,7 @@ pub mod event;
 pub mod http;
 pub mod log;
 pub mod longpoll;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod store;

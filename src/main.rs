@@ -15,6 +15,11 @@ Usage:
   eventserver user add NAME [--db PATH]   add a user; the password is the first line of stdin
   eventserver user list [--db PATH]
   eventserver user remove NAME [--db PATH]
+  eventserver stream list [--db PATH]
+  eventserver stream show STREAM [--db PATH]     owner, events, consumers with offsets and lag
+  eventserver stream release STREAM [--db PATH]  clear the producer lock
+  eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET [--db PATH]
+  eventserver backup PATH [--db PATH]            consistent copy, safe while serving
   eventserver --version | --help
 
 Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win):
@@ -32,6 +37,15 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
   --events-path PATH            long-poll subscribe path   [/events]
   --publish-path PATH           long-poll publish path     [/publish]
   --write-queue N               writes queued for the writer before 503 [16384]
+  --auth-cache-secs SECS        how long a verified password is trusted [30]
+  --metrics-auth true|false     whether GET /metrics needs credentials [true]
+  --public-subscribe PATTERNS   categories anyone may subscribe to, comma-separated,
+                                '*' matches anything      [none]
+  --public-publish PATTERNS     categories anyone may publish to [none]
+
+Admin commands work on the database file and are safe while the server runs.
+Under systemd (Type=notify) it reports READY/STOPPING/WATCHDOG and adopts a socket passed
+by socket activation (LISTEN_FDS) instead of binding --listen.
 ";
 
 /// A command-line mistake: exit status 2 with this message.
@@ -85,6 +99,9 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         Some("serve") => serve(&args[1..]),
         Some("user") => user(&args[1..]),
+        Some("stream") => stream(&args[1..]),
+        Some("consumer") => consumer(&args[1..]),
+        Some("backup") => backup(&args[1..]),
         Some(other) if !other.starts_with('-') => {
             Err(Usage(format!("unknown command '{other}'")).into())
         }
@@ -178,6 +195,10 @@ const SERVE_FLAGS: &[&str] = &[
     "events-path",
     "publish-path",
     "write-queue",
+    "auth-cache-secs",
+    "metrics-auth",
+    "public-subscribe",
+    "public-publish",
 ];
 
 fn serve_config(args: &Args) -> Result<Config, Usage> {
@@ -194,6 +215,23 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("events-path", &mut config.events_path)?;
     args.parsed("publish-path", &mut config.publish_path)?;
     args.parsed("write-queue", &mut config.write_queue)?;
+    let mut ttl = config.auth_cache_ttl.as_secs();
+    args.parsed("auth-cache-secs", &mut ttl)?;
+    config.auth_cache_ttl = std::time::Duration::from_secs(ttl);
+    args.parsed("metrics-auth", &mut config.metrics_auth)?;
+    for (name, into) in [
+        ("public-subscribe", &mut config.public_subscribe),
+        ("public-publish", &mut config.public_publish),
+    ] {
+        if let Some((_, value)) = args.setting(name) {
+            *into = value
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect();
+        }
+    }
     if let Some((source, value)) = args.setting("sync") {
         config.sync = match value.as_str() {
             "full" => SyncMode::Full,
@@ -221,7 +259,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     if !admin::has_users(&db)? {
         create_first_user(&db)?;
     }
-    let signals = signal_hook::iterator::Signals::new([
+    let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])
@@ -236,19 +274,74 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         config.longpoll_max_timeout,
         config.max_parked
     );
-    let server = Server::start(config)?;
+    let server = match eventserver::sys::systemd_listener()
+        .map_err(|e| Failure::Runtime(format!("cannot adopt the socket systemd passed: {e}")))?
+    {
+        Some(listener) => Server::start_on(listener, config)?,
+        None => Server::start(config)?,
+    };
+    let server = std::sync::Arc::new(server);
     log::info(&format!(
         "eventserver {} listening on {} ({settings})",
         env!("CARGO_PKG_VERSION"),
         server.addr()
     ));
-    let mut signals = signals;
+    eventserver::sys::notify(&format!("READY=1\nSTATUS=serving on {}", server.addr()));
+    if let Some(interval) = eventserver::sys::watchdog_interval() {
+        spawn_watchdog(server.addr(), interval);
+    }
     if let Some(signal) = signals.forever().next() {
         log::info(&format!("signal {signal} received; shutting down"));
     }
+    eventserver::sys::notify("STOPPING=1\nSTATUS=shutting down");
     server.shutdown();
     log::info("shutdown complete");
     Ok(())
+}
+
+/// Pings systemd's watchdog while the server answers its own health check: a dead accept
+/// loop, stuck workers or an unwritable database all stop the pings and systemd restarts
+/// the service.
+fn spawn_watchdog(addr: std::net::SocketAddr, interval: std::time::Duration) {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let period = interval / 3;
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            loop {
+                if healthy(target, period) {
+                    eventserver::sys::notify("WATCHDOG=1");
+                } else {
+                    log::warn("the health self-check failed; not pinging the watchdog");
+                }
+                std::thread::sleep(period);
+            }
+        });
+    if let Err(e) = spawned {
+        log::error(&format!("cannot start the watchdog thread: {e}"));
+    }
+}
+
+/// GET /healthz on our own address, within `timeout`.
+fn healthy(addr: std::net::SocketAddr, timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let mut head = [0u8; 12];
+    stream.write_all(request).is_ok()
+        && stream.read_exact(&mut head).is_ok()
+        && head.starts_with(b"HTTP/1.1 200")
 }
 
 /// On a fresh database: one user with a random password, printed once.
@@ -303,4 +396,79 @@ fn user(args: &[String]) -> Result<(), Failure> {
         )
         .into()),
     }
+}
+
+fn stream(args: &[String]) -> Result<(), Failure> {
+    let parsed = parse_args(args, &["db"])?;
+    let db = parsed.db();
+    match parsed.positional.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["list"] => {
+            println!("{:<32} {:<20} {:>10} {:>10}  LAST EVENT (ms)", "STREAM", "OWNER", "EVENTS", "LAST SEQ");
+            for s in admin::list_streams(&db)? {
+                let owner = s.owner.as_deref().unwrap_or("-");
+                println!("{:<32} {:<20} {:>10} {:>10}  {}", s.name, owner, s.events, s.last_seq, s.last_ms);
+            }
+            Ok(())
+        }
+        ["show", name] => {
+            let Some(d) = admin::show_stream(&db, name)? else {
+                return Err(Failure::Runtime(format!("no stream named '{name}'")));
+            };
+            println!("stream:      {}", d.summary.name);
+            println!("owner:       {}", d.summary.owner.as_deref().unwrap_or("-"));
+            println!("events:      {}", d.summary.events);
+            println!("last seq:    {}", d.summary.last_seq);
+            println!("first event: {} ms", d.first_ms);
+            println!("last event:  {} ms", d.summary.last_ms);
+            println!("consumers:");
+            for c in d.consumers {
+                println!("  {} {} offset={} lag={}", c.consumer, c.event_name, c.offset, c.lag);
+            }
+            Ok(())
+        }
+        ["release", name] => {
+            if admin::release_stream(&db, name)? {
+                println!("released stream '{name}': the next producer to write it claims it");
+                Ok(())
+            } else {
+                Err(Failure::Runtime(format!("no stream named '{name}'")))
+            }
+        }
+        _ => Err(Usage("usage: eventserver stream list | stream show STREAM | stream release STREAM [--db PATH]".into()).into()),
+    }
+}
+
+fn consumer(args: &[String]) -> Result<(), Failure> {
+    let parsed = parse_args(args, &["db"])?;
+    let db = parsed.db();
+    match parsed
+        .positional
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()[..]
+    {
+        ["reset", stream, consumer, event_name, offset] => {
+            let offset: u64 = offset
+                .parse()
+                .map_err(|_| Usage(format!("invalid offset {offset:?}: use a sequence number")))?;
+            admin::reset_consumer(&db, stream, consumer, event_name, offset)?;
+            println!("consumer '{consumer}' of '{stream}' ({event_name}) now at offset {offset}");
+            Ok(())
+        }
+        _ => Err(Usage(
+            "usage: eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET [--db PATH]"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+fn backup(args: &[String]) -> Result<(), Failure> {
+    let parsed = parse_args(args, &["db"])?;
+    let [target] = &parsed.positional[..] else {
+        return Err(Usage("usage: eventserver backup PATH [--db PATH]".into()).into());
+    };
+    admin::backup(&parsed.db(), std::path::Path::new(target))?;
+    println!("backed up {} to {target}", parsed.db().display());
+    Ok(())
 }

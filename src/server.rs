@@ -66,6 +66,7 @@ impl Server {
             tasks: tasks_tx.clone(),
             stopping: Default::default(),
             timer: timer_tx,
+            metrics: Default::default(),
             config,
         });
 
@@ -149,6 +150,11 @@ impl Server {
 
 /// After each commit: wake long-polls on the new events, then answer the writers.
 fn on_commit(app: &App, committed: writer::Committed) {
+    let appended = committed
+        .appended
+        .iter()
+        .map(|a| (a.stream.as_str(), a.events.len()));
+    app.metrics.commit(committed.jobs, committed.took, appended);
     for appended in &committed.appended {
         app.wake(&appended.stream, &appended.events);
     }

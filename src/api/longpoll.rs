@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::query::Form;
-use super::{App, AuthFailure, Body, Method, Parked, ParkedKind, Reply, Request, Response};
+use super::{App, AuthFailure, Body, Method, Parked, ParkedKind, Reply, Request, Response, Want};
 use crate::event::{Event, Start, push_json_str};
 use crate::store::Reader;
 use crate::store::writer::{Job, Payload, WriteError};
@@ -69,6 +69,20 @@ pub(crate) fn events_response(category: &str, events: &[Arc<Event>]) -> Response
     answer(200, body.into_bytes())
 }
 
+/// Whether `category` is open without credentials by one of `patterns`.
+fn is_public(patterns: &[String], category: Option<&str>) -> bool {
+    category.is_some_and(|c| patterns.iter().any(|p| crate::auth::glob_match(p, c)))
+}
+
+/// Checks credentials; `Err` is the answer to send instead.
+fn authenticate(app: &App, reader: &Reader, req: &Request) -> Result<(), Response> {
+    match app.authenticate(reader, req) {
+        Ok(_) => Ok(()),
+        Err(AuthFailure::Unauthorized) => Err(unauthorized()),
+        Err(AuthFailure::Storage) => Err(error_response(500, "could not check credentials")),
+    }
+}
+
 fn unauthorized() -> Response {
     error_response(401, "Unauthorized")
         .with_header("WWW-Authenticate", "Basic realm=\"eventserver\"")
@@ -122,12 +136,11 @@ fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, Start
 
 /// `GET` (or `POST`) on the subscribe path.
 pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    match app.authenticate(reader, &req) {
-        Ok(_) => {}
-        Err(AuthFailure::Unauthorized) => return reply(unauthorized()),
-        Err(AuthFailure::Storage) => {
-            return reply(error_response(500, "could not check credentials"));
-        }
+    let category = Form::parse(&req.query).first("category").map(str::to_owned);
+    if !is_public(&app.config.public_subscribe, category.as_deref())
+        && let Err(response) = authenticate(app, reader, &req)
+    {
+        return reply(response);
     }
     let (category, timeout, start) =
         match subscribe_params(&req.query, app.config.longpoll_max_timeout) {
@@ -138,15 +151,13 @@ pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         reply,
         kind: ParkedKind::LongPoll(category.as_str().into()),
     };
-    app.wait(
-        reader,
-        &category,
-        &start,
-        None,
-        app.config.longpoll_max_batch,
-        Duration::from_secs(timeout),
-        parked,
-    );
+    let want = Want {
+        start,
+        filter: None,
+        limit: app.config.longpoll_max_batch,
+        timeout: Duration::from_secs(timeout),
+    };
+    app.wait(reader, &category, want, parked);
 }
 
 #[derive(Deserialize)]
@@ -159,12 +170,17 @@ struct PublishBody {
 
 /// `POST` on the publish path.
 pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    match app.authenticate(reader, &req) {
-        Ok(_) => {}
-        Err(AuthFailure::Unauthorized) => return reply(unauthorized()),
-        Err(AuthFailure::Storage) => {
-            return reply(error_response(500, "could not check credentials"));
-        }
+    let public = &app.config.public_publish;
+    let category = match &req.body {
+        Body::Bytes(body) if !public.is_empty() => serde_json::from_slice::<PublishBody>(body)
+            .ok()
+            .and_then(|b| b.category),
+        _ => None,
+    };
+    if !is_public(public, category.as_deref())
+        && let Err(response) = authenticate(app, reader, &req)
+    {
+        return reply(response);
     }
     if req.method != Method::Post {
         return reply(error_response(

@@ -131,6 +131,7 @@ pub struct App {
     pub(crate) tasks: Sender<crate::pool::Task>,
     pub(crate) stopping: std::sync::atomic::AtomicBool,
     pub(crate) timer: Sender<()>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Waiters answered per task, so a large fan-out spreads over the workers.
@@ -139,33 +140,113 @@ const ANSWER_CHUNK: usize = 256;
 impl App {
     /// Serves one request on a worker.
     pub fn handle(&self, reader: &mut Reader, req: Request, reply: Reply) {
-        let path = req.path.as_str();
-        if path.starts_with("/api/v1/") {
-            if path == "/api/v1/health" {
-                return reply(self.health(reader));
-            }
-            return streams::handle(self, reader, req, reply);
+        let route = self.route(&req);
+        let reply = self.instrument(route, &req, reply);
+        match route {
+            "health" => self.health(reader, reply),
+            "metrics" => self.metrics(reader, &req, reply),
+            "streams" => streams::handle(self, reader, req, reply),
+            "subscribe" => longpoll::subscribe(self, reader, req, reply),
+            "publish" => longpoll::publish(self, reader, req, reply),
+            _ => reply(Response::message(404, "Not Found")),
         }
-        if path == self.config.events_path {
-            return longpoll::subscribe(self, reader, req, reply);
-        }
-        if path == self.config.publish_path {
-            return longpoll::publish(self, reader, req, reply);
-        }
-        if path == "/healthz" {
-            return reply(self.health(reader));
-        }
-        reply(Response::message(404, "Not Found"))
     }
 
-    /// 200 when the database answers a read and a write, 503 otherwise.
-    fn health(&self, reader: &mut Reader) -> Response {
-        let ok = reader.user_hash("").is_ok();
-        if ok {
-            Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..])
+    /// The route a request belongs to, also its metrics label.
+    fn route(&self, req: &Request) -> &'static str {
+        let path = req.path.as_str();
+        if path == "/healthz" || path == "/api/v1/health" {
+            "health"
+        } else if path == "/metrics" {
+            "metrics"
+        } else if path.starts_with("/api/v1/") {
+            "streams"
+        } else if path == self.config.events_path {
+            "subscribe"
+        } else if path == self.config.publish_path {
+            "publish"
         } else {
-            Response::json(503, JSON_UTF8, &b"{\"status\":\"unavailable\"}"[..])
+            "other"
         }
+    }
+
+    /// Wraps `reply` to count the answer and log one line for it.
+    fn instrument(&self, route: &'static str, req: &Request, reply: Reply) -> Reply {
+        let started = Instant::now();
+        // Only the claimed user name is logged, never the password or the header.
+        let user = req
+            .header("Authorization")
+            .and_then(crate::auth::parse_basic)
+            .map_or_else(|| "-".to_owned(), |c| c.user);
+        let line = format!("{} {}", method_name(&req.method), req.path);
+        let metrics = self.metrics.clone();
+        Box::new(move |response: Response| {
+            let status = response.status;
+            reply(response);
+            let took = started.elapsed();
+            metrics.request(route, status, took);
+            if crate::log::enabled(crate::log::Level::Info) {
+                crate::log::info(&format!(
+                    "{line} {status} {:.1}ms user={user}",
+                    took.as_secs_f64() * 1000.0
+                ));
+            }
+        })
+    }
+
+    /// 200 when the database answers a read and commits a write, 503 otherwise. Needs no
+    /// credentials; answers after the writer's heartbeat commits, without holding a worker.
+    fn health(&self, reader: &mut Reader, reply: Reply) {
+        let unavailable = || Response::json(503, JSON_UTF8, &b"{\"status\":\"unavailable\"}"[..]);
+        if let Err(e) = reader.user_hash("") {
+            crate::log::error(&format!("health: the database does not answer: {e}"));
+            return reply(unavailable());
+        }
+        let job = Job::Probe(Box::new(move |result| {
+            reply(match result {
+                Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
+                Err(_) => unavailable(),
+            })
+        }));
+        if let Err(job) = self.submit(job) {
+            refuse_busy(job);
+        }
+    }
+
+    /// The Prometheus scrape.
+    fn metrics(&self, reader: &mut Reader, req: &Request, reply: Reply) {
+        if self.config.metrics_auth {
+            match self.authenticate(reader, req) {
+                Ok(_) => {}
+                Err(AuthFailure::Unauthorized) => return reply(streams::unauthorized()),
+                Err(AuthFailure::Storage) => {
+                    return reply(streams::failure(500, "could not check credentials"));
+                }
+            }
+        }
+        let lag = reader.consumer_lag().unwrap_or_else(|e| {
+            crate::log::error(&format!("metrics: reading consumer lag failed: {e}"));
+            Vec::new()
+        });
+        let database_bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                let mut path = self.config.db.clone().into_os_string();
+                path.push(suffix);
+                std::fs::metadata(path).ok().map(|m| m.len())
+            })
+            .sum();
+        let gauges = crate::metrics::Gauges {
+            parked: self.registry.parked(),
+            database_bytes,
+            lag,
+        };
+        let body = self.metrics.render(&gauges);
+        reply(Response::json(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            body.into_bytes(),
+        ))
     }
 
     /// Checks Basic credentials; `Err` carries the answer to send instead (401 or 500).
@@ -195,18 +276,17 @@ impl App {
         })
     }
 
-    /// Parks `reply` or answers it, for a long-poll on `category` from `start`.
-    pub(crate) fn wait(
-        &self,
-        reader: &mut Reader,
-        category: &str,
-        start: &crate::event::Start,
-        filter: Option<&str>,
-        limit: usize,
-        timeout: Duration,
-        parked: Parked,
-    ) {
+    /// Parks `parked` or answers it, for a long-poll on `category`.
+    pub(crate) fn wait(&self, reader: &mut Reader, category: &str, want: Want, parked: Parked) {
         use crate::longpoll::{Poll, Wait};
+        let Want {
+            start,
+            filter,
+            limit,
+            timeout,
+        } = want;
+        let start = &start;
+        let filter = filter.as_deref();
         let deadline = Instant::now() + timeout;
         let wait = |reply| Wait {
             reply,
@@ -312,6 +392,15 @@ impl App {
     }
 }
 
+fn method_name(method: &Method) -> &str {
+    match method {
+        Method::Get => "GET",
+        Method::Post => "POST",
+        Method::Head => "HEAD",
+        Method::Other(m) => m,
+    }
+}
+
 /// Renders events for a parked reply's kind; all replies of one group share the kind.
 fn render_events(kind: &ParkedKind, events: &[Arc<Event>]) -> Response {
     match kind {
@@ -328,6 +417,18 @@ impl Parked {
         };
         (self.reply)(response);
     }
+}
+
+/// What a long-poll waits for.
+pub(crate) struct Want {
+    /// Where to start reading.
+    pub start: crate::event::Start,
+    /// Only events with this name (streams-API consumers).
+    pub filter: Option<String>,
+    /// Most events in the answer.
+    pub limit: usize,
+    /// How long to wait.
+    pub timeout: Duration,
 }
 
 /// Why authentication did not pass.
@@ -354,7 +455,7 @@ pub(crate) fn storage_reason(e: &WriteError) -> &'static str {
 pub(crate) fn refuse_busy(job: Job) {
     match job {
         Job::Append { done, .. } => done(Err(WriteError::Busy)),
-        Job::Ack { done, .. } => done(Err(WriteError::Busy)),
+        Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
         Job::Stop => {}
     }
 }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::query::{Form, decode};
 use super::{
-    App, AuthFailure, Body, JSON_UTF8, Method, Parked, ParkedKind, Reply, Request, Response,
+    App, AuthFailure, Body, JSON_UTF8, Method, Parked, ParkedKind, Reply, Request, Response, Want,
 };
 use crate::event::{Event, Start};
 use crate::store::Reader;
@@ -40,7 +40,7 @@ fn bad_request(why: &str) -> Response {
     failure(400, why)
 }
 
-fn unauthorized() -> Response {
+pub(crate) fn unauthorized() -> Response {
     Response::message(401, "Unauthorized")
         .with_header("WWW-Authenticate", "Basic realm=\"eventserver\"")
 }
@@ -149,7 +149,7 @@ fn validate_event(body: &[u8]) -> Result<(String, String), String> {
         _ => return Err("'event.name' must be a non-empty string".into()),
     };
     if let Some(version) = event.get("version")
-        && !version.as_u64().is_some_and(|v| v >= 1)
+        && version.as_u64().is_none_or(|v| v < 1)
     {
         return Err("'event.version' must be a positive integer".into());
     }
@@ -257,18 +257,19 @@ fn consume(app: &App, reader: &mut Reader, raw_stream: &str, req: &Request, repl
         }
     };
     match timeout {
-        Some(secs) if view.events.is_empty() => app.wait(
-            reader,
-            &stream,
-            &Start::After(view.hwm),
-            Some(&name),
-            limit,
-            Duration::from_secs(secs),
-            Parked {
+        Some(secs) if view.events.is_empty() => {
+            let want = Want {
+                start: Start::After(view.hwm),
+                filter: Some(name),
+                limit,
+                timeout: Duration::from_secs(secs),
+            };
+            let parked = Parked {
                 reply,
                 kind: ParkedKind::Consumer,
-            },
-        ),
+            };
+            app.wait(reader, &stream, want, parked);
+        }
         _ => reply(elements_response(view.events.iter().map(String::as_str))),
     }
 }

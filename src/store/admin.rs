@@ -56,3 +56,162 @@ pub fn has_users(db: &Path) -> Result<bool, StoreError> {
     let conn = super::open_write(db, SyncMode::Full)?;
     Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM users)", [], |r| r.get(0))?)
 }
+
+/// A stream as `stream list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// Stream name.
+    pub name: String,
+    /// Owning producer, if claimed.
+    pub owner: Option<String>,
+    /// Events stored.
+    pub events: u64,
+    /// Sequence number of the newest event.
+    pub last_seq: u64,
+    /// Time of the newest event (epoch ms; 0 if none).
+    pub last_ms: u64,
+}
+
+/// A consumer's position as `stream show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerOffset {
+    /// Consumer id.
+    pub consumer: String,
+    /// Event name the offset is for.
+    pub event_name: String,
+    /// Sequence number acknowledged up to.
+    pub offset: u64,
+    /// Events of that name after the offset.
+    pub lag: u64,
+}
+
+/// Everything `stream show` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamDetail {
+    /// The summary line.
+    pub summary: StreamSummary,
+    /// Time of the oldest stored event (epoch ms; 0 if none).
+    pub first_ms: u64,
+    /// Consumers with offsets.
+    pub consumers: Vec<ConsumerOffset>,
+}
+
+const SUMMARY: &str = "SELECT s.name, s.owner, \
+     (SELECT count(*) FROM events e WHERE e.stream_id = s.id), s.last_seq, s.last_ms, s.id \
+     FROM streams s";
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StreamSummary, i64)> {
+    Ok((
+        StreamSummary {
+            name: r.get(0)?,
+            owner: r.get(1)?,
+            events: r.get::<_, i64>(2)? as u64,
+            last_seq: r.get::<_, i64>(3)? as u64,
+            last_ms: r.get::<_, i64>(4)? as u64,
+        },
+        r.get(5)?,
+    ))
+}
+
+/// All streams, by name.
+pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, StoreError> {
+    let conn = super::open_write(db, SyncMode::Full)?;
+    let mut stmt = conn.prepare(&format!("{SUMMARY} ORDER BY s.name"))?;
+    let rows = stmt
+        .query_map([], summary)?
+        .map(|r| r.map(|(s, _)| s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// One stream in detail; `None` if it does not exist.
+pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, StoreError> {
+    let conn = super::open_write(db, SyncMode::Full)?;
+    let found = conn
+        .prepare(&format!("{SUMMARY} WHERE s.name = ?1"))?
+        .query_row([name], summary);
+    let (summary, id) = match found {
+        Ok(row) => row,
+        Err(rusqlite::Error::QueryReturnedNoRows) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let first_ms: i64 = conn.query_row(
+        "SELECT coalesce(min(ts), 0) FROM events WHERE stream_id = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    let mut stmt = conn.prepare(
+        "SELECT o.consumer, o.name, o.seq, (SELECT count(*) FROM events e \
+         WHERE e.stream_id = o.stream_id AND e.name = o.name AND e.seq > o.seq) \
+         FROM offsets o WHERE o.stream_id = ?1 ORDER BY 1, 2",
+    )?;
+    let consumers = stmt
+        .query_map([id], |r| {
+            Ok(ConsumerOffset {
+                consumer: r.get(0)?,
+                event_name: r.get(1)?,
+                offset: r.get::<_, i64>(2)? as u64,
+                lag: r.get::<_, i64>(3)? as u64,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(StreamDetail {
+        summary,
+        first_ms: first_ms as u64,
+        consumers,
+    }))
+}
+
+/// Clears a stream's producer lock; false if the stream does not exist.
+pub fn release_stream(db: &Path, name: &str) -> Result<bool, StoreError> {
+    let conn = super::open_write(db, SyncMode::Full)?;
+    Ok(conn.execute("UPDATE streams SET owner = NULL WHERE name = ?1", [name])? > 0)
+}
+
+/// Sets a consumer's offset for one event name (forwards or back); false if the stream does
+/// not exist. The offset is a sequence number from 0 to the stream's newest.
+pub fn reset_consumer(
+    db: &Path,
+    stream: &str,
+    consumer: &str,
+    event_name: &str,
+    offset: u64,
+) -> Result<Result<(), String>, StoreError> {
+    let conn = super::open_write(db, SyncMode::Full)?;
+    let found: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT id, last_seq FROM streams WHERE name = ?1",
+            [stream],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    let Some((id, last_seq)) = found else {
+        return Ok(Err(format!("no stream named '{stream}'")));
+    };
+    if offset > last_seq as u64 {
+        return Ok(Err(format!(
+            "offset {offset} is past the stream's newest event ({last_seq})"
+        )));
+    }
+    conn.execute(
+        "INSERT INTO offsets (stream_id, consumer, name, seq) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = excluded.seq",
+        params![id, consumer, event_name, offset as i64],
+    )?;
+    Ok(Ok(()))
+}
+
+/// Writes a consistent copy of the database to `target` (which must not exist), while the
+/// server may keep running.
+pub fn backup(db: &Path, target: &Path) -> Result<(), StoreError> {
+    let conn = super::open_write(db, SyncMode::Full)?;
+    let target = target
+        .to_str()
+        .ok_or_else(|| StoreError("the backup path is not valid UTF-8".into()))?;
+    conn.execute("VACUUM INTO ?1", [target])?;
+    Ok(())
+}

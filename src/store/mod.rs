@@ -64,6 +64,10 @@ const MIGRATIONS: &[&str] = &[r#"
     CREATE UNIQUE INDEX events_by_id ON events (id);
     CREATE INDEX events_by_name ON events (stream_id, name, seq) WHERE name IS NOT NULL;
     CREATE INDEX events_by_ts ON events (stream_id, ts);
+    CREATE TABLE heartbeat (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL
+    );
     CREATE TABLE offsets (
         stream_id INTEGER NOT NULL,
         consumer TEXT NOT NULL,

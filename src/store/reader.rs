@@ -137,6 +137,24 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// Unacknowledged events per (stream, consumer, event name), for metrics.
+    pub fn consumer_lag(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.name, o.consumer, o.name, \
+             (SELECT count(*) FROM events e WHERE e.stream_id = o.stream_id \
+              AND e.name = o.name AND e.seq > o.seq) \
+             FROM offsets o JOIN streams s ON s.id = o.stream_id ORDER BY 1, 2, 3",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
 fn stream_info(conn: &Connection, stream: &str) -> Result<Option<StreamInfo>, StoreError> {
     Ok(conn
         .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?

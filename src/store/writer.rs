@@ -75,6 +75,8 @@ pub enum Job {
         /// Receives the outcome.
         done: Done<()>,
     },
+    /// Write a heartbeat row: answers `Ok` only if the database takes writes.
+    Probe(Done<()>),
     /// Commit everything queued before it, then stop the writer.
     Stop,
 }
@@ -90,6 +92,10 @@ pub struct Appended {
 
 /// What a committed (or failed) transaction produced.
 pub struct Committed {
+    /// Jobs in the transaction.
+    pub jobs: usize,
+    /// Time to apply and commit it.
+    pub took: std::time::Duration,
     /// New events per stream; empty when the transaction failed.
     pub appended: Vec<Appended>,
     /// Answers to run, one per job, in job order.
@@ -114,13 +120,17 @@ pub fn run(
         }
         let stop = batch.iter().any(|job| matches!(job, Job::Stop));
         let ts = clock.stamp_batch();
-        let committed = match apply(&mut conn, &batch, ts) {
+        let started = std::time::Instant::now();
+        let jobs = batch.len();
+        let mut committed = match apply(&mut conn, &batch, ts) {
             Ok(outcomes) => finish(batch, outcomes),
             Err(e) => {
-                crate::log::error(&format!("commit of {} jobs failed: {e}", batch.len()));
+                crate::log::error(&format!("commit of {jobs} jobs failed: {e}"));
                 fail(batch, WriteError::Storage(e.0))
             }
         };
+        committed.jobs = jobs;
+        committed.took = started.elapsed();
         on_commit(committed);
         clock.batch_done();
         if stop {
@@ -205,6 +215,14 @@ fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, 
                     id,
                     ..
                 } => ack(&tx, stream, consumer, id)?,
+                Job::Probe(_) => {
+                    tx.prepare_cached(
+                        "INSERT INTO heartbeat (id, at_ms) VALUES (1, ?1) \
+                         ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
+                    )?
+                    .execute([ts as i64])?;
+                    Outcome::Acked
+                }
                 Job::Stop => Outcome::Acked,
             };
             outcomes.push(outcome);
@@ -324,7 +342,9 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
                 replies.push(Box::new(move || done(Ok(event))));
             }
             (job, Outcome::Refused(e)) => replies.extend(reply_err(job, e)),
-            (Job::Ack { done, .. }, _) => replies.push(Box::new(move || done(Ok(())))),
+            (Job::Ack { done, .. } | Job::Probe(done), _) => {
+                replies.push(Box::new(move || done(Ok(()))))
+            }
             (Job::Stop, _) => {}
             // Only ACKs and barriers end as `Acked`; answer rather than drop if that changes.
             (Job::Append { done, .. }, Outcome::Acked) => replies.push(Box::new(move || {
@@ -334,11 +354,18 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
             })),
         }
     }
-    Committed { appended, replies }
+    Committed {
+        jobs: 0,
+        took: std::time::Duration::ZERO,
+        appended,
+        replies,
+    }
 }
 
 fn fail(batch: Vec<Job>, error: WriteError) -> Committed {
     Committed {
+        jobs: 0,
+        took: std::time::Duration::ZERO,
         appended: Vec::new(),
         replies: batch
             .into_iter()
@@ -350,7 +377,7 @@ fn fail(batch: Vec<Job>, error: WriteError) -> Committed {
 fn reply_err(job: Job, error: WriteError) -> Option<Box<dyn FnOnce() + Send>> {
     match job {
         Job::Append { done, .. } => Some(Box::new(move || done(Err(error)))),
-        Job::Ack { done, .. } => Some(Box::new(move || done(Err(error)))),
+        Job::Ack { done, .. } | Job::Probe(done) => Some(Box::new(move || done(Err(error)))),
         Job::Stop => None,
     }
 }

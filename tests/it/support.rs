@@ -94,7 +94,10 @@ fn launch(db: &std::path::Path, adjust: impl FnOnce(&mut Config)) -> (ServerHand
 /// `Authorization` header value for Basic credentials.
 pub fn basic(user: &str, password: &str) -> String {
     let raw = format!("{user}:{password}");
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 /// A request being built.
@@ -139,11 +142,18 @@ impl Req {
 
     /// The raw bytes of this request (with `Connection: close`).
     pub fn bytes(&self) -> Vec<u8> {
-        let mut out = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", self.method, self.path, self.addr);
+        let mut out = format!(
+            "{} {} HTTP/1.1\r\nHost: {}\r\n",
+            self.method, self.path, self.addr
+        );
         for (n, v) in &self.headers {
             out.push_str(&format!("{n}: {v}\r\n"));
         }
-        if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-length")) {
+        if !self
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        {
             out.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
         }
         out.push_str("Connection: close\r\n\r\n");
@@ -155,7 +165,9 @@ impl Req {
     /// Sends the request on a new connection and reads the response (30 s at most).
     pub fn send(&self) -> Resp {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(130))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(130)))
+            .unwrap();
         stream.write_all(&self.bytes()).expect("write request");
         read_response(&mut BufReader::new(stream)).expect("read response")
     }
