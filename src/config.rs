@@ -47,6 +47,10 @@ pub struct Config {
     /// How long a verified credential is trusted without checking its hash again. Users
     /// removed while the server runs lose access within this time.
     pub auth_cache_ttl: Duration,
+    /// Keep at most this many events per stream (default: keep everything).
+    pub retain_events: Option<u64>,
+    /// Keep events younger than this per stream (default: keep everything).
+    pub retain_age: Option<Duration>,
     /// Whether `GET /metrics` needs Basic auth (default yes).
     pub metrics_auth: bool,
     /// Categories whose long-poll subscribe needs no auth (patterns, `*` matches anything).
@@ -77,6 +81,8 @@ impl Config {
             publish_path: "/publish".into(),
             write_queue: 16_384,
             auth_cache_ttl: Duration::from_secs(30),
+            retain_events: None,
+            retain_age: None,
             metrics_auth: true,
             public_subscribe: Vec::new(),
             public_publish: Vec::new(),
@@ -114,6 +120,16 @@ impl Config {
                     "--{name} must start with '/', hold no '?', and lie outside /api/"
                 ));
             }
+        }
+        if self.retain_events == Some(0) {
+            return Err(
+                "--retain-events must be at least 1 (leave it unset to keep everything)".into(),
+            );
+        }
+        if self.retain_age.is_some_and(|a| a.is_zero()) {
+            return Err(
+                "--retain-secs must be at least 1 (leave it unset to keep everything)".into(),
+            );
         }
         if self.events_path == self.publish_path {
             return Err("--events-path and --publish-path must differ".into());

@@ -11,6 +11,9 @@ pub enum Error {
     Io(std::io::Error),
     /// The database could not be opened or used.
     Store(StoreError),
+    /// An in-process call was refused: bad input, a locked stream, a full queue, or a
+    /// server shutting down. The message says which.
+    Refused(String),
 }
 
 impl std::fmt::Display for Error {
@@ -19,6 +22,7 @@ impl std::fmt::Display for Error {
             Error::Config(m) => write!(f, "invalid setting: {m}"),
             Error::Io(e) => write!(f, "{e}"),
             Error::Store(e) => write!(f, "database: {e}"),
+            Error::Refused(m) => write!(f, "refused: {m}"),
         }
     }
 }

@@ -49,6 +49,23 @@
 //! config.listen = "127.0.0.1:0".parse().unwrap();
 //! let server = eventserver::Server::start(config).unwrap();
 //! println!("listening on {}", server.addr());
+//!
+//! // In process, the way Go programs use golongpoll's manager: a subscriber waits while
+//! // a publisher publishes.
+//! std::thread::scope(|s| {
+//!     let waiting = s.spawn(|| {
+//!         let start = eventserver::Start::Since { ms: 0, last_id: None };
+//!         server.subscribe("news", start, std::time::Duration::from_secs(5))
+//!     });
+//!     let id = server.publish("news", &serde_json::json!({"headline": "hello"})).unwrap();
+//!     match waiting.join().unwrap().unwrap() {
+//!         eventserver::Polled::Events(events) => {
+//!             assert_eq!(events[0].id, id);
+//!             assert_eq!(events[0].data["headline"], "hello");
+//!         }
+//!         other => panic!("expected the event, got {other:?}"),
+//!     }
+//! });
 //! server.shutdown();
 //! ```
 
@@ -72,4 +89,5 @@ pub mod sys;
 
 pub use config::{Config, SyncMode};
 pub use error::Error;
-pub use server::{Server, ServerHandle};
+pub use event::Start;
+pub use server::{Polled, Received, Server, ServerHandle};

@@ -37,6 +37,8 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
   --events-path PATH            long-poll subscribe path   [/events]
   --publish-path PATH           long-poll publish path     [/publish]
   --write-queue N               writes queued for the writer before 503 [16384]
+  --retain-events N             keep at most N events per stream [keep all]
+  --retain-secs SECS            keep events younger than SECS    [keep all]
   --auth-cache-secs SECS        how long a verified password is trusted [30]
   --metrics-auth true|false     whether GET /metrics needs credentials [true]
   --public-subscribe PATTERNS   categories anyone may subscribe to, comma-separated,
@@ -196,6 +198,8 @@ const SERVE_FLAGS: &[&str] = &[
     "publish-path",
     "write-queue",
     "auth-cache-secs",
+    "retain-events",
+    "retain-secs",
     "metrics-auth",
     "public-subscribe",
     "public-publish",
@@ -219,6 +223,18 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("auth-cache-secs", &mut ttl)?;
     config.auth_cache_ttl = std::time::Duration::from_secs(ttl);
     args.parsed("metrics-auth", &mut config.metrics_auth)?;
+    if let Some((source, value)) = args.setting("retain-events") {
+        let n = value
+            .parse()
+            .map_err(|_| Usage(format!("invalid value {value:?} for {source}")))?;
+        config.retain_events = Some(n);
+    }
+    if let Some((source, value)) = args.setting("retain-secs") {
+        let secs = value
+            .parse()
+            .map_err(|_| Usage(format!("invalid value {value:?} for {source}")))?;
+        config.retain_age = Some(std::time::Duration::from_secs(secs));
+    }
     for (name, into) in [
         ("public-subscribe", &mut config.public_subscribe),
         ("public-publish", &mut config.public_publish),

@@ -12,7 +12,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
@@ -21,6 +23,7 @@ use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Error;
+use crate::event::Start;
 use crate::http::HttpServer;
 use crate::longpoll::Registry;
 use crate::pool::{Pool, Task};
@@ -167,17 +170,91 @@ fn on_commit(app: &App, committed: writer::Committed) {
     }
 }
 
-/// Answers parked requests at their deadlines, earliest first, sleeping in between.
+/// How often retention runs, when configured.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Answers parked requests at their deadlines, earliest first, sleeping in between; also
+/// queues retention for the writer once a minute when it is configured.
 fn run_timer(app: &App, pokes: &Receiver<()>) {
+    let retention = app.config.retain_events.is_some() || app.config.retain_age.is_some();
+    // The first round runs at start-up, then once a minute.
+    let mut next_retention = Instant::now();
     while !app.stopping.load(Ordering::SeqCst) {
-        let woke = match app.registry.next_deadline() {
-            Some(deadline) => pokes.recv_deadline(deadline),
+        let wake = match (app.registry.next_deadline(), retention) {
+            (Some(deadline), true) => Some(deadline.min(next_retention)),
+            (Some(deadline), false) => Some(deadline),
+            (None, true) => Some(next_retention),
+            (None, false) => None,
+        };
+        let woke = match wake {
+            Some(at) => pokes.recv_deadline(at),
             None => pokes.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         match woke {
             Ok(()) => continue,
-            Err(RecvTimeoutError::Timeout) => app.expire(app.registry.expire(Instant::now())),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        app.expire(app.registry.expire(now));
+        if retention && now >= next_retention {
+            next_retention = now + RETENTION_EVERY;
+            let job = Job::Retain {
+                max_events: app.config.retain_events,
+                max_age_ms: app.config.retain_age.map(|a| a.as_millis() as u64),
+            };
+            // A full queue skips this round; the next one catches up.
+            let _ = app.writer.try_send(job);
+        }
+    }
+}
+
+/// An event as long-poll subscribers receive it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Received {
+    /// Commit time, epoch milliseconds.
+    pub timestamp: u64,
+    /// The category (stream) it belongs to.
+    pub category: String,
+    /// The event id (`last_id` when resuming).
+    pub id: Uuid,
+    /// The published data, or the streams-API element.
+    pub data: serde_json::Value,
+}
+
+/// The answer to an in-process subscribe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Polled {
+    /// Events, oldest first.
+    Events(Vec<Received>),
+    /// No event before the timeout; resume from `timestamp`.
+    Timeout {
+        /// The server's time of the answer (`since_time` for the next poll).
+        timestamp: u64,
+    },
+}
+
+impl Polled {
+    fn from_json(body: &[u8]) -> Result<Polled, Error> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            events: Option<Vec<Received>>,
+            timestamp: Option<u64>,
+            error: Option<String>,
+        }
+        let answer: Answer = serde_json::from_slice(body)
+            .map_err(|e| Error::Refused(format!("unexpected answer: {e}")))?;
+        match answer {
+            Answer { error: Some(e), .. } => Err(Error::Refused(e)),
+            Answer {
+                events: Some(events),
+                ..
+            } => Ok(Polled::Events(events)),
+            Answer {
+                timestamp: Some(timestamp),
+                ..
+            } => Ok(Polled::Timeout { timestamp }),
+            _ => Err(Error::Refused("unexpected answer".into())),
         }
     }
 }
@@ -211,6 +288,59 @@ impl ServerHandle {
     /// Long-polls parked right now.
     pub fn parked(&self) -> usize {
         self.app.registry.parked()
+    }
+
+    /// Publishes `data` to `category` as `POST /publish` does (without a producer id) and
+    /// returns the new event's id once it is durable.
+    pub fn publish(&self, category: &str, data: &serde_json::Value) -> Result<Uuid, Error> {
+        crate::api::streams::check_stream_name(category).map_err(Error::Refused)?;
+        if data.is_null() {
+            return Err(Error::Refused("data must not be null".into()));
+        }
+        if self.app.stopping.load(Ordering::SeqCst) {
+            return Err(Error::Refused("the server is shutting down".into()));
+        }
+        let (tx, rx) = bounded(1);
+        let job = Job::Append {
+            stream: category.to_owned(),
+            producer: None,
+            payload: writer::Payload::Data(data.to_string()),
+            done: Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        };
+        self.app
+            .writer
+            .try_send(job)
+            .map_err(|_| Error::Refused("the write queue is full".into()))?;
+        match rx.recv() {
+            Ok(Ok(event)) => Ok(event.id),
+            Ok(Err(writer::WriteError::Locked)) => {
+                Err(Error::Refused("the stream belongs to a producer".into()))
+            }
+            Ok(Err(e)) => Err(Error::Refused(format!("{e:?}"))),
+            Err(_) => Err(Error::Refused("the server stopped".into())),
+        }
+    }
+
+    /// Waits up to `timeout` for events of `category` after `start`, as `GET /events`
+    /// does: the way a Rust program uses eventserver like golongpoll's manager.
+    pub fn subscribe(
+        &self,
+        category: &str,
+        start: Start,
+        timeout: Duration,
+    ) -> Result<Polled, Error> {
+        let mut reader = Reader::open(&self.app.config.db)?;
+        let (tx, rx) = bounded(1);
+        let reply: api::Reply = Box::new(move |response| {
+            let _ = tx.send(response);
+        });
+        api::longpoll::subscribe_local(&self.app, &mut reader, category, start, timeout, reply);
+        let response = rx
+            .recv()
+            .map_err(|_| Error::Refused("the server stopped".into()))?;
+        Polled::from_json(&response.body)
     }
 
     /// Stops the server gracefully: in-flight requests finish, parked long-polls are

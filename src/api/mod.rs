@@ -456,6 +456,6 @@ pub(crate) fn refuse_busy(job: Job) {
     match job {
         Job::Append { done, .. } => done(Err(WriteError::Busy)),
         Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
-        Job::Stop => {}
+        Job::Stop | Job::Retain { .. } => {}
     }
 }

@@ -77,6 +77,13 @@ pub enum Job {
     },
     /// Write a heartbeat row: answers `Ok` only if the database takes writes.
     Probe(Done<()>),
+    /// Delete events beyond the retention limits, in every stream.
+    Retain {
+        /// Keep at most this many events per stream.
+        max_events: Option<u64>,
+        /// Keep events at most this old (milliseconds) per stream.
+        max_age_ms: Option<u64>,
+    },
     /// Commit everything queued before it, then stop the writer.
     Stop,
 }
@@ -223,6 +230,17 @@ fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, 
                     .execute([ts as i64])?;
                     Outcome::Acked
                 }
+                Job::Retain {
+                    max_events,
+                    max_age_ms,
+                } => {
+                    retain(
+                        &tx,
+                        *max_events,
+                        max_age_ms.map(|age| ts.saturating_sub(age)),
+                    )?;
+                    Outcome::Acked
+                }
                 Job::Stop => Outcome::Acked,
             };
             outcomes.push(outcome);
@@ -270,6 +288,38 @@ fn load_or_create(
         dirty: false,
         appended: None,
     })
+}
+
+/// Deletes, per stream, events beyond the newest `max_events` and events older than
+/// `before_ms`. Sequence numbers and offsets stay as they are: later events keep theirs.
+fn retain(
+    tx: &rusqlite::Transaction<'_>,
+    max_events: Option<u64>,
+    before_ms: Option<u64>,
+) -> Result<(), StoreError> {
+    let streams: Vec<(i64, i64)> = tx
+        .prepare_cached("SELECT id, last_seq FROM streams")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut by_count =
+        tx.prepare_cached("DELETE FROM events WHERE stream_id = ?1 AND seq <= ?2")?;
+    let mut by_age = tx.prepare_cached("DELETE FROM events WHERE stream_id = ?1 AND ts < ?2")?;
+    let mut deleted = 0;
+    for (id, last_seq) in streams {
+        if let Some(max) = max_events {
+            let cutoff = last_seq.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX));
+            if cutoff > 0 {
+                deleted += by_count.execute(params![id, cutoff])?;
+            }
+        }
+        if let Some(before) = before_ms {
+            deleted += by_age.execute(params![id, before as i64])?;
+        }
+    }
+    if deleted > 0 {
+        crate::log::info(&format!("retention deleted {deleted} events"));
+    }
+    Ok(())
 }
 
 fn ack(
@@ -345,7 +395,7 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
             (Job::Ack { done, .. } | Job::Probe(done), _) => {
                 replies.push(Box::new(move || done(Ok(()))))
             }
-            (Job::Stop, _) => {}
+            (Job::Stop | Job::Retain { .. }, _) => {}
             // Only ACKs and barriers end as `Acked`; answer rather than drop if that changes.
             (Job::Append { done, .. }, Outcome::Acked) => replies.push(Box::new(move || {
                 done(Err(WriteError::Storage(
@@ -378,6 +428,6 @@ fn reply_err(job: Job, error: WriteError) -> Option<Box<dyn FnOnce() + Send>> {
     match job {
         Job::Append { done, .. } => Some(Box::new(move || done(Err(error)))),
         Job::Ack { done, .. } | Job::Probe(done) => Some(Box::new(move || done(Err(error)))),
-        Job::Stop => None,
+        Job::Stop | Job::Retain { .. } => None,
     }
 }

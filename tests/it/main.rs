@@ -1,4 +1,5 @@
 //! Integration tests: a real server started through the library on 127.0.0.1:0 with a
 //! temporary database, spoken to over real HTTP.
 
+mod retention;
 mod support;
