@@ -22,9 +22,13 @@ pub struct Config {
     pub db: PathBuf,
     /// Worker threads serving requests (default: 2 × cores).
     pub workers: usize,
-    /// Requests waiting for a worker before new ones get 503 (default: 64 per worker), so
-    /// an overload answers quickly instead of queueing without bound.
+    /// Requests waiting for a worker before new ones get 503 (default 16,384): large enough
+    /// that every parked long-poll can come back at once after a publish (a few MiB at
+    /// most), bounded so an overload answers quickly instead of queueing without limit.
     pub queue: usize,
+    /// A connection that sends nothing for this long is cut (default 30 s): idle
+    /// keep-alive connections, stalled bodies and slow-drip headers free their thread.
+    pub read_timeout: Duration,
     /// Largest request body accepted (default 1 MiB); larger ones get 413.
     pub max_body: usize,
     /// Largest `limit` a streams-API consumer may ask for (default 1000).
@@ -70,7 +74,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             db: db.into(),
             workers,
-            queue: 64 * workers,
+            queue: 16_384,
+            read_timeout: Duration::from_secs(30),
             max_body: 1 << 20,
             max_limit: 1000,
             sync: SyncMode::Full,
@@ -107,6 +112,11 @@ impl Config {
         }
         if self.workers > 1024 {
             return Err("--workers must be at most 1024".into());
+        }
+        if self.read_timeout < Duration::from_secs(1)
+            || self.read_timeout > Duration::from_secs(3600)
+        {
+            return Err("--read-timeout must be 1-3600 seconds".into());
         }
         if self.longpoll_max_timeout == 0 || self.longpoll_max_timeout > 86_400 {
             return Err("--longpoll-max-timeout must be 1-86400 seconds".into());

@@ -16,11 +16,25 @@
 //!   on any `accept()` error (`EMFILE`, `ECONNABORTED`); `recv` then reports the error once.
 //!   We keep our own handle on the listener and start a new accept loop from it, while the
 //!   old one keeps delivering requests from its open connections until it falls silent.
-//! - **The listener is ours**: built with std/socket2, with `SO_KEEPALIVE` and `SO_SNDTIMEO`,
-//!   which accepted sockets inherit, so a client that stops reading cannot pin a thread.
+//! - **The listener is ours**: built with std/socket2, with `SO_KEEPALIVE`, `SO_SNDTIMEO`
+//!   and `SO_RCVTIMEO`, which accepted sockets inherit: a client that stops reading or
+//!   sending, or idles on a keep-alive connection, is cut after the timeout. The receive
+//!   timeout also makes an idle `accept` give up; that ends tiny_http's accept loop, which
+//!   is replaced at once like any other (quietly: it is expected).
+//! - **A prober keeps the engine honest.** A race in tiny_http's connection pool leaves some
+//!   connections of a burst queued with no thread to read them, until other work arrives.
+//!   So while requests are arriving (and for a second after), the prober opens a few empty
+//!   connections every tick: each makes the pool take the oldest queued connection. Twice a
+//!   second it also sends a probe request; when probes stay unanswered the accept loop is
+//!   presumed dead (a failed thread spawn kills it silently) and replaced.
+//! - **Pipelined requests never block a worker.** tiny_http writes a connection's responses
+//!   in request order, so answering a request pipelined behind an unanswered one (a parked
+//!   long-poll) would block until that one is answered. Such answers are written from a
+//!   short-lived thread of their own.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Cursor, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -41,9 +55,20 @@ const BUFFERED_BODY: usize = 1024;
 const DRAIN_CAP: usize = 16 << 20;
 /// Drains running at once; beyond it connections are abandoned instead.
 const MAX_DRAINS: usize = 16;
-/// An accept loop that was replaced retires after this long without a request, by when
-/// its connections have closed.
-const RETIRE_AFTER: Duration = Duration::from_secs(600);
+/// The prober's tick.
+const TICK: Duration = Duration::from_millis(100);
+/// Ticks between probe requests.
+const PROBE_TICKS: u32 = 5;
+/// How long a probe may take.
+const PROBE_PATIENCE: Duration = Duration::from_millis(500);
+/// Unanswered probes in a row before the accept loop is presumed dead and replaced.
+const PROBE_MISSES: u32 = 4;
+/// Most empty connections opened in one tick to unstrand tiny_http's pool.
+const PUMP_CONNECTIONS: usize = 16;
+/// Ticks of pumping after the last request arrived.
+const PUMP_TICKS: u32 = 10;
+/// The path of probe requests; answered by the HTTP layer itself.
+const PROBE_PATH: &str = "/.eventserver-probe";
 /// Stack for our short-lived body and drain threads: they hold nothing deep.
 const SMALL_STACK: usize = 128 << 10;
 
@@ -67,7 +92,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Sets the options accepted sockets inherit: keep-alive probes and a send timeout.
-/// (A receive timeout cannot be set here: on a listener it makes `accept` time out.)
 pub fn prepare(listener: &TcpListener) -> io::Result<()> {
     let sock = socket2::SockRef::from(listener);
     sock.set_keepalive(true)?;
@@ -77,34 +101,91 @@ pub fn prepare(listener: &TcpListener) -> io::Result<()> {
 
 struct Shared {
     listener: TcpListener,
+    addr: SocketAddr,
     sink: Sink,
     max_body: usize,
+    read_timeout: Duration,
     stopping: AtomicBool,
     servers: Mutex<Vec<Arc<tiny_http::Server>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Probes answered so far.
+    probes: AtomicUsize,
+    /// Requests received so far (the prober pumps while this moves).
+    arrivals: AtomicUsize,
+    /// Disconnects when the server stops, waking the prober at once.
+    stopped: crossbeam_channel::Receiver<()>,
+    /// Per peer, the sequence numbers of its requests not yet answered, and the next one.
+    outstanding: Mutex<HashMap<SocketAddr, Outstanding>>,
+}
+
+#[derive(Default)]
+struct Outstanding {
+    next: u64,
+    unanswered: BTreeSet<u64>,
+}
+
+impl Shared {
+    /// An accept loop that was replaced retires after this long without a request: by then
+    /// every connection it accepted has sent nothing for longer than the read timeout, so
+    /// it has been cut.
+    fn retire_after(&self) -> Duration {
+        self.read_timeout * 2 + Duration::from_secs(10)
+    }
 }
 
 /// The running HTTP front end.
 pub struct HttpServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    stop_prober: Mutex<Option<crossbeam_channel::Sender<()>>>,
 }
 
 impl HttpServer {
-    /// Starts accepting on `listener`, handing every request to `sink`.
-    pub fn start(listener: TcpListener, max_body: usize, sink: Sink) -> io::Result<HttpServer> {
+    /// Starts accepting on `listener`, handing every request to `sink`. Connections that
+    /// send nothing for `read_timeout` are cut.
+    pub fn start(
+        listener: TcpListener,
+        max_body: usize,
+        read_timeout: Duration,
+        sink: Sink,
+    ) -> io::Result<HttpServer> {
         let addr = listener.local_addr()?;
+        socket2::SockRef::from(&listener).set_read_timeout(Some(read_timeout))?;
+        let mut probe_addr = addr;
+        if probe_addr.ip().is_unspecified() {
+            probe_addr.set_ip(match addr {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let (stop_prober, stopped) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             listener,
+            addr: probe_addr,
             sink,
             max_body,
+            read_timeout,
             stopping: AtomicBool::new(false),
             servers: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
+            probes: AtomicUsize::new(0),
+            arrivals: AtomicUsize::new(0),
+            stopped,
+            outstanding: Mutex::new(HashMap::new()),
         });
         let server = new_server(&shared)?;
         spawn_acceptor(&shared, server, Duration::ZERO)?;
-        Ok(HttpServer { shared, addr })
+        let prober = shared.clone();
+        let handle = thread::Builder::new()
+            .name("http-probe".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || probe_loop(&prober))?;
+        lock(&shared.threads).push(handle);
+        Ok(HttpServer {
+            shared,
+            addr,
+            stop_prober: Mutex::new(Some(stop_prober)),
+        })
     }
 
     /// The bound address.
@@ -115,6 +196,7 @@ impl HttpServer {
     /// Stops accepting and waits for the accept threads to end.
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
+        lock(&self.stop_prober).take();
         let servers = std::mem::take(&mut *lock(&self.shared.servers));
         for server in &servers {
             server.unblock();
@@ -150,6 +232,7 @@ fn spawn_acceptor(
     let inner = shared.clone();
     let handle = thread::Builder::new()
         .name("http-accept".into())
+        .stack_size(SMALL_STACK)
         .spawn(move || {
             if !delay.is_zero() {
                 thread::sleep(delay);
@@ -167,7 +250,7 @@ fn accept_loop(shared: &Arc<Shared>, server: Arc<tiny_http::Server>) {
     let mut replaced = false;
     loop {
         let next = if replaced {
-            match server.recv_timeout(RETIRE_AFTER) {
+            match server.recv_timeout(shared.retire_after()) {
                 Ok(Some(rq)) => Ok(rq),
                 Ok(None) => break,
                 Err(e) => Err(e),
@@ -187,10 +270,19 @@ fn accept_loop(shared: &Arc<Shared>, server: Arc<tiny_http::Server>) {
                 } else {
                     Duration::ZERO
                 };
-                crate::log::error(&format!(
-                    "the HTTP accept loop stopped ({e}); starting a new one"
-                ));
-                replace(shared, delay);
+                let idle = matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                );
+                if idle {
+                    // The listener's receive timeout ended an idle accept: expected.
+                    crate::log::debug("the idle HTTP accept loop timed out; starting a new one");
+                } else {
+                    crate::log::error(&format!(
+                        "the HTTP accept loop stopped ({e}); starting a new one"
+                    ));
+                }
+                replace(shared, delay, !idle);
             }
             Err(_) => {}
         }
@@ -199,7 +291,7 @@ fn accept_loop(shared: &Arc<Shared>, server: Arc<tiny_http::Server>) {
 }
 
 /// Starts a new accept loop, retrying while the listener cannot be cloned (no descriptors).
-fn replace(shared: &Arc<Shared>, delay: Duration) {
+fn replace(shared: &Arc<Shared>, delay: Duration, announce: bool) {
     let inner = shared.clone();
     let spawned = thread::Builder::new()
         .name("http-respawn".into())
@@ -210,7 +302,9 @@ fn replace(shared: &Arc<Shared>, delay: Duration) {
                 thread::sleep(pause);
                 match new_server(&inner).and_then(|s| spawn_acceptor(&inner, s, Duration::ZERO)) {
                     Ok(()) => {
-                        crate::log::info("a new HTTP accept loop is running");
+                        if announce {
+                            crate::log::info("a new HTTP accept loop is running");
+                        }
                         return;
                     }
                     Err(e) => {
@@ -228,6 +322,62 @@ fn replace(shared: &Arc<Shared>, delay: Duration) {
     }
 }
 
+/// Pumps tiny_http's pool while requests arrive and probes the accept loop; see the
+/// module docs.
+fn probe_loop(shared: &Arc<Shared>) {
+    let (mut tick, mut misses, mut active) = (0u32, 0u32, 0u32);
+    let mut seen = shared.arrivals.load(Ordering::Relaxed);
+    loop {
+        if shared
+            .stopped
+            .recv_timeout(TICK)
+            .is_err_and(|e| e.is_disconnected())
+        {
+            return;
+        }
+        let arrivals = shared.arrivals.load(Ordering::Relaxed);
+        let fresh = arrivals.wrapping_sub(seen);
+        seen = arrivals;
+        if fresh > 0 {
+            active = PUMP_TICKS;
+        }
+        if active > 0 {
+            active -= 1;
+            for _ in 0..fresh.clamp(1, PUMP_CONNECTIONS) {
+                let _ = TcpStream::connect_timeout(&shared.addr, PROBE_PATIENCE);
+            }
+        }
+        tick += 1;
+        if tick % PROBE_TICKS != 0 {
+            continue;
+        }
+        if probe(shared) {
+            misses = 0;
+            continue;
+        }
+        misses += 1;
+        if misses == PROBE_MISSES && !shared.stopping.load(Ordering::SeqCst) {
+            crate::log::error("probe requests go unanswered; starting a new HTTP accept loop");
+            replace(shared, Duration::ZERO, true);
+        }
+    }
+}
+
+/// Whether a probe request is answered within [`PROBE_PATIENCE`].
+fn probe(shared: &Shared) -> bool {
+    let before = shared.probes.load(Ordering::SeqCst);
+    let Ok(mut stream) = TcpStream::connect_timeout(&shared.addr, PROBE_PATIENCE) else {
+        return false;
+    };
+    let request = format!("GET {PROBE_PATH} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let _ = stream.set_read_timeout(Some(PROBE_PATIENCE));
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).is_ok() || shared.probes.load(Ordering::SeqCst) > before
+}
+
 fn header_value<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
     rq.headers()
         .iter()
@@ -238,6 +388,12 @@ fn header_value<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'
 /// Decodes the request line and headers, then gets the body without ever blocking this
 /// thread on the client.
 fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
+    if rq.url() == PROBE_PATH {
+        shared.probes.fetch_add(1, Ordering::SeqCst);
+        let _ = rq.respond(tiny_http::Response::empty(204));
+        return;
+    }
+    shared.arrivals.fetch_add(1, Ordering::Relaxed);
     let declared = rq.body_length();
     let chunked = header_value(&rq, "Transfer-Encoding").is_some();
     let expects = header_value(&rq, "Expect").is_some();
@@ -268,9 +424,19 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         headers,
         body: Body::Bytes(Vec::new()),
     };
+    let peer = rq.remote_addr().copied();
+    let seq = peer.map(|peer| {
+        let mut outstanding = lock(&shared.outstanding);
+        let entry = outstanding.entry(peer).or_default();
+        let seq = entry.next;
+        entry.next += 1;
+        entry.unanswered.insert(seq);
+        seq
+    });
     let mut responder = Responder {
         rq: Some(rq),
         unread: None,
+        order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
     };
     if let Some(n) = declared.filter(|n| *n > shared.max_body) {
         responder.unread = Some(n);
@@ -320,22 +486,58 @@ struct Responder {
     rq: Option<tiny_http::Request>,
     /// The declared length of a body that was never read.
     unread: Option<usize>,
+    /// The connection's peer and this request's place among its requests.
+    order: Option<(Arc<Shared>, SocketAddr, u64)>,
 }
 
 impl Responder {
     fn send(mut self, response: api::Response) {
-        if let Some(rq) = self.rq.take() {
-            deliver(rq, self.unread, response);
+        self.answer(response);
+    }
+
+    fn answer(&mut self, response: api::Response) {
+        let Some(rq) = self.rq.take() else { return };
+        if !self.behind_unanswered() {
+            return deliver(rq, self.unread, response);
         }
+        // tiny_http would block this thread until the earlier answer is written.
+        let unread = self.unread;
+        let spawned = thread::Builder::new()
+            .name("http-pipelined".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || deliver(rq, unread, response));
+        if let Err(e) = spawned {
+            crate::log::error(&format!(
+                "cannot spawn a thread for a pipelined answer: {e}"
+            ));
+        }
+    }
+
+    /// Marks this request answered; whether an earlier request of its connection is not.
+    fn behind_unanswered(&mut self) -> bool {
+        let Some((shared, peer, seq)) = self.order.take() else {
+            return false;
+        };
+        let mut outstanding = lock(&shared.outstanding);
+        let Some(entry) = outstanding.get_mut(&peer) else {
+            return false;
+        };
+        entry.unanswered.remove(&seq);
+        let behind = entry.unanswered.first().is_some_and(|first| *first < seq);
+        if entry.unanswered.is_empty() {
+            outstanding.remove(&peer);
+        }
+        behind
     }
 }
 
 impl Drop for Responder {
     fn drop(&mut self) {
-        if let Some(rq) = self.rq.take() {
-            let response =
-                api::Response::message(500, "Internal Server Error - the request was not answered");
-            deliver(rq, self.unread, response);
+        if self.rq.is_some() {
+            self.answer(api::Response::message(
+                500,
+                "Internal Server Error - the request was not answered",
+            ));
         }
     }
 }

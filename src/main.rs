@@ -27,8 +27,9 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
   --db PATH                     SQLite database file       [./eventserver.db, or
                                                             $STATE_DIRECTORY/eventserver.db]
   --workers N                   worker threads             [2 x cores]
-  --queue N                     requests waiting for a worker before 503 [64 x workers]
+  --queue N                     requests waiting for a worker before 503 [16384]
   --max-body BYTES              largest request body       [1048576]
+  --read-timeout SECS           cut connections silent this long [30]
   --max-limit N                 largest streams-API limit  [1000]
   --sync full|normal            commit durability          [full]
   --longpoll-max-timeout SECS   longest long-poll timeout  [110]
@@ -189,6 +190,7 @@ const SERVE_FLAGS: &[&str] = &[
     "workers",
     "queue",
     "max-body",
+    "read-timeout",
     "max-limit",
     "sync",
     "longpoll-max-timeout",
@@ -209,9 +211,11 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     let mut config = Config::new(args.db());
     args.parsed("listen", &mut config.listen)?;
     args.parsed("workers", &mut config.workers)?;
-    config.queue = 64 * config.workers;
     args.parsed("queue", &mut config.queue)?;
     args.parsed("max-body", &mut config.max_body)?;
+    let mut read_timeout = config.read_timeout.as_secs();
+    args.parsed("read-timeout", &mut read_timeout)?;
+    config.read_timeout = std::time::Duration::from_secs(read_timeout);
     args.parsed("max-limit", &mut config.max_limit)?;
     args.parsed("longpoll-max-timeout", &mut config.longpoll_max_timeout)?;
     args.parsed("longpoll-max-batch", &mut config.longpoll_max_batch)?;
@@ -264,6 +268,7 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
 }
 
 fn serve(args: &[String]) -> Result<(), Failure> {
+    small_default_stacks();
     let args = parse_args(args, SERVE_FLAGS)?;
     if let Some(extra) = args.positional.first() {
         return Err(Usage(format!("unexpected argument '{extra}'")).into());
@@ -313,6 +318,26 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     server.shutdown();
     log::info("shutdown complete");
     Ok(())
+}
+
+/// Restarts this process with `RUST_MIN_STACK=65536` unless it is set: tiny_http starts a
+/// thread per connection with the default stack, and 10,000 parked long-polls would
+/// otherwise reserve 20 GB of virtual memory. (Our own threads set their stacks.)
+fn small_default_stacks() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("RUST_MIN_STACK").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let error = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("RUST_MIN_STACK", "65536")
+        .exec();
+    log::warn(&format!(
+        "could not restart with small thread stacks: {error}"
+    ));
 }
 
 /// Pings systemd's watchdog while the server answers its own health check: a dead accept

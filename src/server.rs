@@ -30,6 +30,10 @@ use crate::pool::{Pool, Task};
 use crate::store::writer::{self, Job};
 use crate::store::{self, Reader};
 
+/// Stack for the writer and timer threads: explicit, because the binary runs with a small
+/// default (RUST_MIN_STACK) sized for tiny_http's per-connection threads; SQLite needs more.
+const THREAD_STACK: usize = 1 << 20;
+
 /// Recent events kept in memory per category, so resuming clients need no query.
 const TAIL_LEN: usize = 64;
 
@@ -112,6 +116,7 @@ impl Server {
             let app = app.clone();
             thread::Builder::new()
                 .name("timer".into())
+                .stack_size(THREAD_STACK)
                 .spawn(move || run_timer(&app, &timer_rx))?
         };
 
@@ -133,7 +138,7 @@ impl Server {
                 }
             })
         };
-        let http = HttpServer::start(listener, app.config.max_body, sink)?;
+        let http = HttpServer::start(listener, app.config.max_body, app.config.read_timeout, sink)?;
         Ok(ServerHandle {
             addr: http.addr(),
             app,

@@ -168,13 +168,21 @@ struct PublishBody {
     data: Option<Box<RawValue>>,
 }
 
+/// Decodes a publish body as golongpoll does: a JSON object (serde would also take an
+/// array for a struct; Go's decoder does not).
+fn parse_publish(body: &[u8]) -> Option<PublishBody> {
+    let text = std::str::from_utf8(body).ok()?;
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(text).ok()
+}
+
 /// `POST` on the publish path.
 pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let public = &app.config.public_publish;
     let category = match &req.body {
-        Body::Bytes(body) if !public.is_empty() => serde_json::from_slice::<PublishBody>(body)
-            .ok()
-            .and_then(|b| b.category),
+        Body::Bytes(body) if !public.is_empty() => parse_publish(body).and_then(|b| b.category),
         _ => None,
     };
     if !is_public(public, category.as_deref())
@@ -195,7 +203,7 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             return reply(error_response(413, &why));
         }
     };
-    let Ok(parsed) = serde_json::from_slice::<PublishBody>(body) else {
+    let Some(parsed) = parse_publish(body) else {
         return reply(error_response(400, "Invalid POST body json."));
     };
     let category = parsed.category.unwrap_or_default();
