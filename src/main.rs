@@ -280,6 +280,10 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     if !admin::has_users(&db)? {
         create_first_user(&db)?;
     }
+    // Past RLIMIT_FSIZE a write should fail (and answer 500), not kill the process.
+    let xfsz = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, xfsz)
+        .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

@@ -93,8 +93,9 @@ fn valid_category(category: &str) -> bool {
     super::streams::check_stream_name(category).is_ok()
 }
 
-/// Parses and checks subscribe parameters, in golongpoll's order and wording.
-fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, Start), String> {
+/// Parses and checks subscribe parameters, in golongpoll's order and wording:
+/// `(category, timeout in seconds, start)` or the error message.
+pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, Start), String> {
     let form = Form::parse(query);
     let present = |name| form.first(name).filter(|v| !v.is_empty());
     let timeout = form
@@ -178,6 +179,20 @@ fn parse_publish(body: &[u8]) -> Option<PublishBody> {
     serde_json::from_str(text).ok()
 }
 
+/// Checks a publish body; `Ok((category, data))` with `data` as posted, or golongpoll's
+/// error message.
+pub fn check_publish(body: &[u8]) -> Result<(String, String), &'static str> {
+    let parsed = parse_publish(body).ok_or("Invalid POST body json.")?;
+    let category = parsed.category.unwrap_or_default();
+    if !valid_category(&category) {
+        return Err("Invalid or missing 'category' arg, must be 1-1024 characters long.");
+    }
+    let data = parsed
+        .data
+        .ok_or("Invalid or missing 'data' arg, must be non-nil.")?;
+    Ok((category, data.get().to_owned()))
+}
+
 /// `POST` on the publish path.
 pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let public = &app.config.public_publish;
@@ -203,21 +218,9 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             return reply(error_response(413, &why));
         }
     };
-    let Some(parsed) = parse_publish(body) else {
-        return reply(error_response(400, "Invalid POST body json."));
-    };
-    let category = parsed.category.unwrap_or_default();
-    if !valid_category(&category) {
-        return reply(error_response(
-            400,
-            "Invalid or missing 'category' arg, must be 1-1024 characters long.",
-        ));
-    }
-    let Some(data) = parsed.data else {
-        return reply(error_response(
-            400,
-            "Invalid or missing 'data' arg, must be non-nil.",
-        ));
+    let (category, data) = match check_publish(body) {
+        Ok(checked) => checked,
+        Err(message) => return reply(error_response(400, message)),
     };
     let producer = match req.header("X-Producer-ID") {
         None => None,
@@ -234,7 +237,7 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let job = Job::Append {
         stream: category,
         producer,
-        payload: Payload::Data(data.get().to_owned()),
+        payload: Payload::Data(data),
         done: Box::new(move |result: Result<Arc<Event>, WriteError>| {
             reply(match result {
                 Ok(_) => answer(200, &b"{\"success\": true}"[..]),

@@ -6,6 +6,7 @@
 //! as JSON strings with the seed's status codes ([`streams`]), the long-poll API as
 //! golongpoll's `{"error": …}` bodies ([`longpoll`]).
 
+pub mod check;
 pub mod longpoll;
 mod query;
 pub mod streams;
@@ -148,6 +149,7 @@ impl App {
             "streams" => streams::handle(self, reader, req, reply),
             "subscribe" => longpoll::subscribe(self, reader, req, reply),
             "publish" => longpoll::publish(self, reader, req, reply),
+            "panic" => panic!("panic injected through the test route"),
             _ => reply(Response::message(404, "Not Found")),
         }
     }
@@ -165,6 +167,8 @@ impl App {
             "subscribe"
         } else if path == self.config.publish_path {
             "publish"
+        } else if self.config.panic_route && path == "/.eventserver-panic" {
+            "panic"
         } else {
             "other"
         }

@@ -138,7 +138,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
 const MEMBERS: [&str; 4] = ["event", "system", "trigger", "payload"];
 
 /// Checks a posted event and renders its stored members; returns the event name too.
-fn validate_event(body: &[u8]) -> Result<(String, String), String> {
+pub fn validate_event(body: &[u8]) -> Result<(String, String), String> {
     let members: HashMap<String, &RawValue> =
         serde_json::from_slice(body).map_err(|e| format!("body is not a JSON object: {e}"))?;
     let event = members.get("event").ok_or("missing 'event' object")?;
