@@ -7,18 +7,41 @@ use std::path::Path;
 use crate::error::Error;
 pub use crate::store::admin::Added;
 
-/// Adds a user (or replaces its password), storing only an argon2id hash.
+/// Adds a user who may produce to and consume from every stream (or replaces an existing
+/// user's password and grants), storing only an argon2id hash.
 pub fn add_user(db: &Path, name: &str, password: &str) -> Result<Added, Error> {
+    add_user_with(db, name, password, "*", "*")
+}
+
+/// Adds a user limited to streams matching `produce` and `consume` (comma-separated
+/// patterns, `*` matches any run of characters, empty grants nothing), or replaces an
+/// existing user's password and grants.
+pub fn add_user_with(
+    db: &Path,
+    name: &str,
+    password: &str,
+    produce: &str,
+    consume: &str,
+) -> Result<Added, Error> {
     check_user_name(name)?;
     if password.is_empty() {
         return Err(Error::Config("the password must not be empty".into()));
     }
+    for patterns in [produce, consume] {
+        if patterns.chars().any(char::is_control) {
+            return Err(Error::Config(
+                "patterns must not hold control characters".into(),
+            ));
+        }
+    }
     let hash = crate::auth::hash_password(password);
-    Ok(crate::store::admin::put_user(db, name, &hash)?)
+    Ok(crate::store::admin::put_user(
+        db, name, &hash, produce, consume,
+    )?)
 }
 
-/// All user names, sorted.
-pub fn list_users(db: &Path) -> Result<Vec<String>, Error> {
+/// All users as (name, produce patterns, consume patterns), sorted by name.
+pub fn list_users(db: &Path) -> Result<Vec<(String, String, String)>, Error> {
     Ok(crate::store::admin::list_users(db)?)
 }
 

@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::{Mutex, OnceLock};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -84,20 +85,90 @@ fn dummy_hash() -> &'static str {
     DUMMY.get_or_init(|| hash_password(&uuid::Uuid::new_v4().to_string()))
 }
 
-/// Verifies credentials against stored hashes, remembering the ones that passed.
+/// The streams a user may write and read: comma-separated patterns (`*` wildcard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    produce: Vec<String>,
+    consume: Vec<String>,
+}
+
+impl Grants {
+    /// Grants from the stored comma-separated pattern lists.
+    pub fn new(produce: &str, consume: &str) -> Grants {
+        let split = |list: &str| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        Grants {
+            produce: split(produce),
+            consume: split(consume),
+        }
+    }
+
+    /// Whether the user may append or publish to `stream`.
+    pub fn may_produce(&self, stream: &str) -> bool {
+        self.produce.iter().any(|p| glob_match(p, stream))
+    }
+
+    /// Whether the user may read, subscribe to or acknowledge on `stream`.
+    pub fn may_consume(&self, stream: &str) -> bool {
+        self.consume.iter().any(|p| glob_match(p, stream))
+    }
+}
+
+/// A user's stored hash and grants, as looked up on a cache miss.
+pub struct Stored {
+    /// The argon2id hash.
+    pub hash: String,
+    /// What the user may do.
+    pub grants: Grants,
+}
+
+/// The outcome of a credential check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Valid: what the user may do.
+    Valid(Arc<Grants>),
+    /// Unknown user or wrong password.
+    Invalid,
+    /// Too many failures from this client lately: try again after this long.
+    Throttled(Duration),
+}
+
+/// A user name and a keyed 128-bit hash of the password.
+type CacheKey = (String, u128);
+
+/// Failed checks remembered per client for throttling; beyond it the table starts afresh.
+const FAILURE_CAPACITY: usize = 10_000;
+/// The window in which failures from one client are counted.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Verifies credentials against stored hashes, remembering the ones that passed, and slows
+/// down clients that keep failing.
 pub struct Authenticator {
     ttl: Duration,
     keys: (RandomState, RandomState),
-    verified: Mutex<HashMap<(String, u128), Instant>>,
+    verified: Mutex<HashMap<CacheKey, (Instant, Arc<Grants>)>>,
+    failure_limit: u32,
+    throttle_loopback: bool,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
 impl Authenticator {
-    /// An authenticator trusting a verified credential for `ttl`.
-    pub fn new(ttl: Duration) -> Authenticator {
+    /// An authenticator trusting a verified credential for `ttl`, answering `Throttled` to
+    /// a client after `failure_limit` failures in a minute (0: never). Loopback clients are
+    /// exempt unless `throttle_loopback`.
+    pub fn new(ttl: Duration, failure_limit: u32, throttle_loopback: bool) -> Authenticator {
         Authenticator {
             ttl,
             keys: (RandomState::new(), RandomState::new()),
             verified: Mutex::new(HashMap::new()),
+            failure_limit,
+            throttle_loopback,
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -110,37 +181,75 @@ impl Authenticator {
         half(&self.keys.0) << 64 | half(&self.keys.1)
     }
 
-    /// Whether `creds` are valid; `lookup` fetches a user's stored hash on a cache miss.
+    /// The client to count failures for, if throttling applies to it.
+    fn throttled(&self, client: Option<IpAddr>) -> Option<IpAddr> {
+        let ip = client?;
+        if self.failure_limit == 0 || (ip.is_loopback() && !self.throttle_loopback) {
+            return None;
+        }
+        Some(ip)
+    }
+
+    /// Checks `creds` from `client`; `lookup` fetches a user's stored hash and grants on a
+    /// cache miss.
     pub fn check<E>(
         &self,
         creds: &Credentials,
-        lookup: impl FnOnce(&str) -> Result<Option<String>, E>,
-    ) -> Result<bool, E> {
+        client: Option<IpAddr>,
+        lookup: impl FnOnce(&str) -> Result<Option<Stored>, E>,
+    ) -> Result<Checked, E> {
         let key = (creds.user.clone(), self.fingerprint(&creds.password));
         let now = Instant::now();
         {
             let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(at) = cache.get(&key)
+            if let Some((at, grants)) = cache.get(&key)
                 && now.duration_since(*at) < self.ttl
             {
-                return Ok(true);
+                return Ok(Checked::Valid(grants.clone()));
             }
         }
-        let ok = match lookup(&creds.user)? {
-            Some(hash) => verify(&creds.password, &hash),
+        let counted = self.throttled(client);
+        if let Some(ip) = counted {
+            let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((count, since)) = failures.get(&ip)
+                && *count >= self.failure_limit
+                && now.duration_since(*since) < FAILURE_WINDOW
+            {
+                return Ok(Checked::Throttled(
+                    FAILURE_WINDOW - now.duration_since(*since),
+                ));
+            }
+        }
+        let grants = match lookup(&creds.user)? {
+            Some(stored) if verify(&creds.password, &stored.hash) => Some(stored.grants),
+            Some(_) => None,
             None => {
+                // Same work as a wrong password, so timing does not reveal user names.
                 verify(&creds.password, dummy_hash());
-                false
+                None
             }
         };
-        if ok {
-            let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
+        let Some(grants) = grants else {
+            if let Some(ip) = counted {
+                let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                if failures.len() >= FAILURE_CAPACITY {
+                    failures.clear();
+                }
+                let entry = failures.entry(ip).or_insert((0, now));
+                if now.duration_since(entry.1) >= FAILURE_WINDOW {
+                    *entry = (0, now);
+                }
+                entry.0 += 1;
             }
-            cache.insert(key, now);
+            return Ok(Checked::Invalid);
+        };
+        let grants = Arc::new(grants);
+        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
         }
-        Ok(ok)
+        cache.insert(key, (now, grants.clone()));
+        Ok(Checked::Valid(grants))
     }
 }
 
@@ -205,26 +314,35 @@ mod tests {
     }
 
     #[test]
-    fn verifies_and_caches() {
+    fn verifies_caches_and_throttles() {
         let hash = hash_password("pw");
-        let auth = Authenticator::new(Duration::from_secs(60));
+        let auth = Authenticator::new(Duration::from_secs(60), 2, false);
         let good = parse_basic(&basic("alice:pw")).unwrap();
         let bad = parse_basic(&basic("alice:nope")).unwrap();
         let lookups = std::cell::Cell::new(0);
-        let lookup = |_: &str| -> Result<Option<String>, ()> {
+        let lookup = |_: &str| -> Result<Option<Stored>, ()> {
             lookups.set(lookups.get() + 1);
-            Ok(Some(hash.clone()))
+            Ok(Some(Stored {
+                hash: hash.clone(),
+                grants: Grants::new("orders*", "*"),
+            }))
         };
-        assert_eq!(auth.check(&good, lookup), Ok(true));
-        assert_eq!(auth.check(&good, lookup), Ok(true));
-        assert_eq!(
-            lookups.get(),
-            1,
-            "the second check is served from the cache"
-        );
-        assert_eq!(auth.check(&bad, lookup), Ok(false));
-        assert_eq!(auth.check(&good, |_| Ok::<_, ()>(None)), Ok(true));
+        let client = Some(IpAddr::from([192, 0, 2, 1]));
+        let Ok(Checked::Valid(grants)) = auth.check(&good, client, lookup) else {
+            panic!("valid credentials");
+        };
+        assert!(grants.may_produce("orders-1") && !grants.may_produce("news"));
+        assert!(grants.may_consume("news"));
+        assert!(matches!(auth.check(&good, client, lookup), Ok(Checked::Valid(_))));
+        assert_eq!(lookups.get(), 1, "the second check is served from the cache");
+        assert_eq!(auth.check(&bad, client, lookup), Ok(Checked::Invalid));
         let unknown = parse_basic(&basic("bob:pw")).unwrap();
-        assert_eq!(auth.check(&unknown, |_| Ok::<_, ()>(None)), Ok(false));
+        let none = |_: &str| Ok::<_, ()>(None);
+        assert_eq!(auth.check(&unknown, client, none), Ok(Checked::Invalid));
+        assert!(matches!(auth.check(&bad, client, lookup), Ok(Checked::Throttled(_))));
+        let loopback = Some(IpAddr::from([127, 0, 0, 1]));
+        for _ in 0..3 {
+            assert_eq!(auth.check(&bad, loopback, lookup), Ok(Checked::Invalid));
+        }
     }
 }

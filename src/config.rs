@@ -55,6 +55,11 @@ pub struct Config {
     pub retain_events: Option<u64>,
     /// Keep events younger than this per stream (default: keep everything).
     pub retain_age: Option<Duration>,
+    /// Failed logins per minute from one client before it gets 429 (default 10; 0: never).
+    pub auth_failure_limit: u32,
+    /// Whether loopback clients are throttled too (default no: tests and local tools
+    /// share 127.0.0.1; behind a local reverse proxy every client looks like loopback).
+    pub auth_throttle_loopback: bool,
     /// Whether `GET /metrics` needs Basic auth (default yes).
     pub metrics_auth: bool,
     /// Categories whose long-poll subscribe needs no auth (patterns, `*` matches anything).
@@ -91,6 +96,8 @@ impl Config {
             auth_cache_ttl: Duration::from_secs(30),
             retain_events: None,
             retain_age: None,
+            auth_failure_limit: 10,
+            auth_throttle_loopback: false,
             metrics_auth: true,
             public_subscribe: Vec::new(),
             public_publish: Vec::new(),

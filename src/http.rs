@@ -423,6 +423,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         query,
         headers,
         body: Body::Bytes(Vec::new()),
+        remote: rq.remote_addr().copied(),
     };
     let peer = rq.remote_addr().copied();
     let seq = peer.map(|peer| {

@@ -12,7 +12,10 @@ eventserver — a small, fast, durable HTTP event server
 
 Usage:
   eventserver [serve] [OPTIONS]        run the server (the default)
-  eventserver user add NAME [--db PATH]   add a user; the password is the first line of stdin
+  eventserver user add NAME [--produce PATTERNS] [--consume PATTERNS] [--db PATH]
+                                      add (or update) a user; the password is the first
+                                      line of stdin; patterns are comma-separated stream
+                                      names with '*' wildcards [default: '*', everything]
   eventserver user list [--db PATH]
   eventserver user remove NAME [--db PATH]
   eventserver stream list [--db PATH]
@@ -402,7 +405,7 @@ fn create_first_user(db: &std::path::Path) -> Result<(), Failure> {
 }
 
 fn user(args: &[String]) -> Result<(), Failure> {
-    let parsed = parse_args(args, &["db"])?;
+    let parsed = parse_args(args, &["db", "produce", "consume"])?;
     let db = parsed.db();
     match parsed
         .positional
@@ -416,15 +419,27 @@ fn user(args: &[String]) -> Result<(), Failure> {
                 Failure::Runtime(format!("cannot read the password from stdin: {e}"))
             })?;
             let password = line.trim_end_matches(['\r', '\n']);
-            match admin::add_user(&db, name, password)? {
+            let grant = |flag: &str| {
+                parsed
+                    .flags
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == flag)
+                    .map_or("*", |(_, v)| v.as_str())
+            };
+            match admin::add_user_with(&db, name, password, grant("produce"), grant("consume"))? {
                 admin::Added::Created => println!("added user '{name}'"),
                 admin::Added::Replaced => println!("replaced the password of user '{name}'"),
             }
             Ok(())
         }
         ["list"] => {
-            for name in admin::list_users(&db)? {
-                println!("{name}");
+            for (name, produce, consume) in admin::list_users(&db)? {
+                if produce == "*" && consume == "*" {
+                    println!("{name}");
+                } else {
+                    println!("{name}  produce={produce:?} consume={consume:?}");
+                }
             }
             Ok(())
         }

@@ -67,7 +67,11 @@ impl Server {
 
         let app = Arc::new(App {
             registry: Registry::new(config.max_parked, TAIL_LEN.min(config.longpoll_max_batch)),
-            auth: Authenticator::new(config.auth_cache_ttl),
+            auth: Authenticator::new(
+                config.auth_cache_ttl,
+                config.auth_failure_limit,
+                config.auth_throttle_loopback,
+            ),
             writer: writer_tx,
             clock: clock.clone(),
             tasks: tasks_tx.clone(),

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::query::Form;
-use super::{App, AuthFailure, Body, Method, Parked, ParkedKind, Reply, Request, Response, Want};
+use super::{App, Body, Method, Parked, ParkedKind, Reply, Request, Response, Want};
+use crate::auth::Grants;
 use crate::event::{Event, Start, push_json_str};
 use crate::store::Reader;
 use crate::store::writer::{Job, Payload, WriteError};
@@ -74,18 +75,26 @@ fn is_public(patterns: &[String], category: Option<&str>) -> bool {
     category.is_some_and(|c| patterns.iter().any(|p| crate::auth::glob_match(p, c)))
 }
 
-/// Checks credentials; `Err` is the answer to send instead.
-fn authenticate(app: &App, reader: &Reader, req: &Request) -> Result<(), Response> {
-    match app.authenticate(reader, req) {
-        Ok(_) => Ok(()),
-        Err(AuthFailure::Unauthorized) => Err(unauthorized()),
-        Err(AuthFailure::Storage) => Err(error_response(500, "could not check credentials")),
+/// Who may do what: `Ok(None)` for a public category, the user's grants otherwise, or the
+/// answer to send instead.
+fn authenticate(
+    app: &App,
+    reader: &Reader,
+    req: &Request,
+    public: &[String],
+    category: Option<&str>,
+) -> Result<Option<Arc<Grants>>, Response> {
+    if is_public(public, category) {
+        return Ok(None);
     }
+    app.authenticate(reader, req)
+        .map(Some)
+        .map_err(|failure| failure.answer(error_response))
 }
 
-fn unauthorized() -> Response {
-    error_response(401, "Unauthorized")
-        .with_header("WWW-Authenticate", "Basic realm=\"eventserver\"")
+/// The user may not do this to this category.
+fn forbidden() -> Response {
+    error_response(403, "Forbidden")
 }
 
 /// Whether a category is one a stream could have: 1-1024 bytes, no control characters.
@@ -138,16 +147,19 @@ pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, S
 /// `GET` (or `POST`) on the subscribe path.
 pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let category = Form::parse(&req.query).first("category").map(str::to_owned);
-    if !is_public(&app.config.public_subscribe, category.as_deref())
-        && let Err(response) = authenticate(app, reader, &req)
-    {
-        return reply(response);
-    }
+    let public = &app.config.public_subscribe;
+    let grants = match authenticate(app, reader, &req, public, category.as_deref()) {
+        Ok(grants) => grants,
+        Err(response) => return reply(response),
+    };
     let (category, timeout, start) =
         match subscribe_params(&req.query, app.config.longpoll_max_timeout) {
             Ok(params) => params,
             Err(message) => return reply(error_response(200, &message)),
         };
+    if grants.is_some_and(|g| !g.may_consume(&category)) {
+        return reply(forbidden());
+    }
     let parked = Parked {
         reply,
         kind: ParkedKind::LongPoll(category.as_str().into()),
@@ -200,11 +212,10 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         Body::Bytes(body) if !public.is_empty() => parse_publish(body).and_then(|b| b.category),
         _ => None,
     };
-    if !is_public(public, category.as_deref())
-        && let Err(response) = authenticate(app, reader, &req)
-    {
-        return reply(response);
-    }
+    let grants = match authenticate(app, reader, &req, public, category.as_deref()) {
+        Ok(grants) => grants,
+        Err(response) => return reply(response),
+    };
     if req.method != Method::Post {
         return reply(error_response(
             405,
@@ -222,6 +233,9 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         Ok(checked) => checked,
         Err(message) => return reply(error_response(400, message)),
     };
+    if grants.is_some_and(|g| !g.may_produce(&category)) {
+        return reply(forbidden());
+    }
     let producer = match req.header("X-Producer-ID") {
         None => None,
         Some(p) if !p.is_empty() && p.len() <= 255 && !p.chars().any(char::is_control) => {

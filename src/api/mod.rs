@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::auth::{Authenticator, Credentials};
+use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
 use crate::event::Event;
 use crate::store::Reader;
@@ -57,6 +57,8 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Body,
+    /// The client's address (the proxy's, behind a reverse proxy).
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 impl Request {
@@ -202,7 +204,7 @@ impl App {
     /// credentials; answers after the writer's heartbeat commits, without holding a worker.
     fn health(&self, reader: &mut Reader, reply: Reply) {
         let unavailable = || Response::json(503, JSON_UTF8, &b"{\"status\":\"unavailable\"}"[..]);
-        if let Err(e) = reader.user_hash("") {
+        if let Err(e) = reader.user("") {
             crate::log::error(&format!("health: the database does not answer: {e}"));
             return reply(unavailable());
         }
@@ -219,14 +221,10 @@ impl App {
 
     /// The Prometheus scrape.
     fn metrics(&self, reader: &mut Reader, req: &Request, reply: Reply) {
-        if self.config.metrics_auth {
-            match self.authenticate(reader, req) {
-                Ok(_) => {}
-                Err(AuthFailure::Unauthorized) => return reply(streams::unauthorized()),
-                Err(AuthFailure::Storage) => {
-                    return reply(streams::failure(500, "could not check credentials"));
-                }
-            }
+        if self.config.metrics_auth
+            && let Err(failure) = self.authenticate(reader, req)
+        {
+            return reply(failure.answer(Response::message));
         }
         let lag = reader.consumer_lag().unwrap_or_else(|e| {
             crate::log::error(&format!("metrics: reading consumer lag failed: {e}"));
@@ -258,14 +256,24 @@ impl App {
         &self,
         reader: &Reader,
         req: &Request,
-    ) -> Result<Credentials, AuthFailure> {
+    ) -> Result<Arc<Grants>, AuthFailure> {
         let creds = req
             .header("Authorization")
             .and_then(crate::auth::parse_basic)
             .ok_or(AuthFailure::Unauthorized)?;
-        match self.auth.check(&creds, |user| reader.user_hash(user)) {
-            Ok(true) => Ok(creds),
-            Ok(false) => Err(AuthFailure::Unauthorized),
+        let client = req.remote.map(|a| a.ip());
+        let lookup = |user: &str| {
+            reader.user(user).map(|found| {
+                found.map(|u| Stored {
+                    grants: Grants::new(&u.produce, &u.consume),
+                    hash: u.hash,
+                })
+            })
+        };
+        match self.auth.check(&creds, client, lookup) {
+            Ok(Checked::Valid(grants)) => Ok(grants),
+            Ok(Checked::Invalid) => Err(AuthFailure::Unauthorized),
+            Ok(Checked::Throttled(wait)) => Err(AuthFailure::Throttled(wait)),
             Err(e) => {
                 crate::log::error(&format!("reading credentials failed: {e}"));
                 Err(AuthFailure::Storage)
@@ -439,8 +447,28 @@ pub(crate) struct Want {
 pub(crate) enum AuthFailure {
     /// Missing or wrong credentials.
     Unauthorized,
+    /// Too many failures from this client lately; retry after this long.
+    Throttled(Duration),
     /// The user table could not be read.
     Storage,
+}
+
+impl AuthFailure {
+    /// The status and reason to answer with; 401 and 429 carry their headers.
+    pub(crate) fn answer(&self, render: impl FnOnce(u16, &str) -> Response) -> Response {
+        match self {
+            AuthFailure::Unauthorized => render(401, "Unauthorized")
+                .with_header("WWW-Authenticate", "Basic realm=\"eventserver\""),
+            AuthFailure::Throttled(wait) => {
+                let secs = wait.as_secs().max(1);
+                let why = format!("Too Many Requests - too many failed logins, retry in {secs} s");
+                render(429, &why).with_header("Retry-After", secs.to_string())
+            }
+            AuthFailure::Storage => {
+                render(500, "Internal Server Error - could not check credentials")
+            }
+        }
+    }
 }
 
 /// Maps a writer refusal to the log line and short reason clients see.

@@ -10,9 +10,8 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::query::{Form, decode};
-use super::{
-    App, AuthFailure, Body, JSON_UTF8, Method, Parked, ParkedKind, Reply, Request, Response, Want,
-};
+use super::{App, Body, JSON_UTF8, Method, Parked, ParkedKind, Reply, Request, Response, Want};
+use crate::auth::Grants;
 use crate::event::{Event, Start};
 use crate::store::Reader;
 use crate::store::writer::{Job, Payload, WriteError};
@@ -40,9 +39,9 @@ fn bad_request(why: &str) -> Response {
     failure(400, why)
 }
 
-pub(crate) fn unauthorized() -> Response {
-    Response::message(401, "Unauthorized")
-        .with_header("WWW-Authenticate", "Basic realm=\"eventserver\"")
+/// The user may not do this to this stream.
+fn forbidden() -> Response {
+    Response::message(403, "Forbidden")
 }
 
 /// An array of stored elements.
@@ -115,20 +114,21 @@ fn route(path: &str) -> Option<Route<'_>> {
 
 /// Serves a request under `/api/v1/`.
 pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    match app.authenticate(reader, &req) {
-        Ok(_) => {}
-        Err(AuthFailure::Unauthorized) => return reply(unauthorized()),
-        Err(AuthFailure::Storage) => return reply(failure(500, "could not check credentials")),
-    }
+    let grants = match app.authenticate(reader, &req) {
+        Ok(grants) => grants,
+        Err(failure) => return reply(failure.answer(Response::message)),
+    };
     let response = match (route(&req.path), &req.method) {
         (None, _) => Response::message(404, "Not Found"),
         (Some(Route::Events(stream)), Method::Post) => {
-            return append(app, stream, &req, reply);
+            return append(app, &grants, stream, &req, reply);
         }
         (Some(Route::Events(stream)), Method::Get) => {
-            return consume(app, reader, stream, &req, reply);
+            return consume(app, reader, &grants, stream, &req, reply);
         }
-        (Some(Route::Event(stream, id)), Method::Post) => return ack(app, stream, id, &req, reply),
+        (Some(Route::Event(stream, id)), Method::Post) => {
+            return ack(app, &grants, stream, id, &req, reply);
+        }
         (Some(_), _) => Response::message(405, "Method Not Allowed"),
     };
     reply(response)
@@ -172,7 +172,7 @@ pub fn validate_event(body: &[u8]) -> Result<(String, String), String> {
     Ok((name, fields))
 }
 
-fn append(app: &App, raw_stream: &str, req: &Request, reply: Reply) {
+fn append(app: &App, grants: &Grants, raw_stream: &str, req: &Request, reply: Reply) {
     let body = match &req.body {
         Body::TooLarge => {
             let why = format!("limit is {} bytes", app.config.max_body);
@@ -189,6 +189,9 @@ fn append(app: &App, raw_stream: &str, req: &Request, reply: Reply) {
         Ok(checked) => checked,
         Err(why) => return reply(bad_request(&why)),
     };
+    if !grants.may_produce(&stream) {
+        return reply(forbidden());
+    }
     let job = Job::Append {
         stream,
         producer: Some(producer),
@@ -209,7 +212,14 @@ fn append(app: &App, raw_stream: &str, req: &Request, reply: Reply) {
     }
 }
 
-fn consume(app: &App, reader: &mut Reader, raw_stream: &str, req: &Request, reply: Reply) {
+fn consume(
+    app: &App,
+    reader: &mut Reader,
+    grants: &Grants,
+    raw_stream: &str,
+    req: &Request,
+    reply: Reply,
+) {
     let max = app.config.max_limit;
     let max_timeout = app.config.longpoll_max_timeout;
     let checked = (|| -> Result<_, String> {
@@ -245,6 +255,9 @@ fn consume(app: &App, reader: &mut Reader, raw_stream: &str, req: &Request, repl
         Ok(checked) => checked,
         Err(why) => return reply(bad_request(&why)),
     };
+    if !grants.may_consume(&stream) {
+        return reply(forbidden());
+    }
     let view = match reader.consume(&stream, &consumer, &name, limit) {
         Ok(Some(view)) => view,
         Ok(None) => {
@@ -274,7 +287,7 @@ fn consume(app: &App, reader: &mut Reader, raw_stream: &str, req: &Request, repl
     }
 }
 
-fn ack(app: &App, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
+fn ack(app: &App, grants: &Grants, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
     let checked = (|| -> Result<_, String> {
         let stream = stream_name(raw_stream)?;
         let id = Uuid::parse_str(raw_id).map_err(|_| "event id is not a UUID".to_owned())?;
@@ -296,6 +309,9 @@ fn ack(app: &App, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
         Ok(checked) => checked,
         Err(why) => return reply(bad_request(&why)),
     };
+    if !grants.may_consume(&stream) {
+        return reply(forbidden());
+    }
     let job = Job::Ack {
         stream,
         consumer,

@@ -18,31 +18,38 @@ pub enum Added {
     Replaced,
 }
 
-/// Adds `user` with the given password hash, or replaces the hash of an existing user.
-pub fn put_user(db: &Path, user: &str, hash: &str) -> Result<Added, StoreError> {
+/// Adds `user` with the given password hash and stream patterns, or replaces all three
+/// for an existing user.
+pub fn put_user(
+    db: &Path,
+    user: &str,
+    hash: &str,
+    produce: &str,
+    consume: &str,
+) -> Result<Added, StoreError> {
     let conn = super::open_write(db, SyncMode::Full)?;
     let replaced = conn.execute(
-        "UPDATE users SET hash = ?2 WHERE name = ?1",
-        params![user, hash],
+        "UPDATE users SET hash = ?2, produce = ?3, consume = ?4 WHERE name = ?1",
+        params![user, hash, produce, consume],
     )?;
     if replaced > 0 {
         return Ok(Added::Replaced);
     }
     conn.execute(
-        "INSERT INTO users (name, hash, created_ms) VALUES (?1, ?2, ?3)",
-        params![user, hash, wall_ms() as i64],
+        "INSERT INTO users (name, hash, created_ms, produce, consume) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![user, hash, wall_ms() as i64, produce, consume],
     )?;
     Ok(Added::Created)
 }
 
-/// All user names, sorted.
-pub fn list_users(db: &Path) -> Result<Vec<String>, StoreError> {
+/// All users with their produce and consume patterns, sorted by name.
+pub fn list_users(db: &Path) -> Result<Vec<(String, String, String)>, StoreError> {
     let conn = super::open_write(db, SyncMode::Full)?;
-    let mut stmt = conn.prepare("SELECT name FROM users ORDER BY name")?;
-    let names = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<Vec<String>, _>>()?;
-    Ok(names)
+    let mut stmt = conn.prepare("SELECT name, produce, consume FROM users ORDER BY name")?;
+    let users = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(users)
 }
 
 /// Removes `user`; false if there was no such user.

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::config::SyncMode;
 
-pub use reader::{ConsumeView, Reader, SinceView, StreamInfo};
+pub use reader::{ConsumeView, Reader, SinceView, StreamInfo, UserRecord};
 
 /// A failure of the database; the message is for logs, never for clients.
 #[derive(Debug)]
@@ -38,7 +38,8 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The schema, one migration per entry; entry `i` moves `user_version` from `i` to `i + 1`.
 /// Never edit an entry that has shipped: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE users (
         name TEXT PRIMARY KEY,
         hash TEXT NOT NULL,
@@ -75,7 +76,12 @@ const MIGRATIONS: &[&str] = &[r#"
         seq INTEGER NOT NULL,
         PRIMARY KEY (stream_id, consumer, name)
     ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+    ALTER TABLE users ADD COLUMN produce TEXT NOT NULL DEFAULT '*';
+    ALTER TABLE users ADD COLUMN consume TEXT NOT NULL DEFAULT '*';
+"#,
+];
 
 /// How long a connection waits for another one's lock (admin commands, checkpoints).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);

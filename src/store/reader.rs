@@ -9,6 +9,17 @@ use uuid::Uuid;
 use super::StoreError;
 use crate::event::{Event, Start};
 
+/// A user as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// The argon2id hash of the password.
+    pub hash: String,
+    /// Comma-separated stream patterns the user may write.
+    pub produce: String,
+    /// Comma-separated stream patterns the user may read.
+    pub consume: String,
+}
+
 /// A stream's catalogue entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamInfo {
@@ -51,12 +62,19 @@ impl Reader {
         })
     }
 
-    /// The stored password hash of `user`.
-    pub fn user_hash(&self, user: &str) -> Result<Option<String>, StoreError> {
+    /// The stored password hash of `user` and the stream patterns it may produce to and
+    /// consume from.
+    pub fn user(&self, user: &str) -> Result<Option<UserRecord>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT hash FROM users WHERE name = ?1")?
-            .query_row([user], |r| r.get(0))
+            .prepare_cached("SELECT hash, produce, consume FROM users WHERE name = ?1")?
+            .query_row([user], |r| {
+                Ok(UserRecord {
+                    hash: r.get(0)?,
+                    produce: r.get(1)?,
+                    consume: r.get(2)?,
+                })
+            })
             .optional()?)
     }
 
