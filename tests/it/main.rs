@@ -2,4 +2,5 @@
 //! temporary database, spoken to over real HTTP.
 
 mod retention;
+mod service;
 mod support;
