@@ -1,6 +1,7 @@
 //! Integration tests: a real server started through the library on 127.0.0.1:0 with a
 //! temporary database, spoken to over real HTTP.
 
+mod longpoll;
 mod retention;
 mod service;
 mod support;
