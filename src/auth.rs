@@ -333,13 +333,23 @@ mod tests {
         };
         assert!(grants.may_produce("orders-1") && !grants.may_produce("news"));
         assert!(grants.may_consume("news"));
-        assert!(matches!(auth.check(&good, client, lookup), Ok(Checked::Valid(_))));
-        assert_eq!(lookups.get(), 1, "the second check is served from the cache");
+        assert!(matches!(
+            auth.check(&good, client, lookup),
+            Ok(Checked::Valid(_))
+        ));
+        assert_eq!(
+            lookups.get(),
+            1,
+            "the second check is served from the cache"
+        );
         assert_eq!(auth.check(&bad, client, lookup), Ok(Checked::Invalid));
         let unknown = parse_basic(&basic("bob:pw")).unwrap();
         let none = |_: &str| Ok::<_, ()>(None);
         assert_eq!(auth.check(&unknown, client, none), Ok(Checked::Invalid));
-        assert!(matches!(auth.check(&bad, client, lookup), Ok(Checked::Throttled(_))));
+        assert!(matches!(
+            auth.check(&bad, client, lookup),
+            Ok(Checked::Throttled(_))
+        ));
         let loopback = Some(IpAddr::from([127, 0, 0, 1]));
         for _ in 0..3 {
             assert_eq!(auth.check(&bad, loopback, lookup), Ok(Checked::Invalid));

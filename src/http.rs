@@ -555,6 +555,8 @@ fn tiny_response(response: &api::Response, close: bool) -> tiny_http::Response<C
         headers.push(header(name, value));
     }
     let len = response.body.len();
+    // The length is always known: send it rather than tiny_http's default of chunking
+    // anything over 32 KiB.
     tiny_http::Response::new(
         tiny_http::StatusCode(response.status),
         headers,
@@ -562,6 +564,7 @@ fn tiny_response(response: &api::Response, close: bool) -> tiny_http::Response<C
         Some(len),
         None,
     )
+    .with_chunked_threshold(usize::MAX)
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {

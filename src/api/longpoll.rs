@@ -273,6 +273,38 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     }
 }
 
+/// An in-process subscribe: the same checks and selection as `GET /events`, answered
+/// through `reply` with the same JSON.
+pub(crate) fn subscribe_local(
+    app: &App,
+    reader: &mut Reader,
+    category: &str,
+    start: Start,
+    timeout: Duration,
+    reply: Reply,
+) {
+    let max = app.config.longpoll_max_timeout;
+    if !(1..=max).contains(&timeout.as_secs()) {
+        let message = format!("Invalid or missing 'timeout' arg.  Must be 1-{max}.");
+        return reply(error_response(200, &message));
+    }
+    if !valid_category(category) {
+        let message = "Invalid subscription category, must be 1-1024 characters long.";
+        return reply(error_response(200, message));
+    }
+    let want = Want {
+        start,
+        filter: None,
+        limit: app.config.longpoll_max_batch,
+        timeout,
+    };
+    let parked = Parked {
+        reply,
+        kind: ParkedKind::LongPoll(category.into()),
+    };
+    app.wait(reader, category, want, parked);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,36 +349,4 @@ mod tests {
             }
         ));
     }
-}
-
-/// An in-process subscribe: the same checks and selection as `GET /events`, answered
-/// through `reply` with the same JSON.
-pub(crate) fn subscribe_local(
-    app: &App,
-    reader: &mut Reader,
-    category: &str,
-    start: Start,
-    timeout: Duration,
-    reply: Reply,
-) {
-    let max = app.config.longpoll_max_timeout;
-    if !(1..=max).contains(&timeout.as_secs()) {
-        let message = format!("Invalid or missing 'timeout' arg.  Must be 1-{max}.");
-        return reply(error_response(200, &message));
-    }
-    if !valid_category(category) {
-        let message = "Invalid subscription category, must be 1-1024 characters long.";
-        return reply(error_response(200, message));
-    }
-    let want = Want {
-        start,
-        filter: None,
-        limit: app.config.longpoll_max_batch,
-        timeout,
-    };
-    let parked = Parked {
-        reply,
-        kind: ParkedKind::LongPoll(category.into()),
-    };
-    app.wait(reader, category, want, parked);
 }

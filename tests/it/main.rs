@@ -4,4 +4,5 @@
 mod longpoll;
 mod retention;
 mod service;
+mod streams;
 mod support;
