@@ -3,6 +3,7 @@
 
 mod longpoll;
 mod retention;
+mod security;
 mod service;
 mod streams;
 mod support;
