@@ -31,7 +31,10 @@ fn retain_events_keeps_the_newest_per_stream() {
             elements(&server, stream).len() == 3
         });
         let kept = elements(&server, stream);
-        let seqs: Vec<u64> = kept.iter().map(|e| e["sequence"].as_u64().unwrap()).collect();
+        let seqs: Vec<u64> = kept
+            .iter()
+            .map(|e| e["sequence"].as_u64().unwrap())
+            .collect();
         assert_eq!(seqs, vec![8, 9, 10]);
         assert_eq!(kept[0]["payload"], 7);
     }
@@ -42,5 +45,8 @@ fn retain_events_keeps_the_newest_per_stream() {
         .send();
     assert_eq!(resp.status, 200);
     let last = elements(&server, "r1").last().cloned().unwrap();
-    assert_eq!(last["sequence"], 11, "sequence numbers continue after retention");
+    assert_eq!(
+        last["sequence"], 11,
+        "sequence numbers continue after retention"
+    );
 }
