@@ -44,6 +44,8 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
   --retain-events N             keep at most N events per stream [keep all]
   --retain-secs SECS            keep events younger than SECS    [keep all]
   --auth-cache-secs SECS        how long a verified password is trusted [30]
+  --auth-failure-limit N        failed logins per minute per client before 429 [10]
+  --auth-throttle-loopback true|false  throttle loopback clients too [false]
   --metrics-auth true|false     whether GET /metrics needs credentials [true]
   --public-subscribe PATTERNS   categories anyone may subscribe to, comma-separated,
                                 '*' matches anything      [none]
@@ -206,6 +208,8 @@ const SERVE_FLAGS: &[&str] = &[
     "retain-events",
     "retain-secs",
     "metrics-auth",
+    "auth-failure-limit",
+    "auth-throttle-loopback",
     "public-subscribe",
     "public-publish",
 ];
@@ -230,6 +234,8 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("auth-cache-secs", &mut ttl)?;
     config.auth_cache_ttl = std::time::Duration::from_secs(ttl);
     args.parsed("metrics-auth", &mut config.metrics_auth)?;
+    args.parsed("auth-failure-limit", &mut config.auth_failure_limit)?;
+    args.parsed("auth-throttle-loopback", &mut config.auth_throttle_loopback)?;
     if let Some((source, value)) = args.setting("retain-events") {
         let n = value
             .parse()

@@ -1058,6 +1058,22 @@ const SETTINGS: &[Setting] = &[
         logged: None,
     },
     Setting {
+        flag: "--auth-failure-limit",
+        var: "EVENTSERVER_AUTH_FAILURE_LIMIT",
+        invalid: "x",
+        invalid_names: "EVENTSERVER_AUTH_FAILURE_LIMIT",
+        valid: "5",
+        logged: None,
+    },
+    Setting {
+        flag: "--auth-throttle-loopback",
+        var: "EVENTSERVER_AUTH_THROTTLE_LOOPBACK",
+        invalid: "maybe",
+        invalid_names: "EVENTSERVER_AUTH_THROTTLE_LOOPBACK",
+        valid: "true",
+        logged: None,
+    },
+    Setting {
         flag: "--read-timeout",
         var: "EVENTSERVER_READ_TIMEOUT",
         invalid: "x",
