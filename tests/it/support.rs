@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test module uses its own subset of these helpers
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -1,0 +1,407 @@
+//! `cargo bench --bench load`: eventserver's load-testing suite (issue 5) and the group-commit
+//! bench (issue 2's last point).
+//!
+//! ```text
+//! cargo bench --bench load -- [SCENARIO...] [OPTIONS]
+//!   SCENARIO   publish consume fanout idle categories mixed, or all (the default)
+//!   --url http://127.0.0.1:PORT --user U --password P [--pid PID]
+//!              load a server that is already running (loopback only); --pid lets the
+//!              idle and mixed scenarios read its memory and threads from /proc
+//!   --duration SECS      length of each timed phase (publish runs 5, idle 10,
+//!                        categories 10, mixed 60 by default)
+//!   --conns 1,16,64,256  publish: connection counts      --api streams,publish
+//!   --streams N          publish: spread the connections over N streams (default: one
+//!                        stream, and producer, per connection)
+//!   --subscribers 1000,9000   fanout: subscriber counts
+//!   --events 100 --interval-ms 50     fanout: events published and their spacing
+//!   --consume-events 100000 --limit 1000      consume: stream length, page size
+//!   --idle 9000          idle: parked subscribers
+//!   --categories 1000 --category-subscribers 9000 --rate 200   categories scenario
+//!   --threads N          event-loop threads for the subscriber scenarios (default 1)
+//!   --workers N          worker threads of a server the bench starts
+//!   --server-bin PATH    the eventserver binary to spawn (default: the one cargo built)
+//!   --nodelay-listener   diagnostic: in-process servers get a TCP_NODELAY listener
+//! ```
+//!
+//! # Scenarios
+//!
+//! - **publish**: K keep-alive connections (1, 16, 64, 256) append as fast as they can for
+//!   `--duration` (5 s) each, through the streams API (a stream and producer per connection)
+//!   and through `/publish` (a category per connection). Only 200s count, and a 200 means
+//!   committed with the server's durability, so events/s is durable appends/s; the 64 vs 1
+//!   ratio shows group commit at work (issue 2). Also shown: the server's mean commit batch
+//!   and commit time (from its `/metrics`), and storage bytes written per event.
+//! - **consume**: 100,000 events, then one and eight consumers paging GET + ACK through all
+//!   of them; each must see every event once, all in the same order.
+//! - **fanout**: N subscribers (1,000 and 9,000) on one category, M events one every
+//!   interval; publish→delivery latency, publish→last subscriber, delivered/expected,
+//!   duplicates, out-of-order ([`verdict`]).
+//! - **idle**: `--idle` subscribers parked for `--duration` (10 s): server RSS and threads
+//!   before, parked, and 2 s after the bench closed the connections.
+//! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
+//!   for `--duration` (10 s): each subscriber must get exactly its category's events.
+//! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.
+//!
+//! # Which server is loaded
+//!
+//! Without `--url`, every scenario starts a fresh server on 127.0.0.1 with a temporary
+//! database and a user made for the run, and stops it afterwards. Scenarios with few
+//! connections (publish, consume, and fanout while 3 × subscribers + 1,024 fit under the
+//! open-files limit, i.e. the 1,000-subscriber run) run it **in this process** through the
+//! library (`eventserver::Server::start`, log level warn). Those with thousands of
+//! connections (fanout 9,000, idle, categories, mixed) **spawn the real `eventserver`
+//! binary** instead: tiny_http spends two descriptors per connection, so 9,000 subscribers
+//! plus the server's side would not fit in one process's 20,000 open files, and a process of
+//! its own lets `/proc/<pid>` give the server's memory and threads alone. The binary is the
+//! one cargo builds alongside this bench (`CARGO_BIN_EXE_eventserver`, bench profile), so
+//! nothing needs building by hand; `--server-bin` picks another. It is started as
+//! `eventserver serve --listen 127.0.0.1:<free port> --db <temp>` with
+//! `EVENTSERVER_LOG=warn` (a log line per request would flood the terminal and is not what
+//! is measured), the bench waits until the port answers, and ends it with SIGTERM (SIGKILL
+//! after 30 s). With `--url`, every scenario loads that server instead (any server speaking
+//! golongpoll's API works for fanout, idle and categories); pass `--pid` for the memory
+//! figures.
+//!
+//! # How it loads
+//!
+//! One mio (epoll) loop per thread drives many raw HTTP/1.1 keep-alive connections, one
+//! request at a time on each ([`engine`]); paced publishers use a blocking connection on a
+//! thread of their own. Subscribers resume with `since_time`/`last_id` and retry a refused
+//! poll after 50-150 ms. Every loop is bounded in time (a hard deadline per run) and count
+//! (reconnections), and only loopback addresses are ever contacted. The soft open-files limit
+//! is raised to the hard one at start.
+//!
+//! # Reading the figures
+//!
+//! The load generator shares the machine's two cores with the server: each table shows the
+//! CPU its loops used, and the load average is printed before and after every scenario
+//! (other work on the machine skews everything). Each scenario prints a table and one JSON
+//! line (`{"scenario": …}`) for tooling.
+
+mod consume;
+mod engine;
+mod fanout;
+mod mixed;
+mod publish;
+mod report;
+mod subscribe;
+mod target;
+mod verdict;
+mod wire;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use target::{Source, Target};
+
+/// The two write paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /api/v1/streams/<s>/events`.
+    Streams,
+    /// `POST /publish`.
+    Publish,
+}
+
+impl Api {
+    /// Its name in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Streams => "streams",
+            Api::Publish => "publish",
+        }
+    }
+}
+
+/// Everything the command line sets.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    /// Scenarios to run, in order.
+    pub scenarios: Vec<String>,
+    /// Which server to load.
+    pub source: Source,
+    /// Overrides every timed phase's length.
+    pub duration: Option<f64>,
+    /// publish: connection counts.
+    pub conns: Vec<usize>,
+    /// publish: write paths.
+    pub apis: Vec<Api>,
+    /// publish: streams (categories) the connections share; `None`: one per connection.
+    pub streams: Option<usize>,
+    /// fanout: subscriber counts.
+    pub subscribers: Vec<usize>,
+    /// fanout: events published.
+    pub events: usize,
+    /// fanout: milliseconds between events.
+    pub interval_ms: u64,
+    /// consume: events in the stream.
+    pub consume_events: u64,
+    /// consume: page size.
+    pub limit: usize,
+    /// idle: parked subscribers.
+    pub idle: usize,
+    /// categories: how many.
+    pub categories: usize,
+    /// categories: subscribers over all of them.
+    pub category_subscribers: usize,
+    /// categories: publishes per second.
+    pub rate: f64,
+    /// Event-loop threads for subscribers.
+    pub threads: usize,
+    /// Distinguishes this run's streams and categories from earlier runs' on the same server.
+    pub run_id: String,
+}
+
+const SCENARIOS: &[&str] = &[
+    "publish",
+    "consume",
+    "fanout",
+    "idle",
+    "categories",
+    "mixed",
+];
+
+fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
+    v.split(',')
+        .map(|x| {
+            x.trim()
+                .parse()
+                .map_err(|_| format!("bad value {x:?} for {flag}"))
+        })
+        .collect()
+}
+
+fn parse_args(args: Vec<String>) -> Result<Opts, String> {
+    let mut opts = Opts {
+        scenarios: Vec::new(),
+        source: Source::Own {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_eventserver")),
+            workers: None,
+            nodelay: false,
+        },
+        duration: None,
+        conns: vec![1, 16, 64, 256],
+        apis: vec![Api::Streams, Api::Publish],
+        streams: None,
+        subscribers: vec![1_000, 9_000],
+        events: 100,
+        interval_ms: 50,
+        consume_events: 100_000,
+        limit: 1000,
+        idle: 9_000,
+        categories: 1_000,
+        category_subscribers: 9_000,
+        rate: 200.0,
+        threads: 1,
+        run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+    };
+    let (mut url, mut user, mut password, mut pid, mut workers, mut bin) =
+        (None, None, None, None, None, None);
+    let mut nodelay = false;
+    let mut it = args.into_iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        if !flag.starts_with("--") {
+            if flag == "all" {
+                opts.scenarios
+                    .extend(SCENARIOS.iter().map(|s| s.to_string()));
+            } else if SCENARIOS.contains(&flag.as_str()) {
+                opts.scenarios.push(flag);
+            } else {
+                return Err(format!(
+                    "unknown scenario {flag:?} (known: {})",
+                    SCENARIOS.join(" ")
+                ));
+            }
+            continue;
+        }
+        // cargo passes --bench to harness-less benches.
+        if flag == "--bench" {
+            continue;
+        }
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let num = |v: String| {
+            v.parse::<f64>()
+                .map_err(|_| format!("bad value {v:?} for {flag}"))
+        };
+        match flag.as_str() {
+            "--url" => url = Some(value()?),
+            "--user" => user = Some(value()?),
+            "--password" => password = Some(value()?),
+            "--pid" => {
+                pid = Some(
+                    value()?
+                        .parse::<u32>()
+                        .map_err(|_| "bad --pid".to_owned())?,
+                )
+            }
+            "--workers" => workers = Some(num(value()?)? as usize),
+            "--server-bin" => bin = Some(PathBuf::from(value()?)),
+            "--nodelay-listener" => nodelay = true,
+            "--duration" => opts.duration = Some(num(value()?)?.clamp(0.1, 3600.0)),
+            "--conns" => opts.conns = list(&flag, &value()?)?,
+            "--api" => {
+                opts.apis = value()?
+                    .split(',')
+                    .map(|a| match a {
+                        "streams" => Ok(Api::Streams),
+                        "publish" => Ok(Api::Publish),
+                        _ => Err(format!("bad --api {a:?}: streams or publish")),
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--streams" => opts.streams = Some((num(value()?)? as usize).max(1)),
+            "--subscribers" => opts.subscribers = list(&flag, &value()?)?,
+            "--events" => opts.events = num(value()?)? as usize,
+            "--interval-ms" => opts.interval_ms = num(value()?)? as u64,
+            "--consume-events" => opts.consume_events = num(value()?)? as u64,
+            "--limit" => opts.limit = num(value()?)? as usize,
+            "--idle" => opts.idle = num(value()?)? as usize,
+            "--categories" => opts.categories = num(value()?)?.max(1.0) as usize,
+            "--category-subscribers" => opts.category_subscribers = num(value()?)? as usize,
+            "--rate" => opts.rate = num(value()?)?.max(0.1),
+            "--threads" => opts.threads = (num(value()?)? as usize).clamp(1, 16),
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    if opts.scenarios.is_empty() {
+        opts.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
+    }
+    if opts.limit == 0 || opts.events == 0 {
+        return Err("--limit and --events must be at least 1".into());
+    }
+    if let Some(url) = url {
+        let (Some(user), Some(password)) = (user, password) else {
+            return Err("--url needs --user and --password".into());
+        };
+        opts.source = Source::External {
+            addr: target::parse_url(&url)?,
+            user,
+            password,
+            pid,
+        };
+    } else if user.is_some() || password.is_some() || pid.is_some() {
+        return Err("--user, --password and --pid go with --url".into());
+    } else if let Source::Own {
+        bin: b,
+        workers: w,
+        nodelay: d,
+    } = &mut opts.source
+    {
+        *w = workers;
+        *d = nodelay;
+        if let Some(bin) = bin {
+            *b = bin;
+        }
+    }
+    Ok(opts)
+}
+
+/// A small deterministic generator (xorshift64*) for random category picks.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded; the same seed gives the same picks.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// One authenticated request, so the server's credential cache is warm before timing.
+pub fn prime(target: &Target) -> Result<(), String> {
+    let mut client = wire::Blocking::new(&target.site);
+    let (status, body) = client
+        .call(|site, out| {
+            let body = br#"{"category":"load-prime","data":{}}"#;
+            site.post(out, "/publish", "", "application/json", body)
+        })
+        .map_err(|e| format!("cannot reach the server at {}: {e}", target.site.addr))?;
+    if status != 200 {
+        return Err(format!(
+            "the server answered {status} to an authenticated request: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(())
+}
+
+/// The machine's 1-minute load average: other work on the two cores skews every figure.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Raises the soft open-files limit to the hard one: thousands of sockets are the point.
+fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args(std::env::args().skip(1).collect()) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let nofile = raise_nofile();
+    eventserver::log::set_level(eventserver::log::Level::Warn);
+    eprintln!(
+        "load: run {} — scenarios {} — open files {nofile} — {} cores — load average {}",
+        opts.run_id,
+        opts.scenarios.join(" "),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
+    );
+    let mut failed = false;
+    for scenario in &opts.scenarios {
+        let result = match scenario.as_str() {
+            "publish" => publish::run(&opts),
+            "consume" => consume::run(&opts),
+            "fanout" => fanout::fanout(&opts, nofile),
+            "idle" => fanout::idle(&opts),
+            "categories" => fanout::categories(&opts),
+            "mixed" => mixed::run(&opts),
+            _ => unreachable!("checked when parsing"),
+        };
+        eprintln!("load: {scenario} done — load average {}", load_average());
+        if let Err(e) = result {
+            eprintln!("load: {scenario} failed: {e}");
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

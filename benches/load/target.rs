@@ -1,0 +1,251 @@
+//! The server under load: started in this process through the library, spawned as the
+//! real `eventserver` binary (for scenarios whose connections would not fit in one process's
+//! descriptors, and for memory figures), or an external server given with `--url`.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::wire::Site;
+
+/// How the bench reaches a server.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Start one per scenario (in process or as a child, as the scenario needs).
+    Own {
+        /// The `eventserver` binary to spawn when a scenario needs its own process.
+        bin: PathBuf,
+        /// Worker threads (`--workers`) for servers the bench starts.
+        workers: Option<usize>,
+        /// Diagnostic: start in-process servers on a listener with `TCP_NODELAY`, which
+        /// accepted sockets inherit (shows what Nagle's algorithm costs the server).
+        nodelay: bool,
+    },
+    /// A server someone else runs.
+    External {
+        /// Its loopback address.
+        addr: SocketAddr,
+        /// Basic credentials.
+        user: String,
+        /// Basic credentials.
+        password: String,
+        /// Its process, for memory and thread figures.
+        pid: Option<u32>,
+    },
+}
+
+/// Where a scenario needs its server.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Need {
+    /// In process is fine (few connections, no memory figures).
+    Any,
+    /// A process of its own: many connections, or memory figures of the server alone.
+    OwnProcess,
+}
+
+enum Running {
+    External,
+    InProcess(Box<eventserver::ServerHandle>),
+    Spawned(Child),
+}
+
+/// A running server with what it takes to talk to it.
+pub struct Target {
+    /// Address and credentials.
+    pub site: Site,
+    /// The server's own process id, when it runs apart from the bench.
+    pub pid: Option<u32>,
+    /// How it runs: "in-process", "spawned" or "external".
+    pub kind: &'static str,
+    running: Running,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Target {
+    /// A server as `need` asks for, from `source`.
+    pub fn start(source: &Source, need: Need) -> Result<Target, String> {
+        match source {
+            Source::External {
+                addr,
+                user,
+                password,
+                pid,
+            } => Ok(Target {
+                site: Site::new(*addr, user, password),
+                pid: *pid,
+                kind: "external",
+                running: Running::External,
+                _dir: None,
+            }),
+            Source::Own {
+                bin,
+                workers,
+                nodelay,
+            } => match need {
+                Need::Any => in_process(*workers, *nodelay),
+                Need::OwnProcess => spawn(bin, *workers),
+            },
+        }
+    }
+
+    /// Long-polls parked right now, when the server runs in this process.
+    pub fn parked(&self) -> Option<usize> {
+        match &self.running {
+            Running::InProcess(handle) => Some(handle.parked()),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        match &mut self.running {
+            Running::External => {}
+            Running::InProcess(handle) => handle.shutdown(),
+            Running::Spawned(child) => {
+                let pid = rustix::process::Pid::from_child(child);
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                let until = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < until {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                eprintln!("load: the spawned server did not stop within 30 s; killing it");
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+const USER: &str = "bench";
+
+fn fresh_db() -> Result<(tempfile::TempDir, PathBuf, String), String> {
+    let dir = tempfile::Builder::new()
+        .prefix("eventserver-load")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let db = dir.path().join("events.db");
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    eventserver::admin::add_user(&db, USER, &password)
+        .map_err(|e| format!("cannot add the bench user: {e}"))?;
+    Ok((dir, db, password))
+}
+
+fn in_process(workers: Option<usize>, nodelay: bool) -> Result<Target, String> {
+    let (dir, db, password) = fresh_db()?;
+    let mut config = eventserver::Config::new(&db);
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    if let Some(w) = workers {
+        config.workers = w;
+        config.queue = 64 * w;
+    }
+    let handle = if nodelay {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .and_then(|s| {
+                s.set_tcp_nodelay(true)?;
+                s.set_reuse_address(true)?;
+                s.bind(&config.listen.into())?;
+                s.listen(1024)?;
+                Ok(s)
+            })
+            .map_err(|e| format!("cannot bind a listener: {e}"))?;
+        eventserver::Server::start_on(socket.into(), config)
+    } else {
+        eventserver::Server::start(config)
+    }
+    .map_err(|e| format!("cannot start the server: {e}"))?;
+    Ok(Target {
+        site: Site::new(handle.addr(), USER, &password),
+        pid: None,
+        kind: "in-process",
+        running: Running::InProcess(Box::new(handle)),
+        _dir: Some(dir),
+    })
+}
+
+fn spawn(bin: &PathBuf, workers: Option<usize>) -> Result<Target, String> {
+    let (dir, db, password) = fresh_db()?;
+    // A free port, picked by binding port 0 and letting go of it; the server binds it a
+    // moment later (a race with other programs taking ports, which loopback rarely loses).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--db")
+        .arg(&db)
+        // One log line per request would flood this terminal and cost the server time that
+        // is not what the scenarios measure; warnings and errors still come through.
+        .env("EVENTSERVER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(w) = workers {
+        cmd.arg("--workers").arg(w.to_string());
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    std::thread::Builder::new()
+        .name("server-log".into())
+        .spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[server] {line}");
+            }
+        })
+        .map_err(|e| format!("cannot start the log thread: {e}"))?;
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{} exited at start: {status}", bin.display()));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            break;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} did not listen on {addr} within 30 s",
+                bin.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Target {
+        site: Site::new(addr, USER, &password),
+        pid: Some(child.id()),
+        kind: "spawned",
+        running: Running::Spawned(child),
+        _dir: Some(dir),
+    })
+}
+
+/// Resolves `http://HOST:PORT[/]` to a loopback address; anything else is refused, since
+/// the bench only ever loads servers on this machine.
+pub fn parse_url(url: &str) -> Result<SocketAddr, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--url must start with http:// (got {url:?})"))?;
+    let hostport = rest.split('/').next().unwrap_or_default();
+    let addrs: Vec<SocketAddr> = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("--url {url:?}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.ip().is_loopback())
+        .copied()
+        .ok_or_else(|| {
+            format!("--url {url:?} is not a loopback address; the bench loads only this machine")
+        })
+}
