@@ -143,7 +143,7 @@ pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, StoreE
         Err(e) => return Err(e.into()),
     };
     let first_ms: i64 = conn.query_row(
-        "SELECT coalesce(min(ts), 0) FROM events WHERE stream_id = ?1",
+        "SELECT coalesce((SELECT ts FROM events WHERE stream_id = ?1 ORDER BY seq LIMIT 1), 0)",
         [id],
         |r| r.get(0),
     )?;

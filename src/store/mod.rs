@@ -12,7 +12,7 @@ pub mod writer;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, params};
 
 use crate::config::SyncMode;
 
@@ -38,6 +38,11 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The schema, one migration per entry; entry `i` moves `user_version` from `i` to `i + 1`.
 /// Never edit an entry that has shipped: append a new one.
+///
+/// Events are stored in commit order (`gid`), so a commit appends to the table's last
+/// pages whatever streams it touches; ids are time-ordered (UUIDv7) for the same reason.
+/// The per-stream indexes hold only keys. Timestamps need no index: they never decrease
+/// along a stream, so a binary search over `seq` finds any time ([`seq_at_time`]).
 const MIGRATIONS: &[&str] = &[
     r#"
     CREATE TABLE users (
@@ -54,17 +59,17 @@ const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL
     );
     CREATE TABLE events (
+        gid INTEGER PRIMARY KEY,
         stream_id INTEGER NOT NULL,
         seq INTEGER NOT NULL,
         id BLOB NOT NULL,
         name TEXT,
         ts INTEGER NOT NULL,
-        data TEXT NOT NULL,
-        PRIMARY KEY (stream_id, seq)
-    ) WITHOUT ROWID;
+        data TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX events_by_seq ON events (stream_id, seq);
     CREATE UNIQUE INDEX events_by_id ON events (id);
     CREATE INDEX events_by_name ON events (stream_id, name, seq) WHERE name IS NOT NULL;
-    CREATE INDEX events_by_ts ON events (stream_id, ts);
     CREATE TABLE heartbeat (
         id INTEGER PRIMARY KEY,
         at_ms INTEGER NOT NULL
@@ -142,6 +147,39 @@ pub fn newest_timestamp(conn: &Connection) -> Result<u64, StoreError> {
         r.get(0)
     })?;
     Ok(ms.max(0) as u64)
+}
+
+/// The newest sequence number of `stream_id` whose event is older than `ms` (`strict`) or
+/// not newer than `ms`; 0 if there is none. Binary search over `seq`, relying on
+/// timestamps never decreasing along a stream and on retention deleting only prefixes.
+pub fn seq_at_time(
+    conn: &Connection,
+    stream_id: i64,
+    ms: i64,
+    strict: bool,
+) -> Result<u64, StoreError> {
+    let bounds: (Option<i64>, Option<i64>) = conn
+        .prepare_cached("SELECT min(seq), max(seq) FROM events WHERE stream_id = ?1")?
+        .query_row([stream_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (Some(first), Some(last)) = bounds else {
+        return Ok(0);
+    };
+    let mut ts_of = conn.prepare_cached("SELECT ts FROM events WHERE stream_id = ?1 AND seq = ?2")?;
+    let before = |ts: i64| if strict { ts < ms } else { ts <= ms };
+    // Invariant: every seq < lo is "before" (or deleted), every seq > hi is not.
+    let (mut lo, mut hi) = (first, last);
+    while lo <= hi {
+        let mid = lo + (hi - lo) / 2;
+        let ts: i64 = ts_of.query_row(params![stream_id, mid], |r| r.get(0))?;
+        if before(ts) {
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    // `hi` is the last seq that is before `ms`; below `first` nothing is stored, which
+    // counts as "before" too (those events were deleted by retention).
+    Ok(hi.max(first - 1).max(0) as u64)
 }
 
 /// Truncates the write-ahead log into the database file, for a clean shutdown.

@@ -208,14 +208,5 @@ fn resolve(conn: &Connection, info: &StreamInfo, start: &Start) -> Result<u64, S
     }
     // Without a usable last_id: everything at exactly `ms` is new when a last_id was given
     // (the client saw none of them), and already seen when it was not.
-    let sql = if last_id.is_some() {
-        "SELECT seq FROM events WHERE stream_id = ?1 AND ts < ?2 ORDER BY ts DESC, seq DESC LIMIT 1"
-    } else {
-        "SELECT seq FROM events WHERE stream_id = ?1 AND ts <= ?2 ORDER BY ts DESC, seq DESC LIMIT 1"
-    };
-    let seq: Option<i64> = conn
-        .prepare_cached(sql)?
-        .query_row(params![info.id, ms], |r| r.get(0))
-        .optional()?;
-    Ok(seq.unwrap_or(0) as u64)
+    super::seq_at_time(conn, info.id, ms, last_id.is_some())
 }

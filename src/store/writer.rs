@@ -351,7 +351,8 @@ fn ack(
 
 /// Builds the stored event: a streams-API element carries its own id and position.
 fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
-    let id = Uuid::new_v4();
+    // Time-ordered ids keep the id index appending at its end.
+    let id = Uuid::now_v7();
     let (name, data) = match payload {
         Payload::Element { name, fields } => {
             let mut data = String::with_capacity(fields.len() + 96);
