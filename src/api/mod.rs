@@ -179,23 +179,24 @@ impl App {
     /// Wraps `reply` to count the answer and log one line for it.
     fn instrument(&self, route: &'static str, req: &Request, reply: Reply) -> Reply {
         let started = Instant::now();
-        // Only the claimed user name is logged, never the password or the header.
-        let user = req
-            .header("Authorization")
-            .and_then(crate::auth::parse_basic)
-            .map_or_else(|| "-".to_owned(), |c| c.user);
-        let line = format!("{} {}", method_name(&req.method), req.path);
+        // The log line is prepared only when it will be written. Only the claimed user name
+        // is logged, never the password or the header.
+        let line = crate::log::enabled(crate::log::Level::Info).then(|| {
+            let user = req
+                .header("Authorization")
+                .and_then(crate::auth::parse_basic)
+                .map_or_else(|| "-".to_owned(), |c| c.user);
+            (format!("{} {}", method_name(&req.method), req.path), user)
+        });
         let metrics = self.metrics.clone();
         Box::new(move |response: Response| {
             let status = response.status;
             reply(response);
             let took = started.elapsed();
             metrics.request(route, status, took);
-            if crate::log::enabled(crate::log::Level::Info) {
-                crate::log::info(&format!(
-                    "{line} {status} {:.1}ms user={user}",
-                    took.as_secs_f64() * 1000.0
-                ));
+            if let Some((request, user)) = line {
+                let ms = took.as_secs_f64() * 1000.0;
+                crate::log::info(&format!("{request} {status} {ms:.1}ms user={user}"));
             }
         })
     }
