@@ -40,3 +40,60 @@ pub enum Start {
     /// After a known sequence number.
     After(u64),
 }
+
+/// Deepest nesting accepted in a posted body. Stored events are wrapped in up to four more
+/// levels when served, and every JSON reader (serde_json's included) stops at 128.
+pub const MAX_DEPTH: usize = 100;
+
+/// Checks that `body` is JSON every reader can read back: well-formed, no lone UTF-16
+/// surrogates in escapes, nested at most [`MAX_DEPTH`] deep. `Err` says what is wrong.
+pub fn check_json(body: &[u8]) -> Result<(), String> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(format!("JSON is nested deeper than {MAX_DEPTH} levels"));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    // The full parse rejects what the scan cannot see, such as lone surrogates.
+    serde_json::from_slice::<serde_json::Value>(body)
+        .map(drop)
+        .map_err(|e| format!("body is not valid JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_depth_and_surrogates_are_checked() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_json(deep(MAX_DEPTH).as_bytes()).is_ok());
+        assert!(check_json(deep(MAX_DEPTH + 1).as_bytes()).is_err());
+        assert!(
+            check_json(br#"{"a":"[[[[\"]]]"}"#).is_ok(),
+            "brackets in strings do not count"
+        );
+        assert!(check_json(br#""\ud800""#).is_err(), "a lone surrogate");
+        assert!(check_json(br#""\ud83d\ude00""#).is_ok(), "a surrogate pair");
+        assert!(check_json(b"{").is_err());
+    }
+}

@@ -23,16 +23,16 @@
 //!   is replaced at once like any other (quietly: it is expected).
 //! - **A prober keeps the engine honest.** A race in tiny_http's connection pool leaves some
 //!   connections of a burst queued with no thread to read them, until other work arrives.
-//!   So while requests are arriving (and for a second after), the prober opens a few empty
-//!   connections every tick: each makes the pool take the oldest queued connection. Twice a
-//!   second it also sends a probe request; when probes stay unanswered the accept loop is
-//!   presumed dead (a failed thread spawn kills it silently) and replaced.
+//!   So the prober opens an empty connection every tick, and more while requests arrive or
+//!   probes are slow: each makes the pool take the oldest queued connection. Twice a second
+//!   it also sends a probe request; when probes stay unanswered the accept loop is presumed
+//!   dead (a failed thread spawn kills it silently) and replaced.
 //! - **Pipelined requests never block a worker.** tiny_http writes a connection's responses
 //!   in request order, so answering a request pipelined behind an unanswered one (a parked
 //!   long-poll) would block until that one is answered. Such answers are written from a
 //!   short-lived thread of their own.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Cursor, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -125,6 +125,38 @@ struct Shared {
 struct Outstanding {
     next: u64,
     unanswered: BTreeSet<u64>,
+    /// Answers waiting to be written after earlier ones, by sequence number.
+    ready: BTreeMap<u64, Ready>,
+    /// Whether a writer thread is writing `ready` for this peer.
+    writing: bool,
+}
+
+impl Outstanding {
+    /// The next ready answer whose predecessors are all answered.
+    fn take_writable(&mut self) -> Option<Ready> {
+        if !self.has_writable() {
+            return None;
+        }
+        self.ready.pop_first().map(|(_, ready)| ready)
+    }
+
+    /// Whether the first ready answer could be written now.
+    fn has_writable(&self) -> bool {
+        self.ready
+            .first_key_value()
+            .is_some_and(|(seq, _)| self.unanswered.first().is_none_or(|first| first > seq))
+    }
+
+    fn idle(&self) -> bool {
+        self.unanswered.is_empty() && self.ready.is_empty() && !self.writing
+    }
+}
+
+/// An answer held until the answers before it on its connection are written.
+struct Ready {
+    rq: tiny_http::Request,
+    unread: Option<usize>,
+    response: api::Response,
 }
 
 impl Shared {
@@ -344,20 +376,31 @@ fn probe_loop(shared: &Arc<Shared>) {
         if fresh > 0 {
             active = PUMP_TICKS;
         }
-        if active > 0 {
+        // One pump per tick always: connections that never complete a request (idle or
+        // slow clients) strand others too, and they do not count as arrivals.
+        let pumps = if active > 0 {
             active -= 1;
-            for _ in 0..fresh.clamp(1, PUMP_CONNECTIONS) {
-                let _ = TcpStream::connect_timeout(&shared.addr, PROBE_PATIENCE);
-            }
+            fresh.clamp(1, PUMP_CONNECTIONS)
+        } else {
+            1
+        };
+        for _ in 0..pumps {
+            let _ = TcpStream::connect_timeout(&shared.addr, PROBE_PATIENCE);
         }
         tick += 1;
         if tick % PROBE_TICKS != 0 {
             continue;
         }
+        let started = Instant::now();
         if probe(shared) {
             misses = 0;
+            if started.elapsed() > TICK {
+                // A slow probe waited in the pool's queue: pump hard for a while.
+                active = PUMP_TICKS;
+            }
             continue;
         }
+        active = PUMP_TICKS;
         misses += 1;
         if misses == PROBE_MISSES && !shared.stopping.load(Ordering::SeqCst) {
             crate::log::error("probe requests go unanswered; starting a new HTTP accept loop");
@@ -400,6 +443,15 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
     let declared = rq.body_length();
     let chunked = header_value(&rq, "Transfer-Encoding").is_some();
     let expects = header_value(&rq, "Expect").is_some();
+    // Two framings for one body (differing Content-Lengths, or Content-Length with
+    // Transfer-Encoding) are how requests get smuggled past proxies: refuse, unread.
+    let mut lengths = rq
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("Content-Length"))
+        .map(|h| h.value.as_str().trim());
+    let first_length = lengths.next();
+    let ambiguous = lengths.any(|l| Some(l) != first_length) || (chunked && first_length.is_some());
     let (path, query) = match rq.url().split_once('?') {
         Some((p, q)) => (p.to_owned(), q.to_owned()),
         None => (rq.url().to_owned(), String::new()),
@@ -442,6 +494,11 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         unread: None,
         order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
     };
+    if ambiguous {
+        responder.unread = declared;
+        req.body = Body::Unreadable;
+        return deliver_request(shared, req, responder);
+    }
     if let Some(n) = declared.filter(|n| *n > shared.max_body) {
         responder.unread = Some(n);
         req.body = Body::TooLarge;
@@ -469,15 +526,14 @@ fn read_then_deliver(shared: &Arc<Shared>, mut req: api::Request, mut responder:
         .expect("a fresh responder holds its request");
     let limit = shared.max_body as u64 + 1;
     let mut body = Vec::new();
-    match rq.as_reader().take(limit).read_to_end(&mut body) {
-        Ok(_) if body.len() > shared.max_body => req.body = Body::TooLarge,
-        Ok(_) => req.body = Body::Bytes(body),
-        Err(_) => {
-            let response =
-                api::Response::message(400, "Bad Request - could not read the request body");
-            return responder.send(response);
-        }
-    }
+    let declared = rq.body_length();
+    req.body = match rq.as_reader().take(limit).read_to_end(&mut body) {
+        Ok(_) if body.len() > shared.max_body => Body::TooLarge,
+        // A body that ends before its declared length is a broken request, not a short one.
+        Ok(_) if declared.is_some_and(|n| body.len() < n) => Body::Unreadable,
+        Ok(_) => Body::Bytes(body),
+        Err(_) => Body::Unreadable,
+    };
     deliver_request(shared, req, responder);
 }
 
@@ -499,39 +555,79 @@ impl Responder {
         self.answer(response);
     }
 
+    /// Writes the answer now, unless an earlier request on the same connection is still
+    /// unanswered or being written: then it waits in order for the connection's writer
+    /// thread, since tiny_http would block this thread until the earlier answer is out.
     fn answer(&mut self, response: api::Response) {
         let Some(rq) = self.rq.take() else { return };
-        if !self.behind_unanswered() {
-            return deliver(rq, self.unread, response);
-        }
-        // tiny_http would block this thread until the earlier answer is written.
-        let unread = self.unread;
-        let spawned = thread::Builder::new()
-            .name("http-pipelined".into())
-            .stack_size(SMALL_STACK)
-            .spawn(move || deliver(rq, unread, response));
-        if let Err(e) = spawned {
-            crate::log::error(&format!(
-                "cannot spawn a thread for a pipelined answer: {e}"
-            ));
-        }
-    }
-
-    /// Marks this request answered; whether an earlier request of its connection is not.
-    fn behind_unanswered(&mut self) -> bool {
         let Some((shared, peer, seq)) = self.order.take() else {
-            return false;
+            return deliver(rq, self.unread, response);
         };
         let mut outstanding = lock(&shared.outstanding);
         let Some(entry) = outstanding.get_mut(&peer) else {
-            return false;
+            drop(outstanding);
+            return deliver(rq, self.unread, response);
         };
         entry.unanswered.remove(&seq);
         let behind = entry.unanswered.first().is_some_and(|first| *first < seq);
-        if entry.unanswered.is_empty() {
-            outstanding.remove(&peer);
+        if !behind && !entry.writing && entry.ready.is_empty() {
+            if entry.idle() {
+                outstanding.remove(&peer);
+            }
+            drop(outstanding);
+            return deliver(rq, self.unread, response);
         }
-        behind
+        let unread = self.unread;
+        entry.ready.insert(
+            seq,
+            Ready {
+                rq,
+                unread,
+                response,
+            },
+        );
+        if entry.writing || !entry.has_writable() {
+            // A writer is at work, or an earlier answer is still to come: whoever answers
+            // that one starts the writer.
+            return;
+        }
+        entry.writing = true;
+        drop(outstanding);
+        let writer_shared = shared.clone();
+        let spawned = thread::Builder::new()
+            .name("http-ordered".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || write_in_order(&writer_shared, peer));
+        if let Err(e) = spawned {
+            crate::log::error(&format!(
+                "cannot spawn an ordered writer, writing here: {e}"
+            ));
+            write_in_order(&shared, peer);
+        }
+    }
+}
+
+/// Writes a connection's held answers in order until the next one must wait.
+fn write_in_order(shared: &Shared, peer: SocketAddr) {
+    loop {
+        let next = {
+            let mut outstanding = lock(&shared.outstanding);
+            let Some(entry) = outstanding.get_mut(&peer) else {
+                return;
+            };
+            let next = entry.take_writable();
+            if next.is_none() {
+                entry.writing = false;
+                if entry.idle() {
+                    outstanding.remove(&peer);
+                }
+            }
+            next
+        };
+        match next {
+            Some(ready) => deliver(ready.rq, ready.unread, ready.response),
+            None => return,
+        }
     }
 }
 

@@ -333,9 +333,10 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Restarts this process with `RUST_MIN_STACK=65536` unless it is set: tiny_http starts a
-/// thread per connection with the default stack, and 10,000 parked long-polls would
-/// otherwise reserve 20 GB of virtual memory. (Our own threads set their stacks.)
+/// Restarts this process with `RUST_MIN_STACK=65536` (and `MALLOC_ARENA_MAX=2`) unless it
+/// is set: tiny_http starts a thread per connection with the default stack, and 10,000
+/// parked long-polls would otherwise reserve 20 GB of virtual memory. (Our own threads set
+/// their stacks.)
 fn small_default_stacks() {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("RUST_MIN_STACK").is_some() {
@@ -344,10 +345,16 @@ fn small_default_stacks() {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let error = std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .args(std::env::args_os().skip(1))
-        .env("RUST_MIN_STACK", "65536")
-        .exec();
+        .env("RUST_MIN_STACK", "65536");
+    // glibc gives each busy thread its own 64 MiB arena (16 on 2 cores): with a thread per
+    // connection that is a gigabyte of address space for nothing.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        command.env("MALLOC_ARENA_MAX", "2");
+    }
+    let error = command.exec();
     log::warn(&format!(
         "could not restart with small thread stacks: {error}"
     ));

@@ -195,6 +195,7 @@ fn parse_publish(body: &[u8]) -> Option<PublishBody> {
 /// error message.
 pub fn check_publish(body: &[u8]) -> Result<(String, String), &'static str> {
     let parsed = parse_publish(body).ok_or("Invalid POST body json.")?;
+    crate::event::check_json(body).map_err(|_| "Invalid POST body json.")?;
     let category = parsed.category.unwrap_or_default();
     if !valid_category(&category) {
         return Err("Invalid or missing 'category' arg, must be 1-1024 characters long.");
@@ -228,6 +229,7 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             let why = format!("Payload Too Large - limit is {} bytes", app.config.max_body);
             return reply(error_response(413, &why));
         }
+        Body::Unreadable => return reply(error_response(400, "Invalid POST body json.")),
     };
     let (category, data) = match check_publish(body) {
         Ok(checked) => checked,

@@ -42,6 +42,8 @@ pub enum Body {
     Bytes(Vec<u8>),
     /// Not read: it declared (or reached) more than the limit.
     TooLarge,
+    /// Broken: shorter than declared, badly chunked, cut off, or framed two ways at once.
+    Unreadable,
 }
 
 /// A request, decoded by the HTTP layer.

@@ -18,6 +18,9 @@ use crate::store::writer::{Job, Payload, WriteError};
 
 const PREFIX: &str = "/api/v1/streams/";
 
+/// Why a broken body (cut short, badly chunked, framed two ways) is refused.
+const UNREADABLE: &str = "could not read the request body";
+
 /// Longest stream name, in bytes after percent-decoding.
 pub const MAX_STREAM_NAME: usize = 1024;
 /// Longest producer or consumer id, in bytes.
@@ -141,6 +144,7 @@ const MEMBERS: [&str; 4] = ["event", "system", "trigger", "payload"];
 pub fn validate_event(body: &[u8]) -> Result<(String, String), String> {
     let members: HashMap<String, &RawValue> =
         serde_json::from_slice(body).map_err(|e| format!("body is not a JSON object: {e}"))?;
+    crate::event::check_json(body)?;
     let event = members.get("event").ok_or("missing 'event' object")?;
     let event: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(event.get()).map_err(|_| "'event' must be an object")?;
@@ -178,6 +182,7 @@ fn append(app: &App, grants: &Grants, raw_stream: &str, req: &Request, reply: Re
             let why = format!("limit is {} bytes", app.config.max_body);
             return reply(failure(413, &why));
         }
+        Body::Unreadable => return reply(bad_request(UNREADABLE)),
         Body::Bytes(body) => body,
     };
     let checked = stream_name(raw_stream).and_then(|stream| {
@@ -297,6 +302,7 @@ fn ack(app: &App, grants: &Grants, raw_stream: &str, raw_id: &str, req: &Request
                 std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_owned())?
             }
             Body::TooLarge => return Err("body is too large".into()),
+            Body::Unreadable => return Err(UNREADABLE.into()),
         };
         let form = Form::parse(body.trim());
         match form.single("action")? {

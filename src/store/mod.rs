@@ -164,7 +164,8 @@ pub fn seq_at_time(
     let (Some(first), Some(last)) = bounds else {
         return Ok(0);
     };
-    let mut ts_of = conn.prepare_cached("SELECT ts FROM events WHERE stream_id = ?1 AND seq = ?2")?;
+    let mut ts_of =
+        conn.prepare_cached("SELECT ts FROM events WHERE stream_id = ?1 AND seq = ?2")?;
     let before = |ts: i64| if strict { ts < ms } else { ts <= ms };
     // Invariant: every seq < lo is "before" (or deleted), every seq > hi is not.
     let (mut lo, mut hi) = (first, last);

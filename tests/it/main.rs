@@ -1,7 +1,10 @@
 //! Integration tests: a real server started through the library on 127.0.0.1:0 with a
 //! temporary database, spoken to over real HTTP.
 
+mod abuse;
+mod bad_input;
 mod longpoll;
+mod props;
 mod retention;
 mod security;
 mod service;
