@@ -164,11 +164,21 @@ impl Args {
         std::env::var(&var).ok().map(|v| (var, v))
     }
 
+    /// The setting parsed, if it is given; an unparsable value names its source.
+    fn optional<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, Usage> {
+        let Some((source, value)) = self.setting(name) else {
+            return Ok(None);
+        };
+        let parsed = value
+            .parse()
+            .map_err(|_| Usage(format!("invalid value {value:?} for {source}")))?;
+        Ok(Some(parsed))
+    }
+
+    /// Overwrites `into` with the setting, if it is given.
     fn parsed<T: std::str::FromStr>(&self, name: &str, into: &mut T) -> Result<(), Usage> {
-        if let Some((source, value)) = self.setting(name) {
-            *into = value
-                .parse()
-                .map_err(|_| Usage(format!("invalid value {value:?} for {source}")))?;
+        if let Some(value) = self.optional(name)? {
+            *into = value;
         }
         Ok(())
     }
@@ -220,9 +230,6 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("workers", &mut config.workers)?;
     args.parsed("queue", &mut config.queue)?;
     args.parsed("max-body", &mut config.max_body)?;
-    let mut read_timeout = config.read_timeout.as_secs();
-    args.parsed("read-timeout", &mut read_timeout)?;
-    config.read_timeout = std::time::Duration::from_secs(read_timeout);
     args.parsed("max-limit", &mut config.max_limit)?;
     args.parsed("longpoll-max-timeout", &mut config.longpoll_max_timeout)?;
     args.parsed("longpoll-max-batch", &mut config.longpoll_max_batch)?;
@@ -230,24 +237,22 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("events-path", &mut config.events_path)?;
     args.parsed("publish-path", &mut config.publish_path)?;
     args.parsed("write-queue", &mut config.write_queue)?;
-    let mut ttl = config.auth_cache_ttl.as_secs();
-    args.parsed("auth-cache-secs", &mut ttl)?;
-    config.auth_cache_ttl = std::time::Duration::from_secs(ttl);
     args.parsed("metrics-auth", &mut config.metrics_auth)?;
     args.parsed("auth-failure-limit", &mut config.auth_failure_limit)?;
     args.parsed("auth-throttle-loopback", &mut config.auth_throttle_loopback)?;
-    if let Some((source, value)) = args.setting("retain-events") {
-        let n = value
-            .parse()
-            .map_err(|_| Usage(format!("invalid value {value:?} for {source}")))?;
-        config.retain_events = Some(n);
-    }
-    if let Some((source, value)) = args.setting("retain-secs") {
-        let secs = value
-            .parse()
-            .map_err(|_| Usage(format!("invalid value {value:?} for {source}")))?;
-        config.retain_age = Some(std::time::Duration::from_secs(secs));
-    }
+    config.retain_events = args.optional("retain-events")?;
+    config.retain_age = args
+        .optional("retain-secs")?
+        .map(std::time::Duration::from_secs);
+    let secs = |d: std::time::Duration| d.as_secs();
+    config.read_timeout = std::time::Duration::from_secs(
+        args.optional("read-timeout")?
+            .unwrap_or(secs(config.read_timeout)),
+    );
+    config.auth_cache_ttl = std::time::Duration::from_secs(
+        args.optional("auth-cache-secs")?
+            .unwrap_or(secs(config.auth_cache_ttl)),
+    );
     for (name, into) in [
         ("public-subscribe", &mut config.public_subscribe),
         ("public-publish", &mut config.public_publish),
