@@ -65,8 +65,12 @@ const PROBE_PATIENCE: Duration = Duration::from_millis(500);
 const PROBE_MISSES: u32 = 4;
 /// Most empty connections opened in one tick to unstrand tiny_http's pool.
 const PUMP_CONNECTIONS: usize = 16;
+/// Empty connections opened every tick regardless (20 a second: negligible work).
+const IDLE_PUMPS: usize = 2;
 /// Ticks of pumping after the last request arrived.
 const PUMP_TICKS: u32 = 10;
+/// Unanswered requests one connection may have before more get 503 at once.
+const MAX_PIPELINED: usize = 64;
 /// The path of probe requests; answered by the HTTP layer itself.
 const PROBE_PATH: &str = "/.eventserver-probe";
 /// Stack for our short-lived body and drain threads: they hold nothing deep.
@@ -376,13 +380,13 @@ fn probe_loop(shared: &Arc<Shared>) {
         if fresh > 0 {
             active = PUMP_TICKS;
         }
-        // One pump per tick always: connections that never complete a request (idle or
-        // slow clients) strand others too, and they do not count as arrivals.
+        // A few pumps every tick: connections that never complete a request (idle or slow
+        // clients) get stranded too, and they do not count as arrivals.
         let pumps = if active > 0 {
             active -= 1;
-            fresh.clamp(1, PUMP_CONNECTIONS)
+            fresh.clamp(IDLE_PUMPS, PUMP_CONNECTIONS)
         } else {
-            1
+            IDLE_PUMPS
         };
         for _ in 0..pumps {
             let _ = TcpStream::connect_timeout(&shared.addr, PROBE_PATIENCE);
@@ -481,12 +485,14 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         remote: rq.remote_addr().copied(),
     };
     let peer = rq.remote_addr().copied();
+    let mut flooding = false;
     let seq = peer.map(|peer| {
         let mut outstanding = lock(&shared.outstanding);
         let entry = outstanding.entry(peer).or_default();
         let seq = entry.next;
         entry.next += 1;
         entry.unanswered.insert(seq);
+        flooding = entry.unanswered.len() > MAX_PIPELINED;
         seq
     });
     let mut responder = Responder {
@@ -494,6 +500,11 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         unread: None,
         order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
     };
+    if flooding {
+        // One connection may not fill the workers' queue for everyone else.
+        let busy = "Service Unavailable - too many pipelined requests on this connection";
+        return responder.send(api::Response::message(503, busy));
+    }
     if ambiguous {
         responder.unread = declared;
         req.body = Body::Unreadable;

@@ -336,16 +336,20 @@ fn matches(event: &Event, filter: Option<&str>) -> bool {
     filter.is_none_or(|name| event.name.as_deref() == Some(name))
 }
 
-/// The cursor for `since_time`/`last_id` if the tail holds every event that decides it.
+/// The cursor for `since_time`/`last_id` if the tail holds every event that decides it;
+/// `None` sends the poll to the store.
 fn resolve_in_tail(cat: &Category, ms: u64, last_id: Option<&uuid::Uuid>) -> Option<u64> {
-    let Some(first) = cat.tail.front() else {
-        // An empty category has nothing to skip; any other needs the store.
-        return (cat.hwm == 0).then_some(0);
-    };
+    let (first, last) = (cat.tail.front()?, cat.tail.back()?);
     if let Some(id) = last_id
         && let Some(seen) = cat.tail.iter().find(|e| e.id == *id && e.ts == ms)
     {
         return Some(seen.seq);
+    }
+    // A client whose `since_time` reaches the newest event in memory may have read newer
+    // ones from the store, committed but not yet registered here: only the store knows
+    // where it stands. (Clients keeping up find their `last_id` in the tail above.)
+    if last.ts <= ms {
+        return None;
     }
     // Events at exactly `ms` are new when a last_id was given but is not among them, and
     // already seen when no last_id was given. The tail decides only if it reaches back past
@@ -470,6 +474,39 @@ mod tests {
     }
 
     #[test]
+    fn resume_ahead_of_memory_is_not_delivered_twice() {
+        // A client read event 4 from the store before the writer registered it here, then
+        // resumed from it: memory must not guess a cursor that would deliver 4 again.
+        let reg = Registry::new(100, 8);
+        let later = Instant::now() + Duration::from_secs(60);
+        reg.publish(
+            "c",
+            &[
+                event(1, 100, None),
+                event(2, 105, None),
+                event(3, 110, None),
+            ],
+        );
+        let fourth = event(4, 115, None);
+        let start = Start::Since {
+            ms: 115,
+            last_id: Some(fourth.id),
+        };
+        let Poll::Unknown(reply) = reg.poll("c", &start, wait(1, None, later)) else {
+            panic!("memory cannot resolve a last_id it has not seen");
+        };
+        // The store resolves the cursor to 4; the client parks after it.
+        assert!(matches!(
+            reg.park_after("c", 4, wait(reply, None, later)),
+            Poll::Parked { .. }
+        ));
+        assert!(
+            reg.publish("c", &[fourth]).is_empty(),
+            "event 4 was already delivered"
+        );
+    }
+
+    #[test]
     fn since_resolves_from_the_tail() {
         let reg: Registry<u32> = Registry::new(100, 8);
         let e = [
@@ -490,7 +527,12 @@ mod tests {
             Some(0),
             "the tail starts at the first event"
         );
-        assert_eq!(resolve_in_tail(cat, 99, None), Some(4));
+        assert_eq!(
+            resolve_in_tail(cat, 99, None),
+            None,
+            "a client ahead of memory may have seen unregistered events"
+        );
+        assert_eq!(resolve_in_tail(cat, 30, Some(&Uuid::new_v4())), None);
         drop(inner);
         let late = [event(9, 50, None), event(10, 60, None)];
         reg.publish("d", &late);

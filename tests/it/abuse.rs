@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier, Mutex, MutexGuard};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -28,13 +28,6 @@ use crate::support::{PASSWORD, Req, Resp, TestServer, USER, basic, read_response
 const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
 const SECOND: Duration = Duration::from_secs(1);
 const MIB: u64 = 1 << 20;
-
-/// Tests that load the machine (hundreds of connections, floods, child processes under
-/// limits) take turns, so one does not skew another's timing.
-fn heavy() -> MutexGuard<'static, ()> {
-    static HEAVY: Mutex<()> = Mutex::new(());
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 // ---------------------------------------------------------------------------------------
 // The real binary as a child process
@@ -261,16 +254,16 @@ fn requests_total(addr: SocketAddr, route: &str, status: u16) -> Option<u64> {
 
 /// Many connections sending their heads a byte at a time, pausing longer than the read
 /// timeout: each is cut after the timeout, and meanwhile fresh connections are answered at
-/// once. Three rounds of 50, since how the slow ones land in tiny_http's pool varies.
+/// once. Two rounds of 50, since how the slow ones land in tiny_http's pool varies.
 #[test]
 fn slow_heads_are_cut_while_fresh_connections_are_served() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let server = TestServer::start_with(|c| c.read_timeout = SECOND);
     let addr = server.addr;
     const SLOW: usize = 50;
     let head = b"GET /healthz HTTP/1.1\r\nHost: slow\r\n\r\n";
     let mut failures = Vec::new();
-    for round in 0..3 {
+    for round in 0..2 {
         let ready = Arc::new(Barrier::new(SLOW + 1));
         let slow: Vec<JoinHandle<Result<Duration, String>>> = (0..SLOW)
             .map(|_| {
@@ -281,8 +274,10 @@ fn slow_heads_are_cut_while_fresh_connections_are_served() {
                     for (i, byte) in head.iter().enumerate() {
                         stream.write_all(&[*byte]).map_err(|e| e.to_string())?;
                         let sent = Instant::now();
-                        // The pause: 1.5 × the read timeout.
-                        if closed_within(&mut stream, SECOND.mul_f32(1.5)) {
+                        // The pause: 3 × the read timeout. A head can wait in tiny_http's
+                        // pool before a thread reads it (its stranding race; the prober
+                        // pumps it loose), and its timeout starts only then.
+                        if closed_within(&mut stream, SECOND * 3) {
                             return if i == 0 {
                                 Ok(sent.elapsed())
                             } else {
@@ -315,7 +310,7 @@ fn slow_heads_are_cut_while_fresh_connections_are_served() {
         let mut late = Vec::new();
         for handle in slow {
             match handle.join().unwrap() {
-                Ok(after) if after >= SECOND.mul_f32(0.8) && after < SECOND.mul_f32(1.5) => {}
+                Ok(after) if after >= SECOND.mul_f32(0.8) && after < SECOND * 3 => {}
                 Ok(after) => late.push(format!("cut {after:?} after its byte")),
                 Err(e) => late.push(e),
             }
@@ -435,7 +430,7 @@ fn a_body_that_never_finishes_is_cut_after_the_read_timeout() {
 /// (tiny_http's pool race strands some of them until another connection closes).
 #[test]
 fn a_burst_of_300_connections_is_answered_within_2_s() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let server = TestServer::start();
     let addr = server.addr;
     append(addr, "burst");
@@ -609,7 +604,7 @@ struct Flood {
 /// take the server down or stop it from serving others.
 #[test]
 fn a_pipelining_flood_does_not_take_the_server_down() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let mut proc = Proc::start(&[], &[]);
     let flood = pipelining_flood(&mut proc, 100_000, Duration::from_secs(4), true);
     assert!(
@@ -640,7 +635,7 @@ fn a_pipelining_flood_does_not_take_the_server_down() {
             of it the 6,000-7,600 threads eventserver spawns for the answers (a bug of its own, \
             see a_pipelining_flood_does_not_take_the_server_down)"]
 fn unbounded_pipelining_keeps_memory_bounded() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let mut proc = Proc::start(&[], &[]);
     let flood = pipelining_flood(&mut proc, 100_000, Duration::from_secs(4), false);
     println!("{flood:?}");
@@ -730,7 +725,7 @@ fn a_panicking_handler_answers_500_and_the_pool_never_shrinks() {
 /// loop for good; eventserver replaces it and serves again once descriptors free up.
 #[test]
 fn the_accept_loop_survives_emfile_and_recovers() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let proc = Proc::start(&["prlimit", "--nofile=64:64"], &["--workers", "2"]);
     let addr = proc.addr;
     answered_within(addr, &healthz(addr), 200, SECOND * 5);
@@ -773,7 +768,7 @@ fn the_accept_loop_survives_emfile_and_recovers() {
 /// the limit is raised on the running process, writes succeed again by themselves.
 #[test]
 fn a_full_disk_fails_writes_cleanly_and_they_resume_when_space_returns() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let proc = Proc::start(
         &["prlimit", "--fsize=262144:unlimited"],
         &["--workers", "2"],
@@ -898,7 +893,7 @@ fn integrity_check(db: &Path) -> String {
             eventserver sees the request. Measured here: one 64 MiB header line grew the \
             server's peak RSS (VmHWM) by 128 MiB (the request was then answered 200)"]
 fn a_64_mib_header_line_keeps_memory_bounded() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let proc = Proc::start(&[], &[]);
     let addr = proc.addr;
     answered_within(addr, &healthz(addr), 200, SECOND * 5);
@@ -937,7 +932,7 @@ fn a_64_mib_header_line_keeps_memory_bounded() {
 /// keep-alive connections (a tiny_http thread each) reserve far less than a gigabyte.
 #[test]
 fn two_thousand_idle_connections_reserve_well_under_a_gigabyte() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let proc = Proc::start(&[], &[]);
     let addr = proc.addr;
     answered_within(addr, &healthz(addr), 200, SECOND * 5);
@@ -983,7 +978,7 @@ fn two_thousand_idle_connections_reserve_well_under_a_gigabyte() {
             such requests, closed by the client, left the server holding 100 more descriptors \
             after the read timeout had passed"]
 fn an_http_2_request_line_is_answered_and_its_connection_released() {
-    let _turn = heavy();
+    let _turn = crate::support::heavy();
     let proc = Proc::start(&[], &["--read-timeout", "1"]);
     let addr = proc.addr;
     answered_within(addr, &healthz(addr), 200, SECOND * 5);

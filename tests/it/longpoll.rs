@@ -795,6 +795,7 @@ fn max_batch_caps_one_answer_and_the_next_poll_continues() {
 
 #[test]
 fn pages_through_ten_thousand_events_from_since_time_zero() {
+    let _turn = crate::support::heavy();
     const N: usize = 10_000;
     let server = TestServer::start();
     let started = Instant::now();
@@ -847,6 +848,7 @@ fn a_parked_poll_wakes_on_publish() {
 
 #[test]
 fn a_thousand_parked_polls_are_all_answered_by_one_event() {
+    let _turn = crate::support::heavy();
     const POLLS: usize = 1000;
     let server = TestServer::start();
     // Warm the credential cache so the burst does not verify 1,000 hashes.
@@ -977,6 +979,7 @@ fn a_publish_racing_the_first_poll_of_a_category_is_never_lost() {
 
 #[test]
 fn timeouts_are_on_time_while_a_thousand_polls_leave_the_workers_free() {
+    let _turn = crate::support::heavy();
     const POLLS: usize = 1000;
     const TIMEOUT: u64 = 4;
     let server = TestServer::start();

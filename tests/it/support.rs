@@ -242,3 +242,11 @@ pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Tests that load the machine (hundreds of connections, floods, kill loops, child
+/// processes under limits) take turns across all modules, so one does not skew another's
+/// timing.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
