@@ -42,6 +42,9 @@ pub struct Config {
     /// Most parked long-polls at once; beyond it new ones get 503. Default: derived from the
     /// open-files limit, since tiny_http spends two descriptors per connection.
     pub max_parked: usize,
+    /// Open connections beyond which new requests get 503 at once. Default: room for every
+    /// parked long-poll plus 1,000 others, within the open-files limit.
+    pub max_connections: usize,
     /// Path of the golongpoll subscribe handler.
     pub events_path: String,
     /// Path of the golongpoll publish handler.
@@ -90,6 +93,7 @@ impl Config {
             longpoll_max_timeout: 110,
             longpoll_max_batch: 250,
             max_parked: default_max_parked(),
+            max_connections: default_max_connections(),
             events_path: "/events".into(),
             publish_path: "/publish".into(),
             write_queue: 16_384,
@@ -114,6 +118,7 @@ impl Config {
             ("max-limit", self.max_limit),
             ("longpoll-max-batch", self.longpoll_max_batch),
             ("max-parked", self.max_parked),
+            ("max-connections", self.max_connections),
             ("write-queue", self.write_queue),
         ];
         for (name, value) in positive {
@@ -157,6 +162,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Connections allowed by default: every parked poll plus 1,000 others, but never past what
+/// the open-files limit leaves (two descriptors per connection, 256 for everything else).
+fn default_max_connections() -> usize {
+    let limit = crate::sys::open_files_limit().unwrap_or(1024);
+    let fits = (limit.saturating_sub(256) / 2) as usize;
+    (default_max_parked() + 1_000).min(fits).max(16)
 }
 
 /// Parked long-polls allowed by default: well below the open-files limit, which tiny_http

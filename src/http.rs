@@ -117,6 +117,12 @@ struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Probes answered so far.
     probes: AtomicUsize,
+    /// Open connections beyond which requests get 503.
+    max_connections: usize,
+    /// Open connections, estimated by the prober from the process's descriptors.
+    connections: AtomicUsize,
+    /// Descriptors open before any connection (database, listener, logs).
+    baseline_fds: usize,
     /// Requests received so far (the prober pumps while this moves).
     arrivals: AtomicUsize,
     /// Disconnects when the server stops, waking the prober at once.
@@ -172,6 +178,17 @@ impl Shared {
     }
 }
 
+/// The bounds the HTTP layer enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body read; larger ones are refused unread.
+    pub max_body: usize,
+    /// A connection silent this long is cut.
+    pub read_timeout: Duration,
+    /// Open connections beyond which new requests get 503 at once.
+    pub max_connections: usize,
+}
+
 /// The running HTTP front end.
 pub struct HttpServer {
     shared: Arc<Shared>,
@@ -182,12 +199,12 @@ pub struct HttpServer {
 impl HttpServer {
     /// Starts accepting on `listener`, handing every request to `sink`. Connections that
     /// send nothing for `read_timeout` are cut.
-    pub fn start(
-        listener: TcpListener,
-        max_body: usize,
-        read_timeout: Duration,
-        sink: Sink,
-    ) -> io::Result<HttpServer> {
+    pub fn start(listener: TcpListener, limits: Limits, sink: Sink) -> io::Result<HttpServer> {
+        let Limits {
+            max_body,
+            read_timeout,
+            max_connections,
+        } = limits;
         let addr = listener.local_addr()?;
         socket2::SockRef::from(&listener).set_read_timeout(Some(read_timeout))?;
         let mut probe_addr = addr;
@@ -208,6 +225,9 @@ impl HttpServer {
             servers: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             probes: AtomicUsize::new(0),
+            max_connections,
+            connections: AtomicUsize::new(0),
+            baseline_fds: open_fds().unwrap_or(0),
             arrivals: AtomicUsize::new(0),
             stopped,
             outstanding: Mutex::new(HashMap::new()),
@@ -395,6 +415,11 @@ fn probe_loop(shared: &Arc<Shared>) {
         if tick % PROBE_TICKS != 0 {
             continue;
         }
+        if let Some(fds) = open_fds() {
+            // tiny_http holds two descriptors per connection.
+            let estimate = fds.saturating_sub(shared.baseline_fds) / 2;
+            shared.connections.store(estimate, Ordering::Relaxed);
+        }
         let started = Instant::now();
         if probe(shared) {
             misses = 0;
@@ -411,6 +436,11 @@ fn probe_loop(shared: &Arc<Shared>) {
             replace(shared, Duration::ZERO, true);
         }
     }
+}
+
+/// Descriptors this process has open, if /proc tells.
+fn open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(Iterator::count)
 }
 
 /// Whether a probe request is answered within [`PROBE_PATIENCE`].
@@ -500,6 +530,12 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         unread: None,
         order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
     };
+    if shared.connections.load(Ordering::Relaxed) > shared.max_connections {
+        // Refused quickly rather than left to pile up toward the descriptor limit.
+        let busy = "Service Unavailable - too many open connections";
+        responder.unread = declared.filter(|n| *n > BUFFERED_BODY);
+        return responder.send(api::Response::message(503, busy));
+    }
     if flooding {
         // One connection may not fill the workers' queue for everyone else.
         let busy = "Service Unavailable - too many pipelined requests on this connection";

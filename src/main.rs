@@ -38,6 +38,8 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
   --longpoll-max-timeout SECS   longest long-poll timeout  [110]
   --longpoll-max-batch N        most events per long-poll answer [250]
   --max-parked N                most parked long-polls     [from the open-files limit]
+  --max-connections N           open connections before new requests get 503
+                                                           [max-parked + 1000]
   --events-path PATH            long-poll subscribe path   [/events]
   --publish-path PATH           long-poll publish path     [/publish]
   --write-queue N               writes queued for the writer before 503 [16384]
@@ -211,6 +213,7 @@ const SERVE_FLAGS: &[&str] = &[
     "longpoll-max-timeout",
     "longpoll-max-batch",
     "max-parked",
+    "max-connections",
     "events-path",
     "publish-path",
     "write-queue",
@@ -234,6 +237,7 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("longpoll-max-timeout", &mut config.longpoll_max_timeout)?;
     args.parsed("longpoll-max-batch", &mut config.longpoll_max_batch)?;
     args.parsed("max-parked", &mut config.max_parked)?;
+    args.parsed("max-connections", &mut config.max_connections)?;
     args.parsed("events-path", &mut config.events_path)?;
     args.parsed("publish-path", &mut config.publish_path)?;
     args.parsed("write-queue", &mut config.write_queue)?;

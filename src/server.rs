@@ -142,7 +142,12 @@ impl Server {
                 }
             })
         };
-        let http = HttpServer::start(listener, app.config.max_body, app.config.read_timeout, sink)?;
+        let limits = crate::http::Limits {
+            max_body: app.config.max_body,
+            read_timeout: app.config.read_timeout,
+            max_connections: app.config.max_connections,
+        };
+        let http = HttpServer::start(listener, limits, sink)?;
         Ok(ServerHandle {
             addr: http.addr(),
             app,

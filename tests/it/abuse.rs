@@ -763,6 +763,38 @@ fn the_accept_loop_survives_emfile_and_recovers() {
     );
 }
 
+/// Beyond `--max-connections`, new requests are answered 503 at once (the accept loop keeps
+/// running), and served again once connections close.
+#[test]
+fn connections_beyond_the_cap_get_503_quickly() {
+    let _turn = crate::support::heavy();
+    let proc = Proc::start(&[], &["--max-connections", "20"]);
+    let addr = proc.addr;
+    answered_within(addr, &healthz(addr), 200, SECOND * 5);
+    let idle: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    wait_until(Duration::from_secs(5), "requests are refused", || {
+        try_send(addr, &healthz(addr), SECOND).is_ok_and(|r| r.status == 503)
+    });
+    let sent = Instant::now();
+    let resp = try_send(addr, &healthz(addr), SECOND).expect("an answer");
+    assert!(
+        sent.elapsed() < SECOND,
+        "refused after {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(resp.status, 503);
+    assert_eq!(
+        resp.json(),
+        json!("Service Unavailable - too many open connections")
+    );
+    drop(idle);
+    wait_until(Duration::from_secs(5), "the server serves again", || {
+        try_send(addr, &healthz(addr), SECOND).is_ok_and(|r| r.status == 200)
+    });
+}
+
 /// With `RLIMIT_FSIZE` reached (SIGXFSZ ignored, so writes fail with EFBIG): appends answer
 /// 500, publishes 500 `{"error": …}`, reads keep working, nothing is half-written, and once
 /// the limit is raised on the running process, writes succeed again by themselves.

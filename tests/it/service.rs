@@ -1058,6 +1058,14 @@ const SETTINGS: &[Setting] = &[
         logged: None,
     },
     Setting {
+        flag: "--max-connections",
+        var: "EVENTSERVER_MAX_CONNECTIONS",
+        invalid: "lots",
+        invalid_names: "EVENTSERVER_MAX_CONNECTIONS",
+        valid: "100",
+        logged: None,
+    },
+    Setting {
         flag: "--auth-failure-limit",
         var: "EVENTSERVER_AUTH_FAILURE_LIMIT",
         invalid: "x",
