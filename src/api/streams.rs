@@ -295,7 +295,9 @@ fn consume(
 fn ack(app: &App, grants: &Grants, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
     let checked = (|| -> Result<_, String> {
         let stream = stream_name(raw_stream)?;
-        let id = Uuid::parse_str(raw_id).map_err(|_| "event id is not a UUID".to_owned())?;
+        let id = decode(raw_id, false)
+            .and_then(|id| Uuid::parse_str(&id).ok())
+            .ok_or_else(|| "event id is not a UUID".to_owned())?;
         let consumer = client_id(req, "X-Consumer-ID")?;
         let body = match &req.body {
             Body::Bytes(body) => {

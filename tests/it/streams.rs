@@ -1850,3 +1850,28 @@ fn slow_bodies_do_not_stop_other_clients() {
     expect_no_stream(&reading, "trickled", "trickled");
     expect_no_stream(&refusing, "trickled", "trickled");
 }
+
+/// Regression: the event id in the ACK path is percent-decoded like the stream name, so a
+/// braced UUID sent as `%7B…%7D` acknowledges that event.
+#[test]
+fn ack_accepts_a_percent_encoded_braced_event_id() {
+    let server = TestServer::start();
+    let resp = server
+        .req("POST", "/api/v1/streams/braced/events")
+        .header("X-Producer-ID", "p")
+        .json(&serde_json::json!({"event": {"name": "E"}}))
+        .send();
+    assert_eq!(resp.status, 200);
+    let id: String = serde_json::from_slice(&resp.body).unwrap();
+    let ack = server
+        .req("POST", &format!("/api/v1/streams/braced/events/%7B{id}%7D"))
+        .header("X-Consumer-ID", "c")
+        .body("action=ACK")
+        .send();
+    assert_eq!((ack.status, ack.text().as_str()), (200, "\"OK\""));
+    let left = server
+        .req("GET", "/api/v1/streams/braced/events?eventName=E&limit=5")
+        .header("X-Consumer-ID", "c")
+        .send();
+    assert_eq!(left.text(), "[]");
+}
