@@ -1,7 +1,7 @@
 //! The streams API (issue 2) over real HTTP: every numbered point of the contract, the
 //! producer race, restart, concurrency, and bodies that are huge or arrive slowly.
 
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -206,72 +206,8 @@ fn exchange_within(addr: SocketAddr, bytes: &[u8], within: Duration) -> Resp {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(within)).unwrap();
     let _ = stream.write_all(bytes);
-    read_full_response(&mut BufReader::new(stream))
+    read_response(&mut BufReader::new(stream))
         .unwrap_or_else(|e| panic!("no answer from the server (connection closed?): {e}"))
-}
-
-/// Reads one response with a `Content-Length` or chunked body.
-fn read_full_response(reader: &mut impl BufRead) -> std::io::Result<Resp> {
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() {
-            break;
-        }
-        if let Some((n, v)) = trimmed.split_once(':') {
-            headers.push((n.trim().to_owned(), v.trim().to_owned()));
-        }
-    }
-    let find = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    let mut body = Vec::new();
-    if find("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
-        loop {
-            line.clear();
-            reader.read_line(&mut line)?;
-            let size = line.trim().split(';').next().unwrap_or("");
-            let size = usize::from_str_radix(size, 16)
-                .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
-            if size == 0 {
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            reader.read_exact(&mut body[start..])?;
-            line.clear();
-            reader.read_line(&mut line)?;
-        }
-    } else {
-        let len: usize = find("Content-Length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        body.resize(len, 0);
-        reader.read_exact(&mut body)?;
-    }
-    Ok(Resp {
-        status,
-        headers,
-        body,
-    })
 }
 
 /// Asserts that `stream` was never created.

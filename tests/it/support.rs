@@ -199,7 +199,7 @@ impl Resp {
     }
 }
 
-/// Reads one response with a `Content-Length` body.
+/// Reads one response with a `Content-Length` or chunked body.
 pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Resp> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -220,13 +220,42 @@ pub fn read_response(reader: &mut impl BufRead) -> std::io::Result<Resp> {
             headers.push((n.trim().to_owned(), v.trim().to_owned()));
         }
     }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body)?;
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _): &&(String, String)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if find("Transfer-Encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        loop {
+            line.clear();
+            reader.read_line(&mut line)?;
+            let size = line.trim().split(';').next().unwrap_or("");
+            let size = usize::from_str_radix(size, 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+            if size == 0 {
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                }
+                break;
+            }
+            let start = body.len();
+            body.resize(start + size, 0);
+            reader.read_exact(&mut body[start..])?;
+            line.clear();
+            reader.read_line(&mut line)?;
+        }
+    } else {
+        let len: usize = find("Content-Length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        body.resize(len, 0);
+        reader.read_exact(&mut body)?;
+    }
     Ok(Resp {
         status,
         headers,
