@@ -55,6 +55,8 @@ const BUFFERED_BODY: usize = 1024;
 const DRAIN_CAP: usize = 16 << 20;
 /// Drains running at once; beyond it connections are abandoned instead.
 const MAX_DRAINS: usize = 16;
+/// Threads taking requests from each tiny_http server: one per core on a small host.
+const DISPATCHERS: usize = 2;
 /// The prober's tick.
 const TICK: Duration = Duration::from_millis(100);
 /// Ticks between probe requests.
@@ -258,7 +260,9 @@ impl HttpServer {
         lock(&self.stop_prober).take();
         let servers = std::mem::take(&mut *lock(&self.shared.servers));
         for server in &servers {
-            server.unblock();
+            for _ in 0..DISPATCHERS {
+                server.unblock();
+            }
         }
         drop(servers);
         loop {
@@ -288,40 +292,48 @@ fn spawn_acceptor(
     server: Arc<tiny_http::Server>,
     delay: Duration,
 ) -> io::Result<()> {
-    let inner = shared.clone();
-    let handle = thread::Builder::new()
-        .name("http-accept".into())
-        .stack_size(SMALL_STACK)
-        .spawn(move || {
-            if !delay.is_zero() {
-                thread::sleep(delay);
-            }
-            accept_loop(&inner, server);
-        })?;
-    lock(&shared.threads).push(handle);
+    let replaced = Arc::new(AtomicBool::new(false));
+    for _ in 0..DISPATCHERS {
+        let (inner, server, replaced) = (shared.clone(), server.clone(), replaced.clone());
+        let handle = thread::Builder::new()
+            .name("http-dispatch".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || {
+                if !delay.is_zero() {
+                    thread::sleep(delay);
+                }
+                accept_loop(&inner, &server, &replaced);
+            })?;
+        lock(&shared.threads).push(handle);
+    }
     Ok(())
 }
 
 /// Takes requests from one tiny_http server until shutdown, replacing its accept loop if it
-/// dies.
-fn accept_loop(shared: &Arc<Shared>, server: Arc<tiny_http::Server>) {
+/// dies. Several threads share a server (its queue takes many consumers) so decoding and
+/// dispatching spread over the cores; `replaced` is shared among them.
+fn accept_loop(shared: &Arc<Shared>, server: &Arc<tiny_http::Server>, replaced: &AtomicBool) {
     let born = Instant::now();
-    let mut replaced = false;
+    let mut last_request = Instant::now();
     loop {
-        let next = if replaced {
-            match server.recv_timeout(shared.retire_after()) {
-                Ok(Some(rq)) => Ok(rq),
-                Ok(None) => break,
-                Err(e) => Err(e),
+        // A bounded wait, so a thread of a replaced server notices when it falls silent.
+        match server.recv_timeout(Duration::from_secs(1)) {
+            Ok(Some(rq)) => {
+                last_request = Instant::now();
+                dispatch(shared, rq);
             }
-        } else {
-            server.recv()
-        };
-        match next {
-            Ok(rq) => dispatch(shared, rq),
+            Ok(None) => {
+                let retired = replaced.load(Ordering::SeqCst)
+                    && last_request.elapsed() >= shared.retire_after();
+                if shared.stopping.load(Ordering::SeqCst) || retired {
+                    break;
+                }
+            }
             Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
-            Err(e) if !replaced => {
-                replaced = true;
+            Err(e) => {
+                if replaced.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
                 // A loop that dies at once again (EMFILE persists) is retried with a pause,
                 // so a descriptor shortage does not become a busy loop.
                 let delay = if born.elapsed() < Duration::from_secs(1) {
@@ -343,10 +355,9 @@ fn accept_loop(shared: &Arc<Shared>, server: Arc<tiny_http::Server>) {
                 }
                 replace(shared, delay, !idle);
             }
-            Err(_) => {}
         }
     }
-    lock(&shared.servers).retain(|s| !Arc::ptr_eq(s, &server));
+    lock(&shared.servers).retain(|s| !Arc::ptr_eq(s, server));
 }
 
 /// Starts a new accept loop, retrying while the listener cannot be cloned (no descriptors).
