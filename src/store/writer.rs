@@ -117,6 +117,7 @@ pub fn run(
     clock: Arc<Clock>,
     on_commit: impl Fn(Committed),
 ) -> Connection {
+    let mut streams = StreamCache::default();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -129,9 +130,11 @@ pub fn run(
         let ts = clock.stamp_batch();
         let started = std::time::Instant::now();
         let jobs = batch.len();
-        let mut committed = match apply(&mut conn, &batch, ts) {
+        let mut committed = match apply(&mut conn, &mut streams, &batch, ts) {
             Ok(outcomes) => finish(batch, outcomes),
             Err(e) => {
+                // The cache may hold what the rolled-back transaction did: start afresh.
+                streams.rows.clear();
                 crate::log::error(&format!("commit of {jobs} jobs failed: {e}"));
                 fail(batch, WriteError::Storage(e.0))
             }
@@ -158,16 +161,38 @@ struct StreamRow {
     id: i64,
     owner: Option<String>,
     last_seq: u64,
-    dirty: bool,
     /// Index into the batch's `Appended` list, once this stream got an event.
     appended: Option<usize>,
 }
 
-fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, StoreError> {
+/// The writer's copy of the stream rows it has touched, kept across batches so an append
+/// costs no lookup. Only the writer appends; admin commands (`stream release`) commit from
+/// other connections, which changes `PRAGMA data_version` and empties the cache.
+#[derive(Default)]
+struct StreamCache {
+    rows: HashMap<String, StreamRow>,
+    data_version: Option<i64>,
+}
+
+/// Most stream rows cached; beyond it the cache starts afresh.
+const STREAM_CACHE: usize = 65_536;
+
+fn apply(
+    conn: &mut Connection,
+    cache: &mut StreamCache,
+    batch: &[Job],
+    ts: u64,
+) -> Result<Vec<Outcome>, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut streams: HashMap<&str, StreamRow> = HashMap::new();
+    let version: i64 = tx.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+    if cache.data_version != Some(version) || cache.rows.len() > STREAM_CACHE {
+        cache.rows.clear();
+        cache.data_version = Some(version);
+    }
+    let streams = &mut cache.rows;
+    // The streams this batch appended to, in the order of their first event.
+    let mut touched: Vec<&str> = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
-    let mut appended_count = 0;
     {
         let mut insert_event = tx.prepare_cached(
             "INSERT INTO events (stream_id, seq, id, name, ts, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -184,7 +209,7 @@ fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, 
                         Some(row) => row,
                         None => {
                             let row = load_or_create(&tx, stream, producer.as_deref(), ts)?;
-                            streams.entry(stream.as_str()).or_insert(row)
+                            streams.entry(stream.clone()).or_insert(row)
                         }
                     };
                     match (&row.owner, producer) {
@@ -193,14 +218,10 @@ fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, 
                             outcomes.push(Outcome::Refused(WriteError::Locked));
                             continue;
                         }
-                        (None, Some(p)) => {
-                            row.owner = Some(p.clone());
-                            row.dirty = true;
-                        }
+                        (None, Some(p)) => row.owner = Some(p.clone()),
                         (None, None) => {}
                     }
                     row.last_seq += 1;
-                    row.dirty = true;
                     let event = render(payload, row.last_seq, ts);
                     insert_event.execute(params![
                         row.id,
@@ -211,8 +232,8 @@ fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, 
                         &*event.data,
                     ])?;
                     let slot = *row.appended.get_or_insert_with(|| {
-                        appended_count += 1;
-                        appended_count - 1
+                        touched.push(stream);
+                        touched.len() - 1
                     });
                     Outcome::Appended(slot, Arc::new(event))
                 }
@@ -248,8 +269,10 @@ fn apply(conn: &mut Connection, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, 
         let mut update = tx.prepare_cached(
             "UPDATE streams SET owner = ?2, last_seq = ?3, last_ms = ?4 WHERE id = ?1",
         )?;
-        for row in streams.values().filter(|r| r.dirty) {
+        for name in &touched {
+            let row = streams.get_mut(*name).expect("touched streams are cached");
             update.execute(params![row.id, row.owner, row.last_seq as i64, ts as i64])?;
+            row.appended = None;
         }
     }
     tx.commit()?;
@@ -269,7 +292,6 @@ fn load_or_create(
                 id: r.get(0)?,
                 owner: r.get(1)?,
                 last_seq: r.get::<_, i64>(2)? as u64,
-                dirty: false,
                 appended: None,
             })
         })
@@ -285,7 +307,6 @@ fn load_or_create(
         id: tx.last_insert_rowid(),
         owner: producer.map(str::to_owned),
         last_seq: 0,
-        dirty: false,
         appended: None,
     })
 }
@@ -301,19 +322,20 @@ fn retain(
         .prepare_cached("SELECT id, last_seq FROM streams")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    let mut by_count =
-        tx.prepare_cached("DELETE FROM events WHERE stream_id = ?1 AND seq <= ?2")?;
-    let mut by_age = tx.prepare_cached("DELETE FROM events WHERE stream_id = ?1 AND ts < ?2")?;
+    let mut delete = tx.prepare_cached("DELETE FROM events WHERE stream_id = ?1 AND seq <= ?2")?;
     let mut deleted = 0;
     for (id, last_seq) in streams {
-        if let Some(max) = max_events {
-            let cutoff = last_seq.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX));
-            if cutoff > 0 {
-                deleted += by_count.execute(params![id, cutoff])?;
-            }
-        }
-        if let Some(before) = before_ms {
-            deleted += by_age.execute(params![id, before as i64])?;
+        let by_count = max_events.map_or(0, |max| {
+            last_seq.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX))
+        });
+        // Timestamps never decrease along a stream, so "older than" is a prefix too.
+        let by_age = match before_ms {
+            Some(before) => super::seq_at_time(tx, id, before as i64, true)? as i64,
+            None => 0,
+        };
+        let cutoff = by_count.max(by_age);
+        if cutoff > 0 {
+            deleted += delete.execute(params![id, cutoff])?;
         }
     }
     if deleted > 0 {
