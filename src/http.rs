@@ -71,6 +71,8 @@ const PUMP_CONNECTIONS: usize = 16;
 const IDLE_PUMPS: usize = 2;
 /// Ticks of pumping after the last request arrived.
 const PUMP_TICKS: u32 = 10;
+/// The request headers the APIs look at.
+const API_HEADERS: [&str; 3] = ["Authorization", "X-Producer-ID", "X-Consumer-ID"];
 /// Unanswered requests one connection may have before more get 503 at once.
 const MAX_PIPELINED: usize = 64;
 /// The path of probe requests; answered by the HTTP layer itself.
@@ -80,11 +82,6 @@ const SMALL_STACK: usize = 128 << 10;
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
 static ABANDONED: AtomicUsize = AtomicUsize::new(0);
-
-/// Connections abandoned so far because their unread body was too large to drain.
-pub fn abandoned_connections() -> usize {
-    ABANDONED.load(Ordering::Relaxed)
-}
 
 /// Binds a listener the way the server wants it.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -507,9 +504,11 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         tiny_http::Method::Head => Method::Head,
         other => Method::Other(other.as_str().to_owned()),
     };
+    // Only the headers the APIs read are copied; the rest stay with tiny_http.
     let headers = rq
         .headers()
         .iter()
+        .filter(|h| API_HEADERS.iter().any(|name| h.field.equiv(name)))
         .map(|h| {
             (
                 h.field.as_str().as_str().to_owned(),

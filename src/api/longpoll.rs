@@ -146,8 +146,12 @@ pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, S
 
 /// `GET` (or `POST`) on the subscribe path.
 pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    let category = Form::parse(&req.query).first("category").map(str::to_owned);
     let public = &app.config.public_subscribe;
+    // The query is read once more below; only open categories need it before auth.
+    let category = match public.is_empty() {
+        true => None,
+        false => Form::parse(&req.query).first("category").map(str::to_owned),
+    };
     let grants = match authenticate(app, reader, &req, public, category.as_deref()) {
         Ok(grants) => grants,
         Err(response) => return reply(response),

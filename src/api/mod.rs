@@ -55,7 +55,8 @@ pub struct Request {
     pub path: String,
     /// The raw query string (after `?`), possibly empty.
     pub query: String,
-    /// Header names and values in arrival order.
+    /// The headers the APIs read (`Authorization`, `X-Producer-ID`, `X-Consumer-ID`), in
+    /// arrival order.
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Body,

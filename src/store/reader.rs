@@ -78,11 +78,6 @@ impl Reader {
             .optional()?)
     }
 
-    /// The catalogue entry of `stream`.
-    pub fn stream(&self, stream: &str) -> Result<Option<StreamInfo>, StoreError> {
-        stream_info(&self.conn, stream)
-    }
-
     /// Up to `limit` events named `name` after `consumer`'s offset; `None` if the stream
     /// does not exist.
     pub fn consume(
