@@ -14,8 +14,11 @@
 //!   `upgrade` and the connection is abandoned (kept, never drained) and counted.
 //! - **The accept loop is replaced when it dies.** tiny_http's accept thread ends for good
 //!   on any `accept()` error (`EMFILE`, `ECONNABORTED`); `recv` then reports the error once.
-//!   We keep our own handle on the listener and start a new accept loop from it, while the
-//!   old one keeps delivering requests from its open connections until it falls silent.
+//!   It also panics, silently, when `try_clone` of a socket it just accepted finds no free
+//!   descriptor or a thread spawn fails; then the only sign is that the listener clone it
+//!   owns is closed, which the prober checks every tick in `/proc/self/fd`. Either way we
+//!   start a new accept loop from our own handle on the listener, while the old one keeps
+//!   delivering requests from its open connections until it falls silent.
 //! - **The listener is ours**: built with std/socket2, with `SO_KEEPALIVE`, `SO_SNDTIMEO`
 //!   and `SO_RCVTIMEO`, which accepted sockets inherit: a client that stops reading or
 //!   sending, or idles on a keep-alive connection, is cut after the timeout. The receive
@@ -25,8 +28,8 @@
 //!   connections of a burst queued with no thread to read them, until other work arrives.
 //!   So the prober opens an empty connection every tick, and more while requests arrive or
 //!   probes are slow: each makes the pool take the oldest queued connection. Twice a second
-//!   it also sends a probe request; when probes stay unanswered the accept loop is presumed
-//!   dead (a failed thread spawn kills it silently) and replaced.
+//!   it also sends a probe request; when probes stay unanswered (a hung accept loop, or no
+//!   /proc to watch) the accept loop is presumed dead and replaced.
 //! - **Pipelined requests never block a worker.** tiny_http writes a connection's responses
 //!   in request order, so answering a request pipelined behind an unanswered one (a parked
 //!   long-poll) would block until that one is answered. Such answers are written from a
@@ -35,6 +38,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Cursor, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -79,6 +84,9 @@ const MAX_PIPELINED: usize = 64;
 const PROBE_PATH: &str = "/.eventserver-probe";
 /// Stack for our short-lived body and drain threads: they hold nothing deep.
 const SMALL_STACK: usize = 128 << 10;
+/// Threads a new engine starts: tiny_http's accept thread and the first four of its
+/// connection pool, and our dispatchers.
+const ENGINE_THREADS: usize = 1 + 4 + DISPATCHERS;
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
 static ABANDONED: AtomicUsize = AtomicUsize::new(0);
@@ -112,7 +120,11 @@ struct Shared {
     max_body: usize,
     read_timeout: Duration,
     stopping: AtomicBool,
-    servers: Mutex<Vec<Arc<tiny_http::Server>>>,
+    /// What `/proc/self/fd` shows for the listener (`socket:[inode]`), when there is a /proc.
+    listener_link: Option<PathBuf>,
+    engines: Mutex<Vec<Arc<Engine>>>,
+    /// The accept loop to start next, while one is wanted.
+    successor: Mutex<Option<Successor>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Probes answered so far.
     probes: AtomicUsize,
@@ -205,6 +217,7 @@ impl HttpServer {
             max_connections,
         } = limits;
         let addr = listener.local_addr()?;
+        let listener_fd = listener.as_raw_fd();
         socket2::SockRef::from(&listener).set_read_timeout(Some(read_timeout))?;
         let mut probe_addr = addr;
         if probe_addr.ip().is_unspecified() {
@@ -221,7 +234,9 @@ impl HttpServer {
             max_body,
             read_timeout,
             stopping: AtomicBool::new(false),
-            servers: Mutex::new(Vec::new()),
+            listener_link: fd_link(listener_fd),
+            engines: Mutex::new(Vec::new()),
+            successor: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
             probes: AtomicUsize::new(0),
             max_connections,
@@ -231,14 +246,13 @@ impl HttpServer {
             stopped,
             outstanding: Mutex::new(HashMap::new()),
         });
-        let server = new_server(&shared)?;
-        spawn_acceptor(&shared, server, Duration::ZERO)?;
+        spawn_dispatchers(&shared, new_engine(&shared)?)?;
         let prober = shared.clone();
         let handle = thread::Builder::new()
             .name("http-probe".into())
             .stack_size(SMALL_STACK)
             .spawn(move || probe_loop(&prober))?;
-        lock(&shared.threads).push(handle);
+        keep_thread(&shared, handle);
         Ok(HttpServer {
             shared,
             addr,
@@ -255,13 +269,13 @@ impl HttpServer {
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         lock(&self.stop_prober).take();
-        let servers = std::mem::take(&mut *lock(&self.shared.servers));
-        for server in &servers {
+        let engines = std::mem::take(&mut *lock(&self.shared.engines));
+        for engine in &engines {
             for _ in 0..DISPATCHERS {
-                server.unblock();
+                engine.server.unblock();
             }
         }
-        drop(servers);
+        drop(engines);
         loop {
             let Some(handle) = lock(&self.shared.threads).pop() else {
                 break;
@@ -275,117 +289,236 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn new_server(shared: &Shared) -> io::Result<Arc<tiny_http::Server>> {
-    let listener = shared.listener.try_clone()?;
-    let server = tiny_http::Server::from_listener(listener, None)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let server = Arc::new(server);
-    lock(&shared.servers).push(server.clone());
-    Ok(server)
+/// A new accept loop wanted, and when to (next) try starting it.
+struct Successor {
+    at: Instant,
+    /// Whether to log its start (not after the expected idle timeout).
+    announce: bool,
+    /// The wait after the next failed attempt.
+    pause: Duration,
 }
 
-fn spawn_acceptor(
-    shared: &Arc<Shared>,
-    server: Arc<tiny_http::Server>,
-    delay: Duration,
-) -> io::Result<()> {
-    let replaced = Arc::new(AtomicBool::new(false));
+/// One tiny_http server: an accept thread, its connection pool and its request queue.
+struct Engine {
+    server: tiny_http::Server,
+    /// The listener clone the accept thread owns. It is closed when that thread ends, also
+    /// when it panics, which it does silently (e.g. EMFILE on the `try_clone` of a socket
+    /// it just accepted, or a failed thread spawn): the one sign such a death leaves.
+    listener_fd: RawFd,
+    /// Whether a newer engine has taken over accepting.
+    replaced: AtomicBool,
+    /// Threads taking requests from it.
+    dispatchers: AtomicUsize,
+    born: Instant,
+}
+
+impl Engine {
+    /// Whether the accept thread is known to have ended: its listener is closed.
+    fn dead(&self, shared: &Shared) -> bool {
+        shared
+            .listener_link
+            .as_ref()
+            .is_some_and(|link| fd_link(self.listener_fd).as_ref() != Some(link))
+    }
+}
+
+/// What `/proc/self/fd` says descriptor `fd` is, if there is a /proc.
+fn fd_link(fd: RawFd) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+}
+
+fn new_engine(shared: &Shared) -> io::Result<Arc<Engine>> {
+    let listener = shared.listener.try_clone()?;
+    let listener_fd = listener.as_raw_fd();
+    // tiny_http panics, rather than failing, when it cannot spawn its accept thread.
+    let server = std::panic::catch_unwind(|| tiny_http::Server::from_listener(listener, None))
+        .map_err(|_| io::Error::other("cannot spawn the accept thread"))?
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let engine = Arc::new(Engine {
+        server,
+        listener_fd,
+        replaced: AtomicBool::new(false),
+        dispatchers: AtomicUsize::new(0),
+        born: Instant::now(),
+    });
+    lock(&shared.engines).push(engine.clone());
+    Ok(engine)
+}
+
+/// Starts the threads that take requests from `engine`: [`DISPATCHERS`] of them, or as many
+/// as can be spawned, at least one. When none can, the engine is shut down again.
+fn spawn_dispatchers(shared: &Arc<Shared>, engine: Arc<Engine>) -> io::Result<()> {
     for _ in 0..DISPATCHERS {
-        let (inner, server, replaced) = (shared.clone(), server.clone(), replaced.clone());
-        let handle = thread::Builder::new()
+        let (inner, mine) = (shared.clone(), engine.clone());
+        let spawned = thread::Builder::new()
             .name("http-dispatch".into())
             .stack_size(SMALL_STACK)
-            .spawn(move || {
-                if !delay.is_zero() {
-                    thread::sleep(delay);
-                }
-                accept_loop(&inner, &server, &replaced);
-            })?;
-        lock(&shared.threads).push(handle);
+            .spawn(move || accept_loop(&inner, &mine));
+        match spawned {
+            Ok(handle) => {
+                keep_thread(shared, handle);
+                engine.dispatchers.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(e) if engine.dispatchers.load(Ordering::SeqCst) == 0 => {
+                // Dropping the last handle on the tiny_http server ends its accept thread.
+                lock(&shared.engines).retain(|e| !Arc::ptr_eq(e, &engine));
+                return Err(e);
+            }
+            Err(_) => break,
+        }
     }
     Ok(())
 }
 
-/// Takes requests from one tiny_http server until shutdown, replacing its accept loop if it
-/// dies. Several threads share a server (its queue takes many consumers) so decoding and
-/// dispatching spread over the cores; `replaced` is shared among them.
-fn accept_loop(shared: &Arc<Shared>, server: &Arc<tiny_http::Server>, replaced: &AtomicBool) {
-    let born = Instant::now();
+/// Whether `n` more threads can be started now: spawns them and lets them end at once.
+/// tiny_http's pool leaks the threads it started when it fails to start all of its first
+/// ones, so a new engine is only started when there is room for all of its threads.
+fn room_for_threads(n: usize) -> io::Result<()> {
+    let (release, released) = crossbeam_channel::bounded::<()>(0);
+    let mut spawned = Vec::with_capacity(n);
+    let mut result = Ok(());
+    for _ in 0..n {
+        let released = released.clone();
+        let handle = thread::Builder::new()
+            .name("http-room".into())
+            .stack_size(SMALL_STACK)
+            .spawn(move || {
+                let _ = released.recv();
+            });
+        match handle {
+            Ok(handle) => spawned.push(handle),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    drop(release);
+    for handle in spawned {
+        let _ = handle.join();
+    }
+    result
+}
+
+/// Keeps `handle` to join at shutdown, forgetting threads that have ended already.
+fn keep_thread(shared: &Shared, handle: JoinHandle<()>) {
+    let mut threads = lock(&shared.threads);
+    threads.retain(|t| !t.is_finished());
+    threads.push(handle);
+}
+
+/// Takes requests from one engine until shutdown, replacing its accept loop if it dies.
+/// Several threads share an engine (its queue takes many consumers) so decoding and
+/// dispatching spread over the cores.
+fn accept_loop(shared: &Arc<Shared>, engine: &Arc<Engine>) {
     let mut last_request = Instant::now();
     loop {
-        // A bounded wait, so a thread of a replaced server notices when it falls silent.
-        match server.recv_timeout(Duration::from_secs(1)) {
+        // A bounded wait, so a thread of a replaced engine notices when it falls silent.
+        match engine.server.recv_timeout(Duration::from_secs(1)) {
             Ok(Some(rq)) => {
                 last_request = Instant::now();
                 dispatch(shared, rq);
             }
             Ok(None) => {
-                let retired = replaced.load(Ordering::SeqCst)
-                    && last_request.elapsed() >= shared.retire_after();
-                if shared.stopping.load(Ordering::SeqCst) || retired {
+                if shared.stopping.load(Ordering::SeqCst) {
                     break;
+                }
+                if engine.replaced.load(Ordering::SeqCst) {
+                    // One thread is enough for what a replaced engine still delivers (its
+                    // open connections), and threads may be what is short.
+                    let spare = engine
+                        .dispatchers
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                            (n > 1).then(|| n - 1)
+                        })
+                        .is_ok();
+                    if spare || last_request.elapsed() >= shared.retire_after() {
+                        break;
+                    }
                 }
             }
             Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
             Err(e) => {
-                if replaced.swap(true, Ordering::SeqCst) {
-                    continue;
-                }
-                // A loop that dies at once again (EMFILE persists) is retried with a pause,
-                // so a descriptor shortage does not become a busy loop.
-                let delay = if born.elapsed() < Duration::from_secs(1) {
-                    Duration::from_millis(200)
-                } else {
-                    Duration::ZERO
-                };
                 let idle = matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 );
                 if idle {
                     // The listener's receive timeout ended an idle accept: expected.
-                    crate::log::debug("the idle HTTP accept loop timed out; starting a new one");
+                    succeed(shared, engine, None);
                 } else {
-                    crate::log::error(&format!(
-                        "the HTTP accept loop stopped ({e}); starting a new one"
-                    ));
+                    succeed(shared, engine, Some(&e.to_string()));
                 }
-                replace(shared, delay, !idle);
             }
         }
     }
-    lock(&shared.servers).retain(|s| !Arc::ptr_eq(s, server));
+    lock(&shared.engines).retain(|e| !Arc::ptr_eq(e, engine));
 }
 
-/// Starts a new accept loop, retrying while the listener cannot be cloned (no descriptors).
+/// Starts a successor to `engine`, whose accept loop has ended (`why`, unless it was the
+/// expected idle timeout), unless one was started already.
+fn succeed(shared: &Arc<Shared>, engine: &Engine, why: Option<&str>) {
+    if engine.replaced.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // A loop that dies at once again (EMFILE persists) is retried with a pause, so a
+    // descriptor shortage does not become a busy loop.
+    let delay = if engine.born.elapsed() < Duration::from_secs(1) {
+        Duration::from_millis(200)
+    } else {
+        Duration::ZERO
+    };
+    match why {
+        Some(why) => crate::log::error(&format!(
+            "the HTTP accept loop stopped ({why}); starting a new one"
+        )),
+        None => crate::log::debug("the idle HTTP accept loop timed out; starting a new one"),
+    }
+    replace(shared, delay, why.is_some());
+}
+
+/// Asks for a new accept loop after `delay`; at once (from this thread) when that is zero.
+/// Failed attempts (no descriptors, no threads) are retried by the prober, which needs
+/// nothing new to run.
 fn replace(shared: &Arc<Shared>, delay: Duration, announce: bool) {
-    let inner = shared.clone();
-    let spawned = thread::Builder::new()
-        .name("http-respawn".into())
-        .stack_size(SMALL_STACK)
-        .spawn(move || {
-            let mut pause = delay;
-            while !inner.stopping.load(Ordering::SeqCst) {
-                thread::sleep(pause);
-                match new_server(&inner).and_then(|s| spawn_acceptor(&inner, s, Duration::ZERO)) {
-                    Ok(()) => {
-                        if announce {
-                            crate::log::info("a new HTTP accept loop is running");
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        crate::log::error(&format!("cannot restart the accept loop yet: {e}"));
-                        pause = Duration::from_millis(200)
-                            .max(pause * 2)
-                            .min(Duration::from_secs(1));
-                    }
-                }
-            }
+    {
+        let mut pending = lock(&shared.successor);
+        let successor = pending.get_or_insert(Successor {
+            at: Instant::now() + delay,
+            announce,
+            pause: Duration::from_millis(200),
         });
-    match spawned {
-        Ok(handle) => lock(&shared.threads).push(handle),
-        Err(e) => crate::log::error(&format!("cannot spawn the accept-loop restarter: {e}")),
+        successor.announce |= announce;
+    }
+    if delay.is_zero() {
+        start_successor(shared);
+    }
+}
+
+/// Starts the accept loop [`replace`] asked for, if it is due.
+fn start_successor(shared: &Arc<Shared>) {
+    let mut pending = lock(&shared.successor);
+    let Some(successor) = pending.as_mut() else {
+        return;
+    };
+    if successor.at > Instant::now() || shared.stopping.load(Ordering::SeqCst) {
+        return;
+    }
+    let started = room_for_threads(ENGINE_THREADS * 2)
+        .and_then(|()| new_engine(shared))
+        .and_then(|e| spawn_dispatchers(shared, e));
+    match started {
+        Ok(()) => {
+            if successor.announce {
+                crate::log::info("a new HTTP accept loop is running");
+            }
+            *pending = None;
+        }
+        Err(e) => {
+            crate::log::error(&format!("cannot restart the accept loop yet: {e}"));
+            successor.at = Instant::now() + successor.pause;
+            successor.pause = (successor.pause * 2).min(Duration::from_secs(1));
+        }
     }
 }
 
@@ -402,6 +535,15 @@ fn probe_loop(shared: &Arc<Shared>) {
         {
             return;
         }
+        let dead: Vec<Arc<Engine>> = lock(&shared.engines)
+            .iter()
+            .filter(|e| !e.replaced.load(Ordering::SeqCst) && e.dead(shared))
+            .cloned()
+            .collect();
+        for engine in dead {
+            succeed(shared, &engine, Some("its thread ended"));
+        }
+        start_successor(shared);
         let arrivals = shared.arrivals.load(Ordering::Relaxed);
         let fresh = arrivals.wrapping_sub(seen);
         seen = arrivals;
