@@ -22,9 +22,10 @@ pub struct Config {
     pub db: PathBuf,
     /// Worker threads serving requests (default: 2 × cores).
     pub workers: usize,
-    /// Requests waiting for a worker before new ones get 503 (default 16,384): large enough
-    /// that every parked long-poll can come back at once after a publish (a few MiB at
-    /// most), bounded so an overload answers quickly instead of queueing without limit.
+    /// Requests waiting for a worker, per queue (writes, reads), before new ones get 503
+    /// (default 16,384): large enough that every parked long-poll can come back at once
+    /// after a publish (a few MiB at most), bounded so an overload answers quickly instead
+    /// of queueing without limit.
     pub queue: usize,
     /// A connection that sends nothing for this long is cut (default 30 s): idle
     /// keep-alive connections, stalled bodies and slow-drip headers free their thread.

@@ -20,7 +20,8 @@
 //! | 0 | [`auth`], [`clock`], [`config`], [`event`], [`metrics`], [`pool`], [`log`], [`sys`], [`error`] | | |
 //!
 //! Request path: tiny_http's accept loop → [`http`] decodes the request (reading any large
-//! body on its own short-lived thread) → a bounded queue (full: 503) → a worker runs
+//! body on its own short-lived thread) → a bounded queue, writes and reads apart and writes
+//! first (full: 503) → a worker runs
 //! [`api`] with its own read connection → writes go to the single writer thread, which
 //! commits whatever is queued in one transaction and only then answers (group commit).
 //! Long-polls park in [`longpoll::Registry`]; a commit wakes them with events from memory,

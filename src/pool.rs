@@ -1,5 +1,6 @@
-//! A fixed pool of named worker threads serving a bounded queue of jobs, plus an unbounded
-//! lane of tasks (answers to woken or committed requests) that workers take first.
+//! A fixed pool of named worker threads serving two bounded queues of jobs, the first before
+//! the second, plus an unbounded lane of tasks (answers to woken or committed requests) that
+//! workers take before any job.
 //!
 //! Shutdown runs in two steps: once the job senders are gone each worker reports that it
 //! took its last job, and keeps running tasks until it receives a `None` task.
@@ -27,10 +28,11 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `n` workers. Each builds its context with `init` (for example its own database
-    /// connection), then runs jobs with `handle` and tasks as they come.
+    /// connection), then runs jobs with `handle` and tasks as they come. Jobs in `jobs[0]`
+    /// are taken before those in `jobs[1]`; both senders are to be dropped together.
     pub fn start<C, J>(
         n: usize,
-        jobs: Receiver<J>,
+        jobs: [Receiver<J>; 2],
         tasks: Receiver<Task>,
         jobs_done: Sender<()>,
         init: impl Fn(usize) -> C + Send + Sync + Clone + 'static,
@@ -66,7 +68,7 @@ impl Pool {
 
 fn run<C, J>(
     ctx: &mut C,
-    jobs: &Receiver<J>,
+    jobs: &[Receiver<J>; 2],
     tasks: &Receiver<Task>,
     jobs_done: &Sender<()>,
     handle: &impl Fn(&mut C, J),
@@ -79,18 +81,29 @@ fn run<C, J>(
             guard(task);
         }
         let task = if jobs_open {
-            select_biased! {
-                recv(tasks) -> task => task,
-                recv(jobs) -> job => {
-                    match job {
-                        Ok(job) => guard(|| handle(ctx, job)),
-                        Err(_) => {
-                            jobs_open = false;
-                            let _ = jobs_done.send(());
+            let job = select_biased! {
+                recv(tasks) -> task => Err(task),
+                recv(jobs[0]) -> job => Ok(job),
+                recv(jobs[1]) -> job => Ok(job),
+            };
+            match job {
+                Err(task) => task,
+                Ok(Ok(job)) => {
+                    guard(|| handle(ctx, job));
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    // The senders are gone: serve what is left in either queue, then stop
+                    // taking jobs.
+                    for lane in jobs {
+                        while let Ok(job) = lane.try_recv() {
+                            guard(|| handle(ctx, job));
                         }
                     }
+                    jobs_open = false;
+                    let _ = jobs_done.send(());
                     continue;
-                },
+                }
             }
         } else {
             tasks.recv()
@@ -105,5 +118,47 @@ fn run<C, J>(
 fn guard(f: impl FnOnce()) {
     if catch_unwind(AssertUnwindSafe(f)).is_err() {
         crate::log::error("a request handler panicked; it was answered 500 and the worker goes on");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use crossbeam_channel::{bounded, unbounded};
+
+    use super::*;
+
+    /// A worker takes every queued job of the first queue before any of the second, and
+    /// serves what is left in both once the senders are dropped.
+    #[test]
+    fn the_first_queue_goes_first() {
+        let (first_tx, first_rx) = bounded(8);
+        let (second_tx, second_rx) = bounded(8);
+        let (tasks_tx, tasks_rx) = unbounded::<Task>();
+        let (done_tx, done_rx) = unbounded();
+        let (start_tx, start_rx) = bounded::<()>(0);
+        for n in 0..4 {
+            second_tx.send(10 + n).unwrap();
+            first_tx.send(n).unwrap();
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let pool = Pool::start(
+            1,
+            [first_rx, second_rx],
+            tasks_rx,
+            done_tx,
+            // The worker starts only once every job is queued.
+            move |_| start_rx.recv().unwrap_or(()),
+            move |_: &mut (), job: u32| log.lock().unwrap().push(job),
+        )
+        .unwrap();
+        start_tx.send(()).unwrap();
+        drop((first_tx, second_tx));
+        done_rx.recv().unwrap();
+        tasks_tx.send(None).unwrap();
+        pool.join();
+        assert_eq!(*seen.lock().unwrap(), [0, 1, 2, 3, 10, 11, 12, 13]);
     }
 }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
-use crate::api::{self, App};
+use crate::api::{self, App, Method};
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -62,7 +62,10 @@ impl Server {
         let (writer_tx, writer_rx) = bounded::<Job>(config.write_queue);
         let (tasks_tx, tasks_rx) = unbounded::<Task>();
         let (timer_tx, timer_rx) = bounded::<()>(1);
-        let (jobs_tx, jobs_rx) = bounded::<Incoming>(config.queue);
+        // Writes (publishes, appends, ACKs) go first: every parked subscriber waits on them,
+        // and they are few beside the re-polls a publish sets off.
+        let (writes_tx, writes_rx) = bounded::<Incoming>(config.queue);
+        let (reads_tx, reads_rx) = bounded::<Incoming>(config.queue);
         let (done_tx, done_rx) = unbounded::<()>();
 
         let app = Arc::new(App {
@@ -98,7 +101,7 @@ impl Server {
         let worker_app = app.clone();
         let pool = Pool::start(
             app.config.workers,
-            jobs_rx,
+            [writes_rx, reads_rx],
             tasks_rx,
             done_tx,
             move |_| Reader::open(&db),
@@ -124,13 +127,18 @@ impl Server {
                 .spawn(move || run_timer(&app, &timer_rx))?
         };
 
-        let accepting = Arc::new(RwLock::new(Some(jobs_tx)));
+        let accepting = Arc::new(RwLock::new(Some([writes_tx, reads_tx])));
         let sink = {
             let accepting = accepting.clone();
+            let events_path = app.config.events_path.clone();
             Arc::new(move |req: api::Request, reply: api::Reply| {
+                let lane = usize::from(req.method != Method::Post || req.path == events_path);
                 let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
                 let refused = match guard.as_ref() {
-                    Some(jobs) => jobs.try_send((req, reply)).err().map(|e| e.into_inner().1),
+                    Some(lanes) => lanes[lane]
+                        .try_send((req, reply))
+                        .err()
+                        .map(|e| e.into_inner().1),
                     None => Some(reply),
                 };
                 drop(guard);
@@ -165,16 +173,21 @@ impl Server {
     }
 }
 
-/// After each commit: wake long-polls on the new events, then answer the writers.
+/// After each commit: answer the writers and the long-polls the new events wake.
 fn on_commit(app: &App, committed: writer::Committed) {
     let appended = committed
         .appended
         .iter()
         .map(|a| (a.stream.as_str(), a.events.len()));
     app.metrics.commit(committed.jobs, committed.took, appended);
-    for appended in &committed.appended {
-        app.wake(&appended.stream, &appended.events);
-    }
+    // The registry learns of the events before any writer hears of the commit, so a poll
+    // sent after a 200 sees them; the writers' answers are queued before the waiters'
+    // (which may be thousands).
+    let woken: Vec<_> = committed
+        .appended
+        .iter()
+        .flat_map(|appended| app.wake(&appended.stream, &appended.events))
+        .collect();
     let mut replies = committed.replies.into_iter().peekable();
     while replies.peek().is_some() {
         let chunk: Vec<_> = replies.by_ref().take(64).collect();
@@ -182,6 +195,7 @@ fn on_commit(app: &App, committed: writer::Committed) {
             chunk.into_iter().for_each(|reply| reply())
         }));
     }
+    app.answer(woken);
 }
 
 /// How often retention runs, when configured.
@@ -285,7 +299,8 @@ pub struct ServerHandle {
 /// The parts that shutdown takes apart, in order.
 struct Running {
     http: HttpServer,
-    accepting: Arc<RwLock<Option<Sender<Incoming>>>>,
+    /// The request queues (writes, then reads); `None` once the server stops accepting.
+    accepting: Arc<RwLock<Option<[Sender<Incoming>; 2]>>>,
     pool: Pool,
     done: Receiver<()>,
     writer: JoinHandle<()>,

@@ -19,6 +19,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
 use crate::event::Event;
+use crate::longpoll::Woken;
 use crate::store::Reader;
 use crate::store::writer::{Job, WriteError};
 
@@ -343,9 +344,14 @@ impl App {
         }
     }
 
-    /// Registers committed events and answers the waiters they wake, spread over workers.
-    pub(crate) fn wake(&self, stream: &str, events: &[Arc<Event>]) {
-        for group in self.registry.publish(stream, events) {
+    /// Registers committed events; the waiters they wake, to hand to [`App::answer`].
+    pub(crate) fn wake(&self, stream: &str, events: &[Arc<Event>]) -> Vec<Woken<Parked>> {
+        self.registry.publish(stream, events)
+    }
+
+    /// Answers woken waiters, spread over workers.
+    pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
+        for group in woken {
             let mut replies = group.replies.into_iter().peekable();
             let Some(first) = replies.peek() else {
                 continue;
