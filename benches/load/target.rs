@@ -142,7 +142,6 @@ fn in_process(workers: Option<usize>, nodelay: bool) -> Result<Target, String> {
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     if let Some(w) = workers {
         config.workers = w;
-        config.queue = 64 * w;
     }
     let handle = if nodelay {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
