@@ -27,8 +27,11 @@ pub struct Config {
     /// after a publish (a few MiB at most), bounded so an overload answers quickly instead
     /// of queueing without limit.
     pub queue: usize,
-    /// A connection that sends nothing for this long is cut (default 30 s): idle
-    /// keep-alive connections, stalled bodies and slow-drip headers free their thread.
+    /// A connection that sends nothing for this long is cut (default 120 s): idle
+    /// keep-alive connections, stalled bodies and slow-drip headers free their thread. A
+    /// parked long-poll's connection sends nothing either; when the poll outlasts this, the
+    /// connection is closed right after its answer (the client reconnects). The default
+    /// outlasts the longest long-poll (110 s) so that never happens.
     pub read_timeout: Duration,
     /// Largest request body accepted (default 1 MiB); larger ones get 413.
     pub max_body: usize,
@@ -87,7 +90,7 @@ impl Config {
             db: db.into(),
             workers,
             queue: 16_384,
-            read_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(120),
             max_body: 1 << 20,
             max_limit: 1000,
             sync: SyncMode::Full,

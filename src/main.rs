@@ -32,7 +32,7 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
   --workers N                   worker threads             [2 x cores]
   --queue N                     requests waiting for a worker before 503 [16384]
   --max-body BYTES              largest request body       [1048576]
-  --read-timeout SECS           cut connections silent this long [30]
+  --read-timeout SECS           cut connections silent this long [120]
   --max-limit N                 largest streams-API limit  [1000]
   --sync full|normal            commit durability          [full]
   --longpoll-max-timeout SECS   longest long-poll timeout  [110]
@@ -317,6 +317,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         config.longpoll_max_timeout,
         config.max_parked
     );
+    let (read_timeout, longpoll_max_timeout) = (config.read_timeout, config.longpoll_max_timeout);
     let server = match eventserver::sys::systemd_listener()
         .map_err(|e| Failure::Runtime(format!("cannot adopt the socket systemd passed: {e}")))?
     {
@@ -329,6 +330,13 @@ fn serve(args: &[String]) -> Result<(), Failure> {
         env!("CARGO_PKG_VERSION"),
         server.addr()
     ));
+    if read_timeout.as_secs() <= longpoll_max_timeout {
+        log::warn(&format!(
+            "--read-timeout {}s does not outlast --longpoll-max-timeout {longpoll_max_timeout}s: \
+             longer polls have their connection closed right after the answer",
+            read_timeout.as_secs()
+        ));
+    }
     eventserver::sys::notify(&format!("READY=1\nSTATUS=serving on {}", server.addr()));
     if let Some(interval) = eventserver::sys::watchdog_interval() {
         spawn_watchdog(server.addr(), interval);

@@ -1444,3 +1444,25 @@ fn ids_and_timestamps_survive_a_restart() {
     let resp = pub_req(&server, "keep", &json!(6)).send();
     assert_eq!(resp.status, 423);
 }
+
+/// A parked poll's connection sends nothing while it waits, so the read timeout runs on it
+/// too: a poll within it keeps its keep-alive connection, one that outlasts it gets its
+/// answer and then the connection closes. The default read timeout outlasts the longest
+/// poll allowed, so with defaults no poll loses its connection.
+#[test]
+fn a_poll_keeps_its_connection_unless_it_outlasts_the_read_timeout() {
+    let defaults = eventserver::Config::new("unused.db");
+    assert!(defaults.read_timeout > Duration::from_secs(defaults.longpoll_max_timeout));
+    for (read_timeout, kept) in [(4, true), (1, false)] {
+        let server = TestServer::start_with(|c| c.read_timeout = Duration::from_secs(read_timeout));
+        let mut conn = Conn::open(server.addr);
+        let resp = conn.send(&server.req("GET", "/events?category=quiet&timeout=2"));
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.json()["timeout"], "no events before timeout");
+        // A second request on the same connection: answered, or the connection is gone.
+        let again = server.req("GET", "/healthz").bytes();
+        let answered = conn.reader.get_mut().write_all(&again).is_ok()
+            && read_response(&mut conn.reader).is_ok_and(|r| r.status == 200);
+        assert_eq!(answered, kept, "read timeout {read_timeout} s");
+    }
+}

@@ -2330,3 +2330,23 @@ fn metrics_count_known_traffic() {
         "the Authorization header reached the log"
     );
 }
+
+/// A read timeout that does not outlast the longest long-poll is allowed but warned about
+/// at start (such polls lose their connection after the answer); the defaults are quiet.
+#[test]
+fn a_read_timeout_within_the_longest_poll_is_warned_about() {
+    let warning = "--read-timeout 60s does not outlast --longpoll-max-timeout 110s";
+    let (_dir, db) = db_with_user();
+    let (mut warned, _) = serve(&db, &["--read-timeout", "60"], &[]);
+    warned.wait_stderr(warning, START);
+    let (_dir, db) = db_with_user();
+    let (mut quiet, addr) = serve(&db, &[], &[]);
+    // The warning would come right after the listening line: give it a request's time.
+    assert_eq!(send(addr, Req::new(addr, "GET", "/healthz")).status, 200);
+    quiet.wait_stderr("listening on ", START);
+    assert!(
+        !quiet.stderr().contains("does not outlast"),
+        "{}",
+        quiet.stderr()
+    );
+}
