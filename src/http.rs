@@ -327,6 +327,8 @@ fn fd_link(fd: RawFd) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
 }
 
+/// Starts a tiny_http server on a clone of our listener and registers it; its dispatch
+/// threads are started separately.
 fn new_engine(shared: &Shared) -> io::Result<Arc<Engine>> {
     let listener = shared.listener.try_clone()?;
     let listener_fd = listener.as_raw_fd();
