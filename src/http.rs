@@ -30,14 +30,18 @@
 //!   probes are slow: each makes the pool take the oldest queued connection. Twice a second
 //!   it also sends a probe request; when probes stay unanswered (a hung accept loop, or no
 //!   /proc to watch) the accept loop is presumed dead and replaced.
+//! - **Hang-ups are noticed.** tiny_http sees that a client closed its connection only on
+//!   its next read, which a parked request never makes. Every 5 s, while requests are
+//!   parked, the prober reads the kernel's socket tables for our connections in
+//!   `CLOSE_WAIT` and hands their peers to the server, which releases their polls.
 //! - **Pipelined requests never block a worker.** tiny_http writes a connection's responses
 //!   in request order, so answering a request pipelined behind an unanswered one (a parked
 //!   long-poll) would block until that one is answered. Such answers are written from a
 //!   short-lived thread of their own.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{self, Cursor, Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::{self, BufRead, Cursor, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -51,6 +55,11 @@ use crate::api::{self, Body, Method};
 
 /// Receives every decoded request with the means to answer it.
 pub type Sink = Arc<dyn Fn(api::Request, api::Reply) + Send + Sync>;
+
+/// Asked every few seconds to let go of requests whose client hung up; the argument finds
+/// those clients' addresses (it reads the kernel's socket tables: call it only when some
+/// request is being held).
+pub type Gone = Arc<dyn Fn(&dyn Fn() -> HashSet<SocketAddr>) + Send + Sync>;
 
 /// How long a write to a client may block before the connection is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +79,9 @@ const PROBE_TICKS: u32 = 5;
 const PROBE_PATIENCE: Duration = Duration::from_millis(500);
 /// Unanswered probes in a row before the accept loop is presumed dead and replaced.
 const PROBE_MISSES: u32 = 4;
+/// Ticks between looks for connections whose client hung up (each look reads the kernel's
+/// socket tables: ~20 ms of kernel time at 10,000 connections).
+const HANGUP_TICKS: u32 = 50;
 /// Most empty connections opened in one tick to unstrand tiny_http's pool.
 const PUMP_CONNECTIONS: usize = 16;
 /// Empty connections opened every tick regardless (20 a second: negligible work).
@@ -117,6 +129,7 @@ struct Shared {
     listener: TcpListener,
     addr: SocketAddr,
     sink: Sink,
+    gone: Gone,
     max_body: usize,
     read_timeout: Duration,
     stopping: AtomicBool,
@@ -210,7 +223,12 @@ pub struct HttpServer {
 impl HttpServer {
     /// Starts accepting on `listener`, handing every request to `sink`. Connections that
     /// send nothing for `read_timeout` are cut.
-    pub fn start(listener: TcpListener, limits: Limits, sink: Sink) -> io::Result<HttpServer> {
+    pub fn start(
+        listener: TcpListener,
+        limits: Limits,
+        sink: Sink,
+        gone: Gone,
+    ) -> io::Result<HttpServer> {
         let Limits {
             max_body,
             read_timeout,
@@ -231,6 +249,7 @@ impl HttpServer {
             listener,
             addr: probe_addr,
             sink,
+            gone,
             max_body,
             read_timeout,
             stopping: AtomicBool::new(false),
@@ -564,6 +583,10 @@ fn probe_loop(shared: &Arc<Shared>) {
             let _ = TcpStream::connect_timeout(&shared.addr, PROBE_PATIENCE);
         }
         tick += 1;
+        if tick % HANGUP_TICKS == 0 {
+            let port = shared.addr.port();
+            (shared.gone)(&|| hung_up(port));
+        }
         if tick % PROBE_TICKS != 0 {
             continue;
         }
@@ -588,6 +611,55 @@ fn probe_loop(shared: &Arc<Shared>) {
             replace(shared, Duration::ZERO, true);
         }
     }
+}
+
+/// Peers of our connections that the client has closed while we still hold them
+/// (`CLOSE_WAIT`), from the kernel's socket tables. tiny_http notices a hang-up only on its
+/// next read, which a parked request never makes; an empty set without /proc.
+fn hung_up(port: u16) -> HashSet<SocketAddr> {
+    const CLOSE_WAIT: &str = "08";
+    let mut peers = HashSet::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        // Line by line: the table has a line per socket, megabytes at 10,000 connections.
+        let Ok(file) = std::fs::File::open(table) else {
+            continue;
+        };
+        for line in io::BufReader::new(file).lines().skip(1) {
+            let Ok(line) = line else {
+                break;
+            };
+            let mut fields = line.split_whitespace().skip(1);
+            let (Some(local), Some(remote), Some(CLOSE_WAIT)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            if proc_net_addr(local).is_some_and(|a| a.port() == port) {
+                peers.extend(proc_net_addr(remote));
+            }
+        }
+    }
+    peers
+}
+
+/// An address as `/proc/net/tcp{,6}` write it: the IP as 32-bit words in host byte order,
+/// then `:` and the port, all in hex (`0100007F:1F90` is 127.0.0.1:8080 here).
+fn proc_net_addr(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    if ip.len() != 8 && ip.len() != 32 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(16);
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+        Ok(v4) => IpAddr::from(v4),
+        Err(_) => IpAddr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?),
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Descriptors this process has open, if /proc tells.
@@ -927,4 +999,32 @@ fn abandon(rq: tiny_http::Request, response: &api::Response) {
     crate::log::warn(&format!(
         "abandoned a connection whose unread body was too large to drain ({total} so far)"
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_parse_in_host_order() {
+        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        let field = format!("{v4:08X}:1F90");
+        assert_eq!(
+            proc_net_addr(&field),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        let field = format!("000000000000000000000000{one:08X}:0050");
+        assert_eq!(proc_net_addr(&field), Some("[::1]:80".parse().unwrap()));
+        for bad in [
+            "",
+            "0100007F",
+            "0100007F:",
+            "XYZ:1F90",
+            "0100:1F90",
+            "0100007F:1F90:1",
+        ] {
+            assert_eq!(proc_net_addr(bad), None, "{bad}");
+        }
+    }
 }

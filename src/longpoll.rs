@@ -8,7 +8,7 @@
 //! between the two is never missed. Every parked reply leaves exactly once: through
 //! [`Registry::publish`], [`Registry::expire`] or [`Registry::close`].
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -307,6 +307,29 @@ impl<R> Registry<R> {
         expired.into_iter().map(|(_, _, reply)| reply).collect()
     }
 
+    /// Takes every parked reply for which `pred` holds.
+    pub fn take_where(&self, pred: impl Fn(&R) -> bool) -> Vec<R> {
+        let mut inner = self.lock();
+        let ids: Vec<u64> = inner
+            .waiters
+            .iter()
+            .filter(|(_, w)| pred(&w.reply))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut taken = Vec::with_capacity(ids.len());
+        let mut by_category: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+        for id in ids {
+            let w = inner.waiters.remove(&id).expect("just found");
+            inner.deadlines.remove(&(w.deadline, id));
+            by_category.entry(w.category).or_default().push(id);
+            taken.push(w.reply);
+        }
+        for (category, ids) in by_category {
+            forget(&mut inner.categories, &category, &ids);
+        }
+        taken
+    }
+
     /// Takes every parked reply and refuses new ones, for shutdown.
     pub fn close(&self) -> Vec<R> {
         let mut inner = self.lock();
@@ -326,6 +349,8 @@ fn forget(categories: &mut HashMap<Arc<str>, Category>, category: &str, ids: &[u
     let Some(cat) = categories.get_mut(category) else {
         return;
     };
+    // A set: thousands of polls of one category can expire together.
+    let ids: HashSet<u64> = ids.iter().copied().collect();
     cat.waiting.retain(|id| !ids.contains(id));
     if cat.waiting.is_empty() && cat.hwm == 0 {
         categories.remove(category);

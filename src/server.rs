@@ -8,6 +8,7 @@
 //! 4. stop the writer after it commits everything queued, and checkpoint the database;
 //! 5. stop the workers once the last answers are sent, then the timer.
 
+use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -155,7 +156,15 @@ impl Server {
             read_timeout: app.config.read_timeout,
             max_connections: app.config.max_connections,
         };
-        let http = HttpServer::start(listener, limits, sink)?;
+        let gone = {
+            let app = app.clone();
+            Arc::new(move |find: &dyn Fn() -> HashSet<SocketAddr>| {
+                if app.registry.parked() > 0 {
+                    app.release_gone(&find());
+                }
+            })
+        };
+        let http = HttpServer::start(listener, limits, sink, gone)?;
         Ok(ServerHandle {
             addr: http.addr(),
             app,

@@ -167,6 +167,7 @@ pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let parked = Parked {
         reply,
         kind: ParkedKind::LongPoll(category.as_str().into()),
+        peer: req.remote,
     };
     let want = Want {
         start,
@@ -307,6 +308,7 @@ pub(crate) fn subscribe_local(
     let parked = Parked {
         reply,
         kind: ParkedKind::LongPoll(category.into()),
+        peer: None,
     };
     app.wait(reader, category, want, parked);
 }

@@ -11,6 +11,8 @@ pub mod longpoll;
 mod query;
 pub mod streams;
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,6 +121,8 @@ impl Response {
 pub struct Parked {
     reply: Reply,
     kind: ParkedKind,
+    /// The client's address, to release the reply early when the client hangs up.
+    peer: Option<SocketAddr>,
 }
 
 enum ParkedKind {
@@ -347,6 +351,21 @@ impl App {
     /// Registers committed events; the waiters they wake, to hand to [`App::answer`].
     pub(crate) fn wake(&self, stream: &str, events: &[Arc<Event>]) -> Vec<Woken<Parked>> {
         self.registry.publish(stream, events)
+    }
+
+    /// Releases the parked replies of clients that hung up (`peers`), answering them as if
+    /// their deadline had passed: they no longer hold a place under the parked-poll cap.
+    pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
+        let gone = self
+            .registry
+            .take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
+        if !gone.is_empty() {
+            crate::log::debug(&format!(
+                "released {} polls of clients that hung up",
+                gone.len()
+            ));
+            self.expire(gone);
+        }
     }
 
     /// Answers woken waiters, spread over workers.

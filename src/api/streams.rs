@@ -285,6 +285,7 @@ fn consume(
             let parked = Parked {
                 reply,
                 kind: ParkedKind::Consumer,
+                peer: req.remote,
             };
             app.wait(reader, &stream, want, parked);
         }

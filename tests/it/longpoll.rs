@@ -1466,3 +1466,26 @@ fn a_poll_keeps_its_connection_unless_it_outlasts_the_read_timeout() {
         assert_eq!(answered, kept, "read timeout {read_timeout} s");
     }
 }
+
+/// A client that hangs up while its poll is parked gives up its place under the
+/// parked-poll cap within seconds, not at the poll's deadline; a client still connected
+/// keeps waiting.
+#[test]
+fn a_poll_whose_client_hangs_up_is_released() {
+    let server = TestServer::start();
+    let poll = |category: &str| {
+        let mut stream = TcpStream::connect(server.addr).expect("connect");
+        let req = server.req("GET", &format!("/events?category={category}&timeout=100"));
+        stream.write_all(&req.bytes()).expect("send the poll");
+        stream
+    };
+    let gone = poll("gone");
+    let stays = poll("stays");
+    wait_parked(&server, 2, Duration::from_secs(5));
+    drop(gone);
+    wait_parked(&server, 1, Duration::from_secs(10));
+    let mut stays = BufReader::new(stays);
+    publish(&server, "stays", &json!("still here"));
+    let resp = read_response(&mut stays).expect("the connected client's answer");
+    assert_eq!(resp.json()["events"][0]["data"], json!("still here"));
+}
