@@ -177,6 +177,24 @@ impl Args {
         Ok(Some(parsed))
     }
 
+    /// `message` (from `Config::validate`, which names settings as flags) with its first
+    /// setting named as the variable, when that is where the value came from.
+    fn in_source_terms(&self, message: String) -> String {
+        let Some(rest) = message.strip_prefix("--") else {
+            return message;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+            .collect();
+        match self.setting(&name) {
+            Some((source, _)) if !source.starts_with("--") => {
+                format!("{source}{}", &rest[name.len()..])
+            }
+            _ => message,
+        }
+    }
+
     /// Overwrites `into` with the setting, if it is given.
     fn parsed<T: std::str::FromStr>(&self, name: &str, into: &mut T) -> Result<(), Usage> {
         if let Some(value) = self.optional(name)? {
@@ -281,7 +299,9 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
             }
         };
     }
-    config.validate().map_err(Usage)?;
+    config
+        .validate()
+        .map_err(|e| Usage(args.in_source_terms(e)))?;
     Ok(config)
 }
 

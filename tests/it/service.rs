@@ -1170,7 +1170,8 @@ fn invalid_command_lines_exit_2_naming_the_problem() {
     serve(&["--workers"], &[]).fails(2, "--workers");
     serve(&["--sync", "maybe"], &[]).fails(2, "--sync");
     serve(&[], &[("EVENTSERVER_WORKERS", "x")]).fails(2, "EVENTSERVER_WORKERS");
-    serve(&[], &[("EVENTSERVER_WORKERS", "0")]).fails(2, "workers");
+    serve(&[], &[("EVENTSERVER_WORKERS", "0")]).fails(2, "EVENTSERVER_WORKERS must be at least 1");
+    serve(&["--workers", "0"], &[("EVENTSERVER_WORKERS", "2")]).fails(2, "--workers must");
     serve(&[], &[("EVENTSERVER_SYNC", "maybe")]).fails(2, "EVENTSERVER_SYNC");
     serve(&["--nope"], &[]).fails(2, "--nope");
     serve(&["--nope=1"], &[]).fails(2, "--nope");
