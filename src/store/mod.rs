@@ -163,7 +163,12 @@ pub fn seq_at_time(
     strict: bool,
 ) -> Result<u64, StoreError> {
     let bounds: (Option<i64>, Option<i64>) = conn
-        .prepare_cached("SELECT min(seq), max(seq) FROM events WHERE stream_id = ?1")?
+        // Two subqueries, not `min(seq), max(seq)`: SQLite answers a lone min or max from
+        // the index in one step, but both at once by scanning the stream's whole index.
+        .prepare_cached(
+            "SELECT (SELECT seq FROM events WHERE stream_id = ?1 ORDER BY seq LIMIT 1), \
+                    (SELECT seq FROM events WHERE stream_id = ?1 ORDER BY seq DESC LIMIT 1)",
+        )?
         .query_row([stream_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let (Some(first), Some(last)) = bounds else {
         return Ok(0);
