@@ -294,19 +294,21 @@ fn consume(
 }
 
 fn ack(app: &App, grants: &Grants, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
+    let body = match &req.body {
+        Body::TooLarge => {
+            let why = format!("limit is {} bytes", app.config.max_body);
+            return reply(failure(413, &why));
+        }
+        Body::Unreadable => return reply(bad_request(UNREADABLE)),
+        Body::Bytes(body) => body,
+    };
     let checked = (|| -> Result<_, String> {
         let stream = stream_name(raw_stream)?;
         let id = decode(raw_id, false)
             .and_then(|id| Uuid::parse_str(&id).ok())
             .ok_or_else(|| "event id is not a UUID".to_owned())?;
         let consumer = client_id(req, "X-Consumer-ID")?;
-        let body = match &req.body {
-            Body::Bytes(body) => {
-                std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_owned())?
-            }
-            Body::TooLarge => return Err("body is too large".into()),
-            Body::Unreadable => return Err(UNREADABLE.into()),
-        };
+        let body = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_owned())?;
         let form = Form::parse(body.trim());
         match form.single("action")? {
             Some("ACK") => Ok((stream, id, consumer)),

@@ -879,6 +879,16 @@ fn bodies_over_one_mib_get_413_and_store_nothing() {
     );
     expect_no_stream(&server, "too-big", "too-big");
     assert_eq!(get_ok(&server, "big", "c", "Big", 10).len(), 1);
+    // An ACK body over the limit gets the same 413, and moves no offset.
+    let id = append_ok(&server, "big", "p", &ev("Big"));
+    let big_ack =
+        ack_req(&server, "big", &id, "c").body(format!("action=ACK&pad={}", "z".repeat(ONE_MIB)));
+    expect(
+        &send(&big_ack, server.addr),
+        413,
+        "Payload Too Large - limit is 1048576 bytes",
+    );
+    assert_eq!(get_ok(&server, "big", "c", "Big", 10).len(), 2);
     // The server goes on serving.
     append_ok(&server, "big", "p", &ev("Big"));
 }
