@@ -89,6 +89,9 @@ impl Server {
             let app = app.clone();
             thread::Builder::new()
                 .name("writer".into())
+                // Set, like every thread of ours: the binary runs with RUST_MIN_STACK=64 KiB
+                // for tiny_http's threads, too little for SQLite's commits and checkpoints.
+                .stack_size(THREAD_STACK)
                 .spawn(move || {
                     let hook = |committed: writer::Committed| on_commit(&app, committed);
                     let conn = writer::run(conn, writer_rx, clock, hook);
@@ -233,7 +236,7 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let now = Instant::now();
-        app.expire(app.registry.expire(now));
+        app.expire(|registry| registry.expire(now));
         if retention && now >= next_retention {
             next_retention = now + RETENTION_EVERY;
             let job = Job::Retain {
@@ -413,7 +416,7 @@ impl ServerHandle {
         running.http.stop();
         *running.accepting.write().unwrap_or_else(|e| e.into_inner()) = None;
         self.app.stopping.store(true, Ordering::SeqCst);
-        self.app.expire(self.app.registry.close());
+        self.app.expire(Registry::close);
         for _ in 0..self.app.config.workers {
             let _ = running.done.recv();
         }

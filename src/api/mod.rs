@@ -21,7 +21,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
 use crate::event::Event;
-use crate::longpoll::Woken;
+use crate::longpoll::{Registry, Woken};
 use crate::store::Reader;
 use crate::store::writer::{Job, WriteError};
 
@@ -136,7 +136,7 @@ enum ParkedKind {
 pub struct App {
     pub(crate) config: Config,
     pub(crate) writer: Sender<Job>,
-    pub(crate) registry: crate::longpoll::Registry<Parked>,
+    pub(crate) registry: Registry<Parked>,
     pub(crate) auth: Authenticator,
     pub(crate) clock: Arc<crate::clock::Clock>,
     pub(crate) tasks: Sender<crate::pool::Task>,
@@ -343,7 +343,7 @@ impl App {
                 }
             }
             Poll::Full(parked) => parked.fail(503, "too many parked long-polls"),
-            Poll::Closed(parked) => self.expire(vec![parked]),
+            Poll::Closed(parked) => self.expire(|_| vec![parked]),
             Poll::Unknown(parked) => parked.fail(503, "the stream is changing too fast"),
         }
     }
@@ -356,16 +356,15 @@ impl App {
     /// Releases the parked replies of clients that hung up (`peers`), answering them as if
     /// their deadline had passed: they no longer hold a place under the parked-poll cap.
     pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
-        let gone = self
-            .registry
-            .take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
-        if !gone.is_empty() {
-            crate::log::debug(&format!(
-                "released {} polls of clients that hung up",
-                gone.len()
-            ));
-            self.expire(gone);
-        }
+        self.expire(|registry| {
+            let gone =
+                registry.take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
+            if !gone.is_empty() {
+                let n = gone.len();
+                crate::log::debug(&format!("released {n} polls of clients that hung up"));
+            }
+            gone
+        });
     }
 
     /// Answers woken waiters, spread over workers.
@@ -407,13 +406,17 @@ impl App {
         }
     }
 
-    /// Answers parked replies whose deadline passed (or that shutdown releases): the
-    /// timeout body for subscribers, `[]` for streams-API consumers.
-    pub(crate) fn expire(&self, replies: Vec<Parked>) {
+    /// Answers the parked replies `take` removes from the registry (deadline passed,
+    /// shutdown, client gone): the timeout body for subscribers, `[]` for streams-API
+    /// consumers. The timeout's stamp is taken first: a batch committed while the replies
+    /// are being removed then gets a later timestamp, so a client resuming from the stamp
+    /// still receives it.
+    pub(crate) fn expire(&self, take: impl FnOnce(&Registry<Parked>) -> Vec<Parked>) {
+        let stamp = self.clock.answer_stamp();
+        let replies = take(&self.registry);
         if replies.is_empty() {
             return;
         }
-        let stamp = self.clock.answer_stamp();
         let timeout = longpoll::timeout_response(stamp);
         let empty = Response::json(200, JSON_UTF8, &b"[]"[..]);
         let mut replies = replies.into_iter().peekable();
