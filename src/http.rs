@@ -751,15 +751,21 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         flooding = entry.unanswered.len() > MAX_PIPELINED;
         seq
     });
+    // Until the body is read, answering must not leave it to tiny_http to drain: every
+    // early answer below inherits this.
+    let unread = if chunked || expects {
+        declared.or(Some(usize::MAX))
+    } else {
+        declared.filter(|n| *n > BUFFERED_BODY)
+    };
     let mut responder = Responder {
         rq: Some(rq),
-        unread: None,
+        unread,
         order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
     };
     if shared.connections.load(Ordering::Relaxed) > shared.max_connections {
         // Refused quickly rather than left to pile up toward the descriptor limit.
         let busy = "Service Unavailable - too many open connections";
-        responder.unread = declared.filter(|n| *n > BUFFERED_BODY);
         return responder.send(api::Response::message(503, busy));
     }
     if flooding {
@@ -800,12 +806,14 @@ fn read_then_deliver(shared: &Arc<Shared>, mut req: api::Request, mut responder:
     let limit = shared.max_body as u64 + 1;
     let mut body = Vec::new();
     let declared = rq.body_length();
-    req.body = match rq.as_reader().take(limit).read_to_end(&mut body) {
-        Ok(_) if body.len() > shared.max_body => Body::TooLarge,
+    // What is left unread if reading stops early: unknown for a chunked body.
+    let rest = |read: usize| Some(declared.map_or(usize::MAX, |n| n.saturating_sub(read)));
+    (req.body, responder.unread) = match rq.as_reader().take(limit).read_to_end(&mut body) {
+        Ok(_) if body.len() > shared.max_body => (Body::TooLarge, rest(body.len())),
         // A body that ends before its declared length is a broken request, not a short one.
-        Ok(_) if declared.is_some_and(|n| body.len() < n) => Body::Unreadable,
-        Ok(_) => Body::Bytes(body),
-        Err(_) => Body::Unreadable,
+        Ok(_) if declared.is_some_and(|n| body.len() < n) => (Body::Unreadable, None),
+        Ok(_) => (Body::Bytes(body), None),
+        Err(_) => (Body::Unreadable, rest(body.len())),
     };
     deliver_request(shared, req, responder);
 }
