@@ -47,7 +47,8 @@ pub struct Config {
     /// open-files limit, since tiny_http spends two descriptors per connection.
     pub max_parked: usize,
     /// Open connections beyond which new requests get 503 at once. Default: room for every
-    /// parked long-poll plus 1,000 others, within the open-files limit.
+    /// parked long-poll plus 1,000 others, within the open-files limit. Changing
+    /// `max_parked` does not move it: use [`connections_for`] for the matching value.
     pub max_connections: usize,
     /// Path of the golongpoll subscribe handler.
     pub events_path: String,
@@ -97,7 +98,7 @@ impl Config {
             longpoll_max_timeout: 110,
             longpoll_max_batch: 250,
             max_parked: default_max_parked(),
-            max_connections: default_max_connections(),
+            max_connections: connections_for(default_max_parked()),
             events_path: "/events".into(),
             publish_path: "/publish".into(),
             write_queue: 16_384,
@@ -168,12 +169,13 @@ impl Config {
     }
 }
 
-/// Connections allowed by default: every parked poll plus 1,000 others, but never past what
-/// the open-files limit leaves (two descriptors per connection, 256 for everything else).
-fn default_max_connections() -> usize {
+/// Connections allowed by default with `max_parked` parked polls: every parked poll plus
+/// 1,000 others, but never past what the open-files limit leaves (two descriptors per
+/// connection, 256 for everything else).
+pub fn connections_for(max_parked: usize) -> usize {
     let limit = crate::sys::open_files_limit().unwrap_or(1024);
     let fits = (limit.saturating_sub(256) / 2) as usize;
-    (default_max_parked() + 1_000).min(fits).max(16)
+    (max_parked + 1_000).min(fits).max(16)
 }
 
 /// Parked long-polls allowed by default: well below the open-files limit, which tiny_http

@@ -255,6 +255,8 @@ fn serve_config(args: &Args) -> Result<Config, Usage> {
     args.parsed("longpoll-max-timeout", &mut config.longpoll_max_timeout)?;
     args.parsed("longpoll-max-batch", &mut config.longpoll_max_batch)?;
     args.parsed("max-parked", &mut config.max_parked)?;
+    // The default connection cap follows the parked-poll cap it makes room for.
+    config.max_connections = eventserver::config::connections_for(config.max_parked);
     args.parsed("max-connections", &mut config.max_connections)?;
     args.parsed("events-path", &mut config.events_path)?;
     args.parsed("publish-path", &mut config.publish_path)?;
@@ -328,14 +330,16 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     ])
     .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
     let settings = format!(
-        "db={} workers={} queue={} max_body={} sync={:?} longpoll_max_timeout={} max_parked={}",
+        "db={} workers={} queue={} max_body={} sync={:?} longpoll_max_timeout={} max_parked={} \
+         max_connections={}",
         db.display(),
         config.workers,
         config.queue,
         config.max_body,
         config.sync,
         config.longpoll_max_timeout,
-        config.max_parked
+        config.max_parked,
+        config.max_connections
     );
     let (read_timeout, longpoll_max_timeout) = (config.read_timeout, config.longpoll_max_timeout);
     let server = match eventserver::sys::systemd_listener()

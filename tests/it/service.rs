@@ -1004,7 +1004,7 @@ const SETTINGS: &[Setting] = &[
         var: "EVENTSERVER_MAX_PARKED",
         invalid: "many",
         valid: "100",
-        logged: Some(" max_parked=100)"),
+        logged: Some(" max_parked=100 max_connections=1100)"),
     },
     Setting {
         flag: "--events-path",
@@ -1046,7 +1046,7 @@ const SETTINGS: &[Setting] = &[
         var: "EVENTSERVER_MAX_CONNECTIONS",
         invalid: "lots",
         valid: "100",
-        logged: None,
+        logged: Some(" max_connections=100)"),
     },
     Setting {
         flag: "--auth-failure-limit",
@@ -1296,7 +1296,7 @@ fn workers_queue_sync_and_max_parked_from_variables_and_flags() {
     for logged in [
         " workers=3 queue=16384 ",
         " sync=Normal ",
-        " max_parked=7)",
+        " max_parked=7 max_connections=1007)",
         " max_body=4096 ",
         " longpoll_max_timeout=50 ",
     ] {
@@ -1320,7 +1320,11 @@ fn workers_queue_sync_and_max_parked_from_variables_and_flags() {
         &envs,
     );
     let log = p.stderr();
-    for logged in [" workers=5 queue=16384 ", " sync=Full ", " max_parked=9)"] {
+    for logged in [
+        " workers=5 queue=16384 ",
+        " sync=Full ",
+        " max_parked=9 max_connections=1009)",
+    ] {
         assert!(log.contains(logged), "{logged:?} not in\n{log}");
     }
     p.stop();
