@@ -85,7 +85,6 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
         j["publish_ack_latency"] = ack.json();
         j["publish_errors"] = json!(outcome.published.errors);
         j["publish_error_samples"] = json!(outcome.published.error_samples);
-        j["publish_error_samples"] = json!(outcome.published.error_samples);
         j["publish_schedule_lag_ms"] = json!(outcome.published.schedule_lag as f64 / 1000.0);
         j["server_parked"] = parked_sample.map_or(Value::Null, |s| s.json());
         runs.push(j);

@@ -146,38 +146,13 @@ fn try_exchange(addr: SocketAddr, bytes: Vec<u8>, half_close: bool) -> Result<Ou
             Err(format!("neither an answer nor a close within {PATIENCE:?}"))
         }
         Err(e) => Err(format!("reading the answer: {e}")),
-        Ok(_) => read_answer(&mut reader)
+        Ok(_) => read_response(&mut reader)
             .map(Outcome::Answer)
             .map_err(|e| format!("a broken answer: {e}")),
     };
     drop(reader);
     let _ = sender.join();
     outcome
-}
-
-/// Reads one response, with a `Content-Length` or a chunked body (tiny_http chunks bodies
-/// over 32 KiB; [`read_response`] reads only the former).
-pub(crate) fn read_answer(reader: &mut impl BufRead) -> std::io::Result<Resp> {
-    let mut resp = read_response(reader)?;
-    let chunked = resp
-        .header("Transfer-Encoding")
-        .is_some_and(|te| te.eq_ignore_ascii_case("chunked"));
-    if !chunked {
-        return Ok(resp);
-    }
-    let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let size = usize::from_str_radix(line.trim(), 16)
-            .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
-        let mut chunk = vec![0; size + 2];
-        reader.read_exact(&mut chunk)?;
-        if size == 0 {
-            return Ok(resp);
-        }
-        resp.body.extend_from_slice(&chunk[..size]);
-    }
 }
 
 /// Sends `request` on a new connection and reads the whole answer, however it is framed.

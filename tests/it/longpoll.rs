@@ -1458,6 +1458,8 @@ fn a_poll_keeps_its_connection_unless_it_outlasts_the_read_timeout() {
         let mut conn = Conn::open(server.addr);
         let resp = conn.send(&server.req("GET", "/events?category=quiet&timeout=2"));
         assert_eq!(resp.status, 200);
+        // (`Conn::send` would reconnect quietly after a `Connection: close`.)
+        assert_eq!(resp.header("Connection"), None);
         assert_eq!(resp.json()["timeout"], "no events before timeout");
         // A second request on the same connection: answered, or the connection is gone.
         let again = server.req("GET", "/healthz").bytes();

@@ -162,7 +162,7 @@ impl Req {
         bytes
     }
 
-    /// Sends the request on a new connection and reads the response (30 s at most).
+    /// Sends the request on a new connection and reads the response (130 s at most).
     pub fn send(&self) -> Resp {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
         stream
