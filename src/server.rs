@@ -114,10 +114,8 @@ impl Server {
                     Ok(reader) => worker_app.handle(reader, req, reply),
                     Err(e) => {
                         crate::log::error(&format!("worker has no database connection: {e}"));
-                        reply(api::Response::message(
-                            500,
-                            "Internal Server Error - no database connection",
-                        ));
+                        let why = "Internal Server Error - no database connection";
+                        reply(worker_app.refusal(&req.path, 500, why));
                     }
                 }
             },
@@ -133,24 +131,22 @@ impl Server {
 
         let accepting = Arc::new(RwLock::new(Some([writes_tx, reads_tx])));
         let sink = {
-            let accepting = accepting.clone();
-            let events_path = app.config.events_path.clone();
+            let (accepting, app) = (accepting.clone(), app.clone());
             Arc::new(move |req: api::Request, reply: api::Reply| {
-                let lane = usize::from(req.method != Method::Post || req.path == events_path);
+                let events = &app.config.events_path;
+                let lane = usize::from(req.method != Method::Post || req.path == *events);
                 let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
                 let refused = match guard.as_ref() {
                     Some(lanes) => lanes[lane]
                         .try_send((req, reply))
                         .err()
-                        .map(|e| e.into_inner().1),
-                    None => Some(reply),
+                        .map(|e| e.into_inner()),
+                    None => Some((req, reply)),
                 };
                 drop(guard);
-                if let Some(reply) = refused {
-                    reply(api::Response::message(
-                        503,
-                        "Service Unavailable - server is busy",
-                    ));
+                if let Some((req, reply)) = refused {
+                    let why = "Service Unavailable - server is busy";
+                    reply(app.refusal(&req.path, 503, why));
                 }
             })
         };

@@ -149,6 +149,17 @@ pub struct App {
 const ANSWER_CHUNK: usize = 256;
 
 impl App {
+    /// An answer refusing a request to `path` before its handler ran, in the shape of the
+    /// API it was for: golongpoll's `{"error": …}` on the long-poll paths, a JSON string
+    /// elsewhere.
+    pub(crate) fn refusal(&self, path: &str, status: u16, why: &str) -> Response {
+        if path == self.config.events_path || path == self.config.publish_path {
+            longpoll::error_response(status, why)
+        } else {
+            Response::message(status, why)
+        }
+    }
+
     /// Serves one request on a worker.
     pub fn handle(&self, reader: &mut Reader, req: Request, reply: Reply) {
         let route = self.route(&req);

@@ -1491,3 +1491,35 @@ fn a_poll_whose_client_hangs_up_is_released() {
     let resp = read_response(&mut stays).expect("the connected client's answer");
     assert_eq!(resp.json()["events"][0]["data"], json!("still here"));
 }
+
+/// A server too busy to queue a long-poll request refuses it with 503 in golongpoll's error
+/// shape, as the README promises, not with a bare string.
+#[test]
+fn overload_is_refused_in_the_long_poll_error_shape() {
+    // One worker, one place in the queue, and requests that each cost an argon2 check.
+    let server = TestServer::start_with(|c| {
+        c.workers = 1;
+        c.queue = 1;
+    });
+    let barrier = Arc::new(Barrier::new(32));
+    let polls: Vec<JoinHandle<Resp>> = (0..32)
+        .map(|_| {
+            let req = Req::new(server.addr, "GET", "/events?category=x&timeout=1")
+                .auth(USER, "not the password");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                req.send()
+            })
+        })
+        .collect();
+    let answers: Vec<Resp> = polls.into_iter().map(|p| p.join().unwrap()).collect();
+    let busy: Vec<&Resp> = answers.iter().filter(|r| r.status == 503).collect();
+    assert!(!busy.is_empty(), "no request was refused");
+    for resp in busy {
+        assert_eq!(
+            resp.json(),
+            json!({"error": "Service Unavailable - server is busy"})
+        );
+    }
+}
