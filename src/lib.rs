@@ -39,6 +39,8 @@
 //!   shutdown. A dropped reply answers 500 rather than vanishing.
 //! - Cursors are sequence numbers; `since_time`/`last_id` are resolved to one.
 //! - Everything is bounded by [`Config`]: queues, bodies, parked requests, batch sizes.
+//! - No unsafe code outside `store::walbuf` (a SQLite VFS that batches WAL writes) and one
+//!   adoption of systemd's socket in [`sys`].
 //!
 //! # Embedding
 //!

@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod reader;
+mod walbuf;
 pub mod writer;
 
 use std::path::Path;
@@ -93,7 +94,20 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens (creating if needed) the database for writing and brings its schema up to date.
 pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
-    let mut conn = Connection::open(path)?;
+    let mut conn = match sync {
+        // One write per commit instead of two per page (see `walbuf`); only sound when
+        // every commit syncs.
+        SyncMode::Full => match walbuf::register() {
+            Ok(()) => {
+                Connection::open_with_flags_and_vfs(path, OpenFlags::default(), walbuf::NAME)?
+            }
+            Err(why) => {
+                crate::log::warn(&format!("writing the WAL page by page: {why}"));
+                Connection::open(path)?
+            }
+        },
+        SyncMode::Normal => Connection::open(path)?,
+    };
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
