@@ -1,5 +1,7 @@
 //! Operator commands on the database file. Each opens its own connection and is safe while
-//! the server runs: SQLite's locking orders it with the writer.
+//! the server runs: SQLite's locking orders it with the writer. Only adding a user creates
+//! the database (it may come before the server's first start); every other command needs
+//! an existing one at the current schema version ([`super::open_existing`]).
 
 use std::path::Path;
 
@@ -44,7 +46,7 @@ pub fn put_user(
 
 /// All users with their produce and consume patterns, sorted by name.
 pub fn list_users(db: &Path) -> Result<Vec<(String, String, String)>, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     let mut stmt = conn.prepare("SELECT name, produce, consume FROM users ORDER BY name")?;
     let users = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -54,7 +56,7 @@ pub fn list_users(db: &Path) -> Result<Vec<(String, String, String)>, StoreError
 
 /// Removes `user`; false if there was no such user.
 pub fn remove_user(db: &Path, user: &str) -> Result<bool, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     Ok(conn.execute("DELETE FROM users WHERE name = ?1", [user])? > 0)
 }
 
@@ -122,7 +124,7 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StreamSummary, i64)> {
 
 /// All streams, by name.
 pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     let mut stmt = conn.prepare(&format!("{SUMMARY} ORDER BY s.name"))?;
     let rows = stmt
         .query_map([], summary)?
@@ -133,7 +135,7 @@ pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, StoreError> {
 
 /// One stream in detail; `None` if it does not exist.
 pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     let found = conn
         .prepare(&format!("{SUMMARY} WHERE s.name = ?1"))?
         .query_row([name], summary);
@@ -171,7 +173,7 @@ pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, StoreE
 
 /// Clears a stream's producer lock; false if the stream does not exist.
 pub fn release_stream(db: &Path, name: &str) -> Result<bool, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     Ok(conn.execute("UPDATE streams SET owner = NULL WHERE name = ?1", [name])? > 0)
 }
 
@@ -184,7 +186,7 @@ pub fn reset_consumer(
     event_name: &str,
     offset: u64,
 ) -> Result<Result<(), String>, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     let found: Option<(i64, i64)> = conn
         .query_row(
             "SELECT id, last_seq FROM streams WHERE name = ?1",
@@ -215,7 +217,7 @@ pub fn reset_consumer(
 /// Writes a consistent copy of the database to `target` (which must not exist), while the
 /// server may keep running.
 pub fn backup(db: &Path, target: &Path) -> Result<(), StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    let conn = super::open_existing(db)?;
     let target = target
         .to_str()
         .ok_or_else(|| StoreError("the backup path is not valid UTF-8".into()))?;

@@ -131,6 +131,40 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
     Ok(conn)
 }
 
+/// Opens an existing database for an operator command. It never creates one, so a
+/// mistyped `--db` is an error rather than a new empty database (from which `backup` would
+/// have "succeeded"), and never migrates: upgrading the schema is the server's job at start,
+/// and a newer binary's command must not change it under an older running server.
+pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
+    if !path.is_file() {
+        return Err(StoreError(format!(
+            "no database at {} (check --db / EVENTSERVER_DB)",
+            path.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS.len();
+    match version {
+        0 => Err(StoreError(format!(
+            "{} is not an eventserver database",
+            path.display()
+        ))),
+        v if v < known => Err(StoreError(format!(
+            "the database has schema version {v}, older than this eventserver's ({known}): \
+             start the server once to upgrade it"
+        ))),
+        v if v > known => Err(StoreError(format!(
+            "the database has schema version {v}, newer than this eventserver knows ({known})"
+        ))),
+        _ => Ok(conn),
+    }
+}
+
 /// Opens a read connection on an existing database.
 pub fn open_read(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(

@@ -2333,3 +2333,57 @@ fn a_read_timeout_within_the_longest_poll_is_warned_about() {
         quiet.stderr()
     );
 }
+
+/// Only `user add` creates a database: every other command on a mistyped `--db` fails and
+/// names the path, leaving no file behind (a backup of a new empty database would have
+/// "succeeded"); none of them migrates a database of another schema version.
+#[test]
+fn admin_commands_other_than_user_add_need_an_existing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo.db");
+    let copy = dir.path().join("copy.db");
+    let copy_arg = copy.to_str().unwrap();
+    let commands: [&[&str]; 7] = [
+        &["user", "list"],
+        &["user", "remove", "someone"],
+        &["stream", "list"],
+        &["stream", "show", "orders"],
+        &["stream", "release", "orders"],
+        &["consumer", "reset", "orders", "billing", "OrderPlaced", "0"],
+        &["backup", copy_arg],
+    ];
+    for args in commands {
+        admin(&missing, args).fails(1, &format!("no database at {}", missing.display()));
+    }
+    assert!(!missing.exists(), "a command created {}", missing.display());
+    assert!(!copy.exists(), "a backup was written from nothing");
+
+    // A SQLite file that is not ours, and one of an older schema, are left as they are.
+    let foreign = dir.path().join("foreign.db");
+    rusqlite::Connection::open(&foreign)
+        .unwrap()
+        .execute_batch("CREATE TABLE t (x)")
+        .unwrap();
+    admin(&foreign, &["stream", "list"]).fails(1, "is not an eventserver database");
+    let (_dir, db) = db_with_user();
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 1")
+        .unwrap();
+    admin(&db, &["stream", "list"]).fails(1, "start the server once to upgrade it");
+    let version: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1, "a command migrated the database");
+
+    // `user add` still creates one, ready for the server.
+    let fresh = dir.path().join("fresh.db");
+    run(
+        &["user", "add", "alice", "--db", fresh.to_str().unwrap()],
+        &[],
+        Some("pw-pw-pw-pw\n"),
+    )
+    .ok();
+    assert_eq!(admin(&fresh, &["user", "list"]).ok().stdout, "alice\n");
+}
