@@ -21,6 +21,8 @@
 //!   --workers N          worker threads of a server the bench starts
 //!   --server-bin PATH    the eventserver binary to spawn (default: the one cargo built)
 //!   --nodelay-listener   diagnostic: in-process servers get a TCP_NODELAY listener
+//!   --engine-floor       load a bare tiny_http long-poll server instead (fanout and
+//!                        categories; see floor.rs): the engine's own limit here
 //! ```
 //!
 //! # Scenarios
@@ -81,6 +83,7 @@
 mod consume;
 mod engine;
 mod fanout;
+mod floor;
 mod mixed;
 mod publish;
 mod report;
@@ -178,6 +181,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             bin: PathBuf::from(env!("CARGO_BIN_EXE_eventserver")),
             workers: None,
             nodelay: false,
+            floor: false,
         },
         duration: None,
         conns: vec![1, 16, 64, 256],
@@ -197,7 +201,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
     };
     let (mut url, mut user, mut password, mut pid, mut workers, mut bin) =
         (None, None, None, None, None, None);
-    let mut nodelay = false;
+    let (mut nodelay, mut floor) = (false, false);
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -246,6 +250,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--workers" => workers = Some(num(value()?)? as usize),
             "--server-bin" => bin = Some(PathBuf::from(value()?)),
             "--nodelay-listener" => nodelay = true,
+            "--engine-floor" => floor = true,
             "--duration" => opts.duration = Some(num(value()?)?.clamp(0.1, 3600.0)),
             "--conns" => opts.conns = list(&flag, &value()?)?,
             "--api" => {
@@ -294,10 +299,12 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         bin: b,
         workers: w,
         nodelay: d,
+        floor: f,
     } = &mut opts.source
     {
         *w = workers;
         *d = nodelay;
+        *f = floor;
         if let Some(bin) = bin {
             *b = bin;
         }
@@ -366,7 +373,19 @@ fn raise_nofile() -> u64 {
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_args(std::env::args().skip(1).collect()) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, addr] = &args[..]
+        && flag == "--floor-server"
+    {
+        return match floor::serve(addr) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("load: the floor server cannot serve on {addr}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let opts = match parse_args(args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("load: {e}");

@@ -22,6 +22,8 @@ pub enum Source {
         /// Diagnostic: start in-process servers on a listener with `TCP_NODELAY`, which
         /// accepted sockets inherit (shows what Nagle's algorithm costs the server).
         nodelay: bool,
+        /// Load the bare tiny_http server of `floor.rs` instead of eventserver.
+        floor: bool,
     },
     /// A server someone else runs.
     External {
@@ -79,10 +81,12 @@ impl Target {
                 running: Running::External,
                 _dir: None,
             }),
+            Source::Own { floor: true, .. } => spawn_floor(),
             Source::Own {
                 bin,
                 workers,
                 nodelay,
+                floor: false,
             } => match need {
                 Need::Any => in_process(*workers, *nodelay),
                 Need::OwnProcess => spawn(bin, *workers),
@@ -169,11 +173,7 @@ fn in_process(workers: Option<usize>, nodelay: bool) -> Result<Target, String> {
 
 fn spawn(bin: &PathBuf, workers: Option<usize>) -> Result<Target, String> {
     let (dir, db, password) = fresh_db()?;
-    // A free port, picked by binding port 0 and letting go of it; the server binds it a
-    // moment later (a race with other programs taking ports, which loopback rarely loses).
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))?;
+    let addr = free_port()?;
     let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .arg("--listen")
@@ -182,13 +182,40 @@ fn spawn(bin: &PathBuf, workers: Option<usize>) -> Result<Target, String> {
         .arg(&db)
         // One log line per request would flood this terminal and cost the server time that
         // is not what the scenarios measure; warnings and errors still come through.
-        .env("EVENTSERVER_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("EVENTSERVER_LOG", "warn");
     if let Some(w) = workers {
         cmd.arg("--workers").arg(w.to_string());
     }
+    let mut target = run_child(cmd, addr, &password)?;
+    target._dir = Some(dir);
+    Ok(target)
+}
+
+/// This bench's own executable serving as the bare tiny_http server (`floor.rs`).
+fn spawn_floor() -> Result<Target, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this bench: {e}"))?;
+    let addr = free_port()?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--floor-server").arg(addr.to_string());
+    let mut target = run_child(cmd, addr, "unused")?;
+    target.kind = "floor";
+    Ok(target)
+}
+
+/// A free port, picked by binding port 0 and letting go of it; the server binds it a moment
+/// later (a race with other programs taking ports, which loopback rarely loses).
+fn free_port() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+/// Starts `cmd`, passes its stderr through, and waits until it answers on `addr`.
+fn run_child(mut cmd: Command, addr: SocketAddr, password: &str) -> Result<Target, String> {
+    let bin = PathBuf::from(cmd.get_program());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
@@ -221,11 +248,11 @@ fn spawn(bin: &PathBuf, workers: Option<usize>) -> Result<Target, String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(Target {
-        site: Site::new(addr, USER, &password),
+        site: Site::new(addr, USER, password),
         pid: Some(child.id()),
         kind: "spawned",
         running: Running::Spawned(child),
-        _dir: Some(dir),
+        _dir: None,
     })
 }
 
