@@ -143,6 +143,8 @@ struct Shared {
     probes: AtomicUsize,
     /// Open connections beyond which requests get 503.
     max_connections: usize,
+    /// Paths exempt from that.
+    uncapped: &'static [&'static str],
     /// Open connections, estimated by the prober from the process's descriptors.
     connections: AtomicUsize,
     /// Descriptors open before any connection (database, listener, logs).
@@ -211,6 +213,9 @@ pub struct Limits {
     pub read_timeout: Duration,
     /// Open connections beyond which new requests get 503 at once.
     pub max_connections: usize,
+    /// Paths served even beyond `max_connections` (health checks: one such request costs
+    /// nothing, and a watchdog that only sees 503s restarts a server that is merely busy).
+    pub uncapped: &'static [&'static str],
 }
 
 /// The running HTTP front end.
@@ -233,6 +238,7 @@ impl HttpServer {
             max_body,
             read_timeout,
             max_connections,
+            uncapped,
         } = limits;
         let addr = listener.local_addr()?;
         let listener_fd = listener.as_raw_fd();
@@ -259,6 +265,7 @@ impl HttpServer {
             threads: Mutex::new(Vec::new()),
             probes: AtomicUsize::new(0),
             max_connections,
+            uncapped,
             connections: AtomicUsize::new(0),
             baseline_fds: open_fds().unwrap_or(0),
             arrivals: AtomicUsize::new(0),
@@ -763,7 +770,8 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         unread,
         order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
     };
-    if shared.connections.load(Ordering::Relaxed) > shared.max_connections {
+    let capped = !shared.uncapped.contains(&req.path.as_str());
+    if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
         // Refused quickly rather than left to pile up toward the descriptor limit.
         let busy = "Service Unavailable - too many open connections";
         return responder.send(api::Response::message(503, busy));

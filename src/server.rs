@@ -134,7 +134,10 @@ impl Server {
             let (accepting, app) = (accepting.clone(), app.clone());
             Arc::new(move |req: api::Request, reply: api::Reply| {
                 let events = &app.config.events_path;
-                let lane = usize::from(req.method != Method::Post || req.path == *events);
+                // Health checks go with the writes: the watchdog's check must get through a
+                // flood of re-polls rather than be refused with them.
+                let write = req.method == Method::Post && req.path != *events;
+                let lane = usize::from(!write && !api::HEALTH_PATHS.contains(&req.path.as_str()));
                 let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
                 let refused = match guard.as_ref() {
                     Some(lanes) => lanes[lane]
@@ -154,6 +157,7 @@ impl Server {
             max_body: app.config.max_body,
             read_timeout: app.config.read_timeout,
             max_connections: app.config.max_connections,
+            uncapped: api::HEALTH_PATHS,
         };
         let gone = {
             let app = app.clone();

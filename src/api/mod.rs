@@ -94,6 +94,11 @@ pub type Reply = Box<dyn FnOnce(Response) + Send>;
 /// Content type of every streams-API answer.
 pub const JSON_UTF8: &str = "application/json; charset=utf-8";
 
+/// The health check's paths. They are served ahead of reads and beyond the connection cap:
+/// systemd's watchdog restarts a server whose check fails, and a busy server is not a dead
+/// one.
+pub const HEALTH_PATHS: &[&str] = &["/healthz", "/api/v1/health"];
+
 impl Response {
     /// A response with a JSON body.
     pub fn json(status: u16, content_type: &'static str, body: impl Into<Arc<[u8]>>) -> Response {
@@ -178,7 +183,7 @@ impl App {
     /// The route a request belongs to, also its metrics label.
     fn route(&self, req: &Request) -> &'static str {
         let path = req.path.as_str();
-        if path == "/healthz" || path == "/api/v1/health" {
+        if HEALTH_PATHS.contains(&path) {
             "health"
         } else if path == "/metrics" {
             "metrics"
