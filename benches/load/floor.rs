@@ -5,8 +5,9 @@
 //! disk, no limits, no ordering per connection, everything in memory, each request served
 //! on the thread that takes it from tiny_http (no queue to a worker pool), every parked poll
 //! answered by 4 threads in chunks of 256 (as eventserver does). It serves `/events`
-//! (`category`, `since_time`, `last_id`; polls never time out) and `/publish`, enough for
-//! the fanout and categories scenarios. A budget this server misses on this machine is out
+//! (`category`, `since_time`, `last_id`; polls never time out) and `/publish` (in memory:
+//! nothing durable), enough for the fanout and categories scenarios and for the ceiling of
+//! `publish --api publish`; everything else is 404. A budget this server misses on this machine is out
 //! of reach for any server built on tiny_http here.
 //!
 //! The bench runs it as a child process of its own (`load --floor-server ADDR`), so its
@@ -102,6 +103,10 @@ fn handle(
             let chunk = woken.split_off(woken.len().saturating_sub(CHUNK));
             let _ = answers.send((chunk, body.clone()));
         }
+        return;
+    }
+    if path != "/events" {
+        let _ = rq.respond(tiny_http::Response::empty(404));
         return;
     }
     let (mut category, mut since, mut last_id) = (String::new(), 0, None);
