@@ -53,7 +53,8 @@ use socket2::{Domain, Socket, Type};
 
 use crate::api::{self, Body, Method};
 
-/// Receives every decoded request with the means to answer it.
+/// Receives every decoded request with the means to answer it, on the thread that decoded
+/// it: refused requests ([`api::Request::refused`]) must be answered at once, not queued.
 pub type Sink = Arc<dyn Fn(api::Request, api::Reply) + Send + Sync>;
 
 /// Asked every few seconds to let go of requests whose client hung up; the argument finds
@@ -746,6 +747,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         headers,
         body: Body::Bytes(Vec::new()),
         remote: rq.remote_addr().copied(),
+        refused: None,
     };
     let peer = rq.remote_addr().copied();
     let mut flooding = false;
@@ -773,13 +775,13 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
         // Refused quickly rather than left to pile up toward the descriptor limit.
-        let busy = "Service Unavailable - too many open connections";
-        return responder.send(api::Response::message(503, busy));
+        req.refused = Some("Service Unavailable - too many open connections");
+        return deliver_request(shared, req, responder);
     }
     if flooding {
         // One connection may not fill the workers' queue for everyone else.
-        let busy = "Service Unavailable - too many pipelined requests on this connection";
-        return responder.send(api::Response::message(503, busy));
+        req.refused = Some("Service Unavailable - too many pipelined requests on this connection");
+        return deliver_request(shared, req, responder);
     }
     if ambiguous {
         responder.unread = declared;

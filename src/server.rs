@@ -133,6 +133,9 @@ impl Server {
         let sink = {
             let (accepting, app) = (accepting.clone(), app.clone());
             Arc::new(move |req: api::Request, reply: api::Reply| {
+                if let Some(why) = req.refused {
+                    return reply(app.refusal(&req.path, 503, why));
+                }
                 let events = &app.config.events_path;
                 // Health checks go with the writes: the watchdog's check must get through a
                 // flood of re-polls rather than be refused with them.

@@ -65,6 +65,9 @@ pub struct Request {
     pub body: Body,
     /// The client's address (the proxy's, behind a reverse proxy).
     pub remote: Option<std::net::SocketAddr>,
+    /// Set when the HTTP layer refuses the request (503, for this reason) before any
+    /// handler runs; the answer is rendered in its API's error contract.
+    pub refused: Option<&'static str>,
 }
 
 impl Request {

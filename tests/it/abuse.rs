@@ -877,6 +877,19 @@ fn connections_beyond_the_cap_get_503_quickly() {
         resp.json(),
         json!("Service Unavailable - too many open connections")
     );
+    // On the long-poll paths the refusal is in golongpoll's shape.
+    for (method, path) in [
+        ("GET", "/events?category=c&timeout=5"),
+        ("POST", "/publish"),
+    ] {
+        let resp = try_send(addr, &Req::new(addr, method, path), SECOND).expect("an answer");
+        assert_eq!(resp.status, 503, "{path}");
+        assert_eq!(
+            resp.json(),
+            json!({"error": "Service Unavailable - too many open connections"}),
+            "{path}"
+        );
+    }
     for path in ["/healthz", "/api/v1/health"] {
         let resp = try_send(addr, &Req::new(addr, "GET", path), SECOND * 5).expect("an answer");
         assert_eq!(resp.status, 200, "{path} beyond the cap: {}", resp.text());
