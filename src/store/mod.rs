@@ -109,7 +109,7 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
         SyncMode::Normal => Connection::open(path)?,
     };
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    let mode = switch_to_wal(&conn)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError(format!(
             "could not switch {} to WAL mode",
@@ -129,6 +129,24 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
     ))?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// Puts the database in WAL mode and returns the mode it is in. SQLite answers "locked" at
+/// once, without waiting, while another connection is switching a new database's mode
+/// (two processes starting on it together): that is retried for the busy timeout.
+fn switch_to_wal(conn: &Connection) -> Result<String, StoreError> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return Ok(result?),
+        }
+    }
 }
 
 /// Opens an existing database for an operator command. It never creates one, so a
@@ -177,20 +195,24 @@ pub fn open_read(path: &Path) -> Result<Connection, StoreError> {
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if version > MIGRATIONS.len() {
-        return Err(StoreError(format!(
-            "the database has schema version {version}, newer than this eventserver knows ({})",
-            MIGRATIONS.len()
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction()?;
+    loop {
+        // The version is read inside the write transaction: a second process migrating
+        // at the same time waits for the lock and then sees the first one's work.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError(format!(
+                "the database has schema version {version}, newer than this eventserver knows ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        let Some(sql) = MIGRATIONS.get(version) else {
+            return Ok(());
+        };
         tx.execute_batch(sql)?;
-        tx.execute_batch(&format!("PRAGMA user_version={}", i + 1))?;
+        tx.execute_batch(&format!("PRAGMA user_version={}", version + 1))?;
         tx.commit()?;
     }
-    Ok(())
 }
 
 /// The newest event timestamp on disk, so the clock never stamps below it after a restart.
@@ -244,4 +266,41 @@ pub fn seq_at_time(
 pub fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    /// Processes (here: threads) opening a new database at the same moment each migrate it
+    /// or find it migrated; none fails on another's half of the work.
+    #[test]
+    fn concurrent_first_opens_migrate_once() {
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = Arc::new(dir.path().join("events.db"));
+            let start = Arc::new(Barrier::new(8));
+            let opened: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        open_write(&path, SyncMode::Full).map(|_| ())
+                    })
+                })
+                .collect();
+            for handle in opened {
+                if let Err(e) = handle.join().unwrap() {
+                    panic!("round {round}: {e}");
+                }
+            }
+            let conn = open_existing(&path).unwrap();
+            let version: usize = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, MIGRATIONS.len());
+        }
+    }
 }
