@@ -5,6 +5,7 @@
 //! results to the commit hook, which wakes long-poll waiters and answers the requests.
 //! Workers never wait for a commit, so batches grow with the load instead of being capped
 //! by the worker count. A failed transaction fails every job in it: nothing is half-written.
+//! Retention runs in a transaction of its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -118,10 +119,17 @@ pub fn run(
     on_commit: impl Fn(Committed),
 ) -> Connection {
     let mut streams = StreamCache::default();
-    while let Ok(first) = jobs.recv() {
+    let mut next = None;
+    while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
+        // Retention commits alone: if deleting fails, no append or ACK fails with it.
+        let alone = matches!(first, Job::Retain { .. });
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        while !alone && batch.len() < MAX_BATCH {
             match jobs.try_recv() {
+                Ok(job @ Job::Retain { .. }) => {
+                    next = Some(job);
+                    break;
+                }
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
@@ -452,5 +460,47 @@ fn reply_err(job: Job, error: WriteError) -> Option<Box<dyn FnOnce() + Send>> {
         Job::Append { done, .. } => Some(Box::new(move || done(Err(error)))),
         Job::Ack { done, .. } | Job::Probe(done) => Some(Box::new(move || done(Err(error)))),
         Job::Stop | Job::Retain { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(stream: &str) -> Job {
+        Job::Append {
+            stream: stream.into(),
+            producer: None,
+            payload: Payload::Data("1".into()),
+            done: Box::new(|_| {}),
+        }
+    }
+
+    /// Appends queued around a retention job commit without it: the retention's
+    /// transaction holds nothing else.
+    #[test]
+    fn retention_commits_in_a_transaction_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn =
+            super::super::open_write(&dir.path().join("t.db"), crate::config::SyncMode::Full)
+                .unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for job in [
+            append("a"),
+            append("b"),
+            Job::Retain {
+                max_events: Some(1),
+                max_age_ms: None,
+            },
+            append("a"),
+            Job::Stop,
+        ] {
+            tx.send(job).unwrap();
+        }
+        let batches = std::sync::Mutex::new(Vec::new());
+        run(conn, rx, Arc::new(Clock::starting_at(0)), |c| {
+            batches.lock().unwrap().push(c.jobs)
+        });
+        assert_eq!(batches.into_inner().unwrap(), [2, 1, 2]);
     }
 }
