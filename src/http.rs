@@ -336,6 +336,10 @@ struct Engine {
     replaced: AtomicBool,
     /// Threads taking requests from it.
     dispatchers: AtomicUsize,
+    /// Held by a dispatch thread from taking a request until it is numbered on its
+    /// connection: tiny_http writes a connection's answers strictly in the order it read
+    /// the requests, and our numbering must be that order.
+    taking: Mutex<()>,
     born: Instant,
 }
 
@@ -368,6 +372,7 @@ fn new_engine(shared: &Shared) -> io::Result<Arc<Engine>> {
         listener_fd,
         replaced: AtomicBool::new(false),
         dispatchers: AtomicUsize::new(0),
+        taking: Mutex::new(()),
         born: Instant::now(),
     });
     lock(&shared.engines).push(engine.clone());
@@ -442,11 +447,18 @@ fn keep_thread(shared: &Shared, handle: JoinHandle<()>) {
 fn accept_loop(shared: &Arc<Shared>, engine: &Arc<Engine>) {
     let mut last_request = Instant::now();
     loop {
-        // A bounded wait, so a thread of a replaced engine notices when it falls silent.
-        match engine.server.recv_timeout(Duration::from_secs(1)) {
-            Ok(Some(rq)) => {
+        let taken = {
+            let _turn = lock(&engine.taking);
+            // A bounded wait, so a thread of a replaced engine notices when it falls silent.
+            engine
+                .server
+                .recv_timeout(Duration::from_secs(1))
+                .map(|rq| rq.map(|rq| number(shared, rq)))
+        };
+        match taken {
+            Ok(Some((rq, order))) => {
                 last_request = Instant::now();
-                dispatch(shared, rq);
+                dispatch(shared, rq, order);
             }
             Ok(None) => {
                 if shared.stopping.load(Ordering::SeqCst) {
@@ -699,7 +711,32 @@ fn header_value<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'
 
 /// Decodes the request line and headers, then gets the body without ever blocking this
 /// thread on the client.
-fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
+/// A request's place among its connection's unanswered requests, and whether it is one
+/// too many of them.
+#[derive(Clone, Copy)]
+struct Order {
+    seq: u64,
+    flooding: bool,
+}
+
+/// Numbers `rq` on its connection (not the prober's requests, answered on the spot).
+fn number(shared: &Shared, rq: tiny_http::Request) -> (tiny_http::Request, Option<Order>) {
+    let peer = rq.remote_addr().copied().filter(|_| rq.url() != PROBE_PATH);
+    let order = peer.map(|peer| {
+        let mut outstanding = lock(&shared.outstanding);
+        let entry = outstanding.entry(peer).or_default();
+        let seq = entry.next;
+        entry.next += 1;
+        entry.unanswered.insert(seq);
+        Order {
+            seq,
+            flooding: entry.unanswered.len() > MAX_PIPELINED,
+        }
+    });
+    (rq, order)
+}
+
+fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) {
     if rq.url() == PROBE_PATH {
         shared.probes.fetch_add(1, Ordering::SeqCst);
         let _ = rq.respond(tiny_http::Response::empty(204));
@@ -750,16 +787,8 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request) {
         refused: None,
     };
     let peer = rq.remote_addr().copied();
-    let mut flooding = false;
-    let seq = peer.map(|peer| {
-        let mut outstanding = lock(&shared.outstanding);
-        let entry = outstanding.entry(peer).or_default();
-        let seq = entry.next;
-        entry.next += 1;
-        entry.unanswered.insert(seq);
-        flooding = entry.unanswered.len() > MAX_PIPELINED;
-        seq
-    });
+    let flooding = order.is_some_and(|o| o.flooding);
+    let seq = order.map(|o| o.seq);
     // Until the body is read, answering must not leave it to tiny_http to drain: every
     // early answer below inherits this.
     let unread = if chunked || expects {

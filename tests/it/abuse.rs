@@ -583,6 +583,48 @@ fn a_request_pipelined_behind_a_parked_long_poll_leaves_the_worker_free() {
     );
 }
 
+/// Long-polls pipelined on one connection are all answered when they time out.
+/// tiny_http writes a connection's answers only in the order it read the requests; the
+/// server numbered them in the order its two dispatch threads got round to them, which
+/// could differ, and then held an answer back behind one tiny_http would never write
+/// (before the fix, about one connection in six stopped after a few answers, and the
+/// server could not shut down).
+#[test]
+fn pipelined_long_polls_are_all_answered_in_order() {
+    let server = TestServer::start();
+    let addr = server.addr;
+    const POLLS: usize = 40;
+    let clients: Vec<_> = (0..12)
+        .map(|client| {
+            thread::spawn(move || {
+                // Keep-alive requests (Req::bytes asks for Connection: close).
+                let one = format!(
+                    "GET /events?category=p{client}&timeout=1 HTTP/1.1\r\nHost: p\r\n\
+                     Authorization: {}\r\n\r\n",
+                    basic(USER, PASSWORD)
+                );
+                let mut conn = TcpStream::connect(addr).unwrap();
+                conn.write_all(one.repeat(POLLS).as_bytes()).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut reader = BufReader::new(conn);
+                (0..POLLS)
+                    .map(|i| {
+                        let resp = read_response(&mut reader).unwrap_or_else(|e| {
+                            panic!("client {client}: answer {i} of {POLLS} missing: {e}")
+                        });
+                        assert_eq!(resp.status, 200, "{}", resp.text());
+                        assert!(resp.json()["timeout"].is_string(), "{}", resp.text());
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(client.join().expect("every answer arrived"), POLLS);
+    }
+}
+
 /// Floods one connection with pipelined requests it never reads the answers to, and
 /// samples the server for `watch`. Returns (peak extra threads, peak RSS growth in MiB,
 /// whether the server died, the slowest fresh request or `None` when one went unanswered).
