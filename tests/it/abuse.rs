@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{PASSWORD, Req, Resp, TestServer, USER, basic, read_response, wait_until};
+use crate::support::{
+    PASSWORD, Req, Resp, TestServer, USER, authed, basic, clean_env, read_response, send, try_send,
+    wait_until,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
 const SECOND: Duration = Duration::from_secs(1);
@@ -95,18 +98,7 @@ impl Proc {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--db"])
             .arg(&db)
             .args(extra);
-        for (name, _) in std::env::vars_os() {
-            let name_str = name.to_string_lossy();
-            if name_str.starts_with("EVENTSERVER_")
-                || name_str.starts_with("LISTEN_")
-                || name_str.starts_with("WATCHDOG_")
-                || name_str == "NOTIFY_SOCKET"
-                // The binary restarts itself with small stacks only when this is unset.
-                || name_str == "RUST_MIN_STACK"
-            {
-                cmd.env_remove(&name);
-            }
-        }
+        clean_env(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -203,25 +195,6 @@ fn proc_status(pid: u32, field: &str) -> Option<u64> {
 // ---------------------------------------------------------------------------------------
 // HTTP with deadlines
 // ---------------------------------------------------------------------------------------
-
-/// Sends `req` on a new connection and reads the answer, all within `within`.
-fn try_send(addr: SocketAddr, req: &Req, within: Duration) -> std::io::Result<Resp> {
-    let mut stream = TcpStream::connect_timeout(&addr, within)?;
-    stream.set_read_timeout(Some(within))?;
-    stream.set_write_timeout(Some(within))?;
-    stream.write_all(&req.bytes())?;
-    read_response(&mut BufReader::new(stream))
-}
-
-#[track_caller]
-fn send(addr: SocketAddr, req: Req) -> Resp {
-    try_send(addr, &req, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("request to {addr} failed: {e}"))
-}
-
-fn authed(addr: SocketAddr, method: &str, path: &str) -> Req {
-    Req::new(addr, method, path).auth(USER, PASSWORD)
-}
 
 fn healthz(addr: SocketAddr) -> Req {
     Req::new(addr, "GET", "/healthz")

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Req, Resp};
+use crate::support::{Req, Resp, clean_env};
 
 const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
 const USER: &str = "crash";
@@ -400,25 +400,6 @@ fn add_user(db: &Path) {
         "user add failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Keeps the caller's environment from changing the server's settings.
-fn clean_env(cmd: &mut Command) {
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("EVENTSERVER_") {
-            cmd.env_remove(name);
-        }
-    }
-    for name in [
-        "NOTIFY_SOCKET",
-        "LISTEN_FDS",
-        "LISTEN_PID",
-        "LISTEN_FDNAMES",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-    ] {
-        cmd.env_remove(name);
-    }
 }
 
 /// `eventserver serve` on the test database; killed and reaped on drop.

@@ -8,7 +8,7 @@
 //! a test fails ([`Proc`]'s `Drop`), and every wait has a deadline.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{PASSWORD, Req, Resp, USER, basic, read_response, wait_until};
+use crate::support::{
+    PASSWORD, Req, Resp, USER, authed, basic, clean_env, send, try_send, wait_until,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
@@ -34,29 +36,10 @@ const SHUTDOWN: Duration = Duration::from_secs(5);
 // Processes
 // ---------------------------------------------------------------------------------------
 
-/// Environment the binary reads besides `EVENTSERVER_*`; removed from every child so the
-/// test runner's own environment cannot leak in.
-const SYSTEMD_VARS: &[&str] = &[
-    "NOTIFY_SOCKET",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "STATE_DIRECTORY",
-];
-
 /// `program` with a clean environment as far as eventserver is concerned.
 fn clean(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("EVENTSERVER_") {
-            cmd.env_remove(&name);
-        }
-    }
-    for name in SYSTEMD_VARS {
-        cmd.env_remove(name);
-    }
+    clean_env(&mut cmd);
     cmd
 }
 
@@ -341,26 +324,6 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------
 // HTTP
 // ---------------------------------------------------------------------------------------
-
-/// Sends `req` to `addr` on a new connection, giving up after `within`.
-fn try_send(addr: SocketAddr, req: &Req, within: Duration) -> std::io::Result<Resp> {
-    let mut stream = TcpStream::connect_timeout(&addr, within)?;
-    stream.set_read_timeout(Some(within))?;
-    stream.set_write_timeout(Some(within))?;
-    stream.write_all(&req.bytes())?;
-    read_response(&mut BufReader::new(stream))
-}
-
-#[track_caller]
-fn send(addr: SocketAddr, req: Req) -> Resp {
-    try_send(addr, &req, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("request to {addr} failed: {e}"))
-}
-
-/// A request with the test user's credentials.
-fn authed(addr: SocketAddr, method: &str, path: &str) -> Req {
-    Req::new(addr, method, path).auth(USER, PASSWORD)
-}
 
 fn events_path(stream: &str) -> String {
     format!("/api/v1/streams/{stream}/events")

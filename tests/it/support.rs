@@ -6,6 +6,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -197,6 +198,51 @@ impl Resp {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
+}
+
+/// Sends `req` to `addr` on a new connection and reads the answer, all within `within`.
+pub fn try_send(addr: SocketAddr, req: &Req, within: Duration) -> std::io::Result<Resp> {
+    let mut stream = TcpStream::connect_timeout(&addr, within)?;
+    stream.set_read_timeout(Some(within))?;
+    stream.set_write_timeout(Some(within))?;
+    stream.write_all(&req.bytes())?;
+    read_response(&mut BufReader::new(stream))
+}
+
+/// [`try_send`] within 20 s, or the test fails.
+#[track_caller]
+pub fn send(addr: SocketAddr, req: Req) -> Resp {
+    try_send(addr, &req, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("request to {addr} failed: {e}"))
+}
+
+/// A request with the test user's credentials.
+pub fn authed(addr: SocketAddr, method: &str, path: &str) -> Req {
+    Req::new(addr, method, path).auth(USER, PASSWORD)
+}
+
+/// Keeps the test runner's environment out of a child eventserver: removes every variable
+/// the binary reads besides its arguments (`EVENTSERVER_*`, systemd's `LISTEN_*`,
+/// `WATCHDOG_*`, `NOTIFY_SOCKET`, `STATE_DIRECTORY`) and the two whose absence makes it
+/// restart itself with small thread stacks and two malloc arenas, as in production.
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        let name_str = name.to_string_lossy();
+        let read = ["EVENTSERVER_", "LISTEN_", "WATCHDOG_"]
+            .iter()
+            .any(|prefix| name_str.starts_with(prefix))
+            || [
+                "NOTIFY_SOCKET",
+                "STATE_DIRECTORY",
+                "RUST_MIN_STACK",
+                "MALLOC_ARENA_MAX",
+            ]
+            .contains(&name_str.as_ref());
+        if read {
+            cmd.env_remove(&name);
+        }
+    }
+    cmd
 }
 
 /// Reads one response with a `Content-Length` or chunked body.
