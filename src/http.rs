@@ -719,10 +719,9 @@ struct Order {
     flooding: bool,
 }
 
-/// Numbers `rq` on its connection (not the prober's requests, answered on the spot).
+/// Numbers `rq` on its connection.
 fn number(shared: &Shared, rq: tiny_http::Request) -> (tiny_http::Request, Option<Order>) {
-    let peer = rq.remote_addr().copied().filter(|_| rq.url() != PROBE_PATH);
-    let order = peer.map(|peer| {
+    let order = rq.remote_addr().copied().map(|peer| {
         let mut outstanding = lock(&shared.outstanding);
         let entry = outstanding.entry(peer).or_default();
         let seq = entry.next;
@@ -737,15 +736,24 @@ fn number(shared: &Shared, rq: tiny_http::Request) -> (tiny_http::Request, Optio
 }
 
 fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) {
-    if rq.url() == PROBE_PATH {
-        shared.probes.fetch_add(1, Ordering::SeqCst);
-        let _ = rq.respond(tiny_http::Response::empty(204));
-        return;
-    }
-    shared.arrivals.fetch_add(1, Ordering::Relaxed);
     let declared = rq.body_length();
     let chunked = header_value(&rq, "Transfer-Encoding").is_some();
     let expects = header_value(&rq, "Expect").is_some();
+    let peer = rq.remote_addr().copied();
+    let order_of = |seq: u64| peer.map(|peer| (shared.clone(), peer, seq));
+    // The prober's request, exactly as it sends it; anything else on that path (a body
+    // above all, which tiny_http would drain after the answer) is an ordinary request.
+    let bodiless = declared.unwrap_or(0) == 0 && !chunked && !expects;
+    if rq.url() == PROBE_PATH && *rq.method() == tiny_http::Method::Get && bodiless {
+        shared.probes.fetch_add(1, Ordering::SeqCst);
+        let responder = Responder {
+            rq: Some(rq),
+            unread: None,
+            order: order.and_then(|o| order_of(o.seq)),
+        };
+        return responder.send(api::Response::json(204, api::JSON_UTF8, &b""[..]));
+    }
+    shared.arrivals.fetch_add(1, Ordering::Relaxed);
     // Two framings for one body (differing Content-Lengths, or Content-Length with
     // Transfer-Encoding) are how requests get smuggled past proxies: refuse, unread.
     let mut lengths = rq
@@ -786,9 +794,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
         remote: rq.remote_addr().copied(),
         refused: None,
     };
-    let peer = rq.remote_addr().copied();
     let flooding = order.is_some_and(|o| o.flooding);
-    let seq = order.map(|o| o.seq);
     // Until the body is read, answering must not leave it to tiny_http to drain: every
     // early answer below inherits this.
     let unread = if chunked || expects {
@@ -799,7 +805,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
     let mut responder = Responder {
         rq: Some(rq),
         unread,
-        order: peer.zip(seq).map(|(peer, seq)| (shared.clone(), peer, seq)),
+        order: order.and_then(|o| order_of(o.seq)),
     };
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
@@ -813,7 +819,9 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
         return deliver_request(shared, req, responder);
     }
     if ambiguous {
-        responder.unread = declared;
+        // No length can be trusted, so the rest of the stream cannot be read as requests:
+        // the connection is given up after the answer.
+        responder.unread = Some(usize::MAX);
         req.body = Body::Unreadable;
         return deliver_request(shared, req, responder);
     }

@@ -863,6 +863,28 @@ fn serves_again_on_a_new_accept_loop(proc: &Proc, idle: Vec<TcpStream>) {
     );
 }
 
+/// The self-probe's path is no back door: a request there with a body (here one declared
+/// at 100 GB, which tiny_http would allocate whole to drain after an answer) is handled like
+/// any other, and the server lives on.
+#[test]
+fn the_probe_path_takes_no_body() {
+    let proc = Proc::start(&[], &[]);
+    let addr = proc.addr;
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.write_all(
+        b"POST /.eventserver-probe HTTP/1.1\r\nHost: p\r\nContent-Length: 100000000000\r\n\r\nx",
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(SECOND * 5)).unwrap();
+    let resp = read_response(&mut BufReader::new(&conn)).expect("an answer");
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    for _ in 0..3 {
+        answered_within(addr, &healthz(addr), 200, SECOND * 5);
+    }
+    drop(conn);
+    answered_within(addr, &healthz(addr), 200, SECOND * 5);
+}
+
 /// Beyond `--max-connections`, new requests are answered 503 at once (the accept loop keeps
 /// running), and served again once connections close. The health check alone is still
 /// served: systemd's watchdog would otherwise restart a server that is only busy.
