@@ -10,8 +10,11 @@
 //! The VFS wraps the default one ("unix") and changes nothing for any file but a WAL: there,
 //! writes that continue one another are held in memory and written in one piece before
 //! anything else touches the file — a sync, a read, a truncate, a size query, a file
-//! control, a non-contiguous write, close — or once 1 MiB is held. A commit therefore
-//! reaches the kernel in full before its sync, and its sync before its 200.
+//! control, a non-contiguous write, close — or once 1 MiB is held, and always before the
+//! WAL's write lock is released. A commit therefore reaches the kernel in full before its
+//! sync, and its sync before its 200; pages a transaction spilled before rolling back never
+//! land after another process has appended to the WAL. A failed write of held bytes fails
+//! every later sync until the write lock is released, so that transaction cannot commit.
 //!
 //! Only for `synchronous=FULL`: SQLite syncs the WAL before it publishes a commit in the
 //! wal-index, so no other connection ever looks for frames still held here. Under NORMAL a
@@ -38,9 +41,15 @@ struct File {
     /// Must come first: SQLite sees only this.
     base: ffi::sqlite3_file,
     real: *mut ffi::sqlite3_file,
+    /// Whether writes are held (a WAL whose database allows it).
     wal: bool,
     held: Vec<u8>,
     held_at: i64,
+    /// A write of held bytes failed: syncs fail until the write lock is released, so the
+    /// transaction that lost them cannot commit.
+    broken: bool,
+    /// A WAL's database file and a database file's WAL, while both are open.
+    link: *mut File,
 }
 
 /// Where the wrapped file starts in the allocation, kept 8-aligned.
@@ -124,16 +133,32 @@ unsafe extern "C" fn open(
             }
             return rc;
         }
+        let f = file.cast::<File>();
         ptr::write(
-            file.cast::<File>(),
+            f,
             File {
                 base: ffi::sqlite3_file { pMethods: &METHODS },
                 real,
-                wal: flags & ffi::SQLITE_OPEN_WAL != 0,
+                wal: false,
                 held: Vec::new(),
                 held_at: 0,
+                broken: false,
+                link: ptr::null_mut(),
             },
         );
+        if flags & ffi::SQLITE_OPEN_WAL != 0 {
+            // The database this WAL belongs to was opened through this VFS too.
+            let db = ffi::sqlite3_database_file_object(name);
+            if !db.is_null() && ptr::eq((*db).pMethods, &METHODS) {
+                let db = db.cast::<File>();
+                (*f).link = db;
+                (*db).link = f;
+                // Without power-safe overwrite SQLite pads a commit to a sector and writes
+                // part of the last frame after its sync: such a WAL is written as it comes.
+                let characteristics = device_characteristics(db.cast());
+                (*f).wal = characteristics & ffi::SQLITE_IOCAP_POWERSAFE_OVERWRITE != 0;
+            }
+        }
         ffi::SQLITE_OK
     }
 }
@@ -161,8 +186,8 @@ unsafe fn real_methods(f: &File) -> &ffi::sqlite3_io_methods {
 const MAX_WRITE: usize = 0x1ffff;
 
 /// Writes what is held, in as few calls of the wrapped `xWrite` as it takes. Held bytes are
-/// dropped even when that fails: SQLite then fails the commit and rewrites those frames in a
-/// later one.
+/// dropped even when that fails, and the file is marked broken: the transaction they belong
+/// to cannot commit (its sync fails), so SQLite rewrites those frames in a later one.
 ///
 /// # Safety
 /// `f.real` must be open.
@@ -180,6 +205,7 @@ unsafe fn flush(f: &mut File) -> c_int {
             )
         };
         if rc != ffi::SQLITE_OK {
+            f.broken = true;
             break;
         }
         at += piece.len() as i64;
@@ -228,6 +254,9 @@ unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     unsafe {
         let f = ours(file);
         let flushed = flush(f);
+        if !f.link.is_null() {
+            (*f.link).link = ptr::null_mut();
+        }
         let closed = (real_methods(f).xClose.expect("the unix VFS has xClose"))(f.real);
         ptr::drop_in_place(file.cast::<File>());
         if flushed != ffi::SQLITE_OK {
@@ -291,7 +320,12 @@ unsafe extern "C" fn truncate(file: *mut ffi::sqlite3_file, size: ffi::sqlite3_i
 
 unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
     // SAFETY: opened by `open`; arguments passed through.
-    unsafe { flushed(file, |m, real| m.xSync.expect("xSync")(real, flags)) }
+    unsafe {
+        if ours(file).broken {
+            return ffi::SQLITE_IOERR_FSYNC;
+        }
+        flushed(file, |m, real| m.xSync.expect("xSync")(real, flags))
+    }
 }
 
 unsafe extern "C" fn file_size(
@@ -370,14 +404,29 @@ unsafe extern "C" fn shm_lock(
     n: c_int,
     flags: c_int,
 ) -> c_int {
-    // SAFETY: opened by `open`; arguments passed through.
+    // SAFETY: opened by `open`; arguments passed through; `link` is open while set.
     unsafe {
+        let f = ours(file);
+        let write_lock = offset <= WAL_WRITE_LOCK && WAL_WRITE_LOCK < offset + n;
+        if write_lock && flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE {
+            // Nothing held may outlive the write lock: another process could append at
+            // those offsets next. A commit has flushed at its sync, so what is left belongs
+            // to a transaction that rolled back (pages spilled before its end): it is
+            // written beyond the last commit, harmlessly, while the lock is still ours.
+            if let Some(wal) = f.link.as_mut() {
+                let _ = flush(wal);
+                wal.broken = false;
+            }
+        }
         direct(file, |m, real| match m.xShmLock {
             Some(lock) => lock(real, offset, n, flags),
             None => ffi::SQLITE_IOERR,
         })
     }
 }
+
+/// The wal-index lock slot of the WAL's single writer (sqlite3.c `WAL_WRITE_LOCK`).
+const WAL_WRITE_LOCK: c_int = 0;
 
 unsafe extern "C" fn shm_barrier(file: *mut ffi::sqlite3_file) {
     // SAFETY: opened by `open`; arguments passed through.
