@@ -885,6 +885,38 @@ fn the_probe_path_takes_no_body() {
     answered_within(addr, &healthz(addr), 200, SECOND * 5);
 }
 
+/// A request framed two ways is answered 400 and its connection given up: the bytes after
+/// it are never read as a request (with `Transfer-Encoding` and `Content-Length` together,
+/// tiny_http reads the chunked body, and a proxy trusting the length would not).
+#[test]
+fn a_request_framed_two_ways_smuggles_nothing() {
+    let server = TestServer::start();
+    let smuggled = "GET /nothing-here HTTP/1.1\r\nHost: p\r\n\r\n";
+    let mut conn = TcpStream::connect(server.addr).unwrap();
+    conn.write_all(
+        format!(
+            "POST /publish HTTP/1.1\r\nHost: p\r\nAuthorization: {}\r\n\
+             Transfer-Encoding: chunked\r\nContent-Length: {}\r\n\r\n0\r\n\r\n{smuggled}",
+            basic(USER, PASSWORD),
+            5 + smuggled.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(SECOND * 2)).unwrap();
+    let mut reader = BufReader::new(&conn);
+    let first = read_response(&mut reader).expect("an answer");
+    assert_eq!(first.status, 400, "{}", first.text());
+    match read_response(&mut reader) {
+        Ok(second) => panic!("the smuggled request was answered {}", second.status),
+        Err(e) => assert!(
+            matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+                || e.to_string().contains("bad status line"),
+            "{e}"
+        ),
+    }
+}
+
 /// Beyond `--max-connections`, new requests are answered 503 at once (the accept loop keeps
 /// running), and served again once connections close. The health check alone is still
 /// served: systemd's watchdog would otherwise restart a server that is only busy.
