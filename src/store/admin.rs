@@ -1,7 +1,8 @@
 //! Operator commands on the database file. Each opens its own connection and is safe while
 //! the server runs: SQLite's locking orders it with the writer. Only adding a user creates
-//! the database (it may come before the server's first start); every other command needs
-//! an existing one at the current schema version ([`super::open_existing`]).
+//! the database (it may come before the server's first start); otherwise every command
+//! needs an existing one at the current schema version ([`super::open_existing`]): only the
+//! server upgrades a schema, at start.
 
 use std::path::Path;
 
@@ -29,7 +30,11 @@ pub fn put_user(
     produce: &str,
     consume: &str,
 ) -> Result<Added, StoreError> {
-    let conn = super::open_write(db, SyncMode::Full)?;
+    // Creates the database when there is none; an existing one is not migrated here.
+    let conn = match db.exists() {
+        true => super::open_existing(db)?,
+        false => super::open_write(db, SyncMode::Full)?,
+    };
     let replaced = conn.execute(
         "UPDATE users SET hash = ?2, produce = ?3, consume = ?4 WHERE name = ?1",
         params![user, hash, produce, consume],

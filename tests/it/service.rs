@@ -2299,7 +2299,8 @@ fn a_read_timeout_within_the_longest_poll_is_warned_about() {
 
 /// Only `user add` creates a database: every other command on a mistyped `--db` fails and
 /// names the path, leaving no file behind (a backup of a new empty database would have
-/// "succeeded"); none of them migrates a database of another schema version.
+/// "succeeded"); none of them, `user add` included, migrates a database of another schema
+/// version.
 #[test]
 fn admin_commands_other_than_user_add_need_an_existing_database() {
     let dir = tempfile::tempdir().unwrap();
@@ -2334,6 +2335,12 @@ fn admin_commands_other_than_user_add_need_an_existing_database() {
         .execute_batch("PRAGMA user_version = 1")
         .unwrap();
     admin(&db, &["stream", "list"]).fails(1, "start the server once to upgrade it");
+    run(
+        &["user", "add", "bob", "--db", db.to_str().unwrap()],
+        &[],
+        Some("pw-pw-pw-pw\n"),
+    )
+    .fails(1, "start the server once to upgrade it");
     let version: i64 = rusqlite::Connection::open(&db)
         .unwrap()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
