@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -130,17 +130,30 @@ impl Server {
         };
 
         let accepting = Arc::new(RwLock::new(Some([writes_tx, reads_tx])));
+        let health_checks = Arc::new(AtomicUsize::new(0));
         let sink = {
             let (accepting, app) = (accepting.clone(), app.clone());
-            Arc::new(move |req: api::Request, reply: api::Reply| {
+            Arc::new(move |req: api::Request, mut reply: api::Reply| {
                 if let Some(why) = req.refused {
                     return reply(app.refusal(&req.path, 503, why));
                 }
                 let events = &app.config.events_path;
                 // Health checks go with the writes: the watchdog's check must get through a
-                // flood of re-polls rather than be refused with them.
+                // flood of re-polls rather than be refused with them. They need no
+                // credentials, so only a few at a time may take that lane (and the writer).
+                let health = api::HEALTH_PATHS.contains(&req.path.as_str());
+                if health {
+                    let Some(slot) = HealthSlot::take(&health_checks) else {
+                        let why = "Service Unavailable - too many health checks at once";
+                        return reply(app.refusal(&req.path, 503, why));
+                    };
+                    reply = Box::new(move |response| {
+                        drop(slot);
+                        reply(response)
+                    });
+                }
                 let write = req.method == Method::Post && req.path != *events;
-                let lane = usize::from(!write && !api::HEALTH_PATHS.contains(&req.path.as_str()));
+                let lane = usize::from(!write && !health);
                 let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
                 let refused = match guard.as_ref() {
                     Some(lanes) => lanes[lane]
@@ -185,6 +198,29 @@ impl Server {
             })),
             stopped: (Mutex::new(false), Condvar::new()),
         })
+    }
+}
+
+/// Health checks admitted at once; more are refused until one is answered.
+const MAX_HEALTH_CHECKS: usize = 8;
+
+/// One admitted health check; its place is given back when it is dropped, answered or not.
+struct HealthSlot(Arc<AtomicUsize>);
+
+impl HealthSlot {
+    fn take(count: &Arc<AtomicUsize>) -> Option<HealthSlot> {
+        count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < MAX_HEALTH_CHECKS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HealthSlot(count.clone()))
+    }
+}
+
+impl Drop for HealthSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -917,6 +917,37 @@ fn a_request_framed_two_ways_smuggles_nothing() {
     }
 }
 
+/// Health checks need no credentials and go ahead of reads, so only a few are admitted at
+/// once: with the writer stuck (another process holds the write lock), the ones beyond the
+/// first few are refused at once instead of piling up in the writes lane.
+#[test]
+fn health_checks_beyond_a_few_at_once_are_refused() {
+    let server = TestServer::start();
+    let addr = server.addr;
+    answered_within(addr, &healthz(addr), 200, SECOND * 5);
+    let lock = rusqlite::Connection::open(&server.db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let checks: Vec<_> = (0..16)
+        .map(|_| thread::spawn(move || try_send(addr, &healthz(addr), SECOND * 2)))
+        .collect();
+    let refused = checks
+        .into_iter()
+        .filter_map(|check| check.join().unwrap().ok())
+        .filter(|resp| resp.status == 503)
+        .inspect(|resp| {
+            assert_eq!(
+                resp.json(),
+                json!("Service Unavailable - too many health checks at once")
+            )
+        })
+        .count();
+    assert!(refused >= 8, "only {refused} of 16 checks were refused");
+    lock.execute_batch("ROLLBACK").unwrap();
+    wait_until(Duration::from_secs(15), "health checks pass again", || {
+        try_send(addr, &healthz(addr), SECOND).is_ok_and(|r| r.status == 200)
+    });
+}
+
 /// Beyond `--max-connections`, new requests are answered 503 at once (the accept loop keeps
 /// running), and served again once connections close. The health check alone is still
 /// served: systemd's watchdog would otherwise restart a server that is only busy.
