@@ -883,9 +883,10 @@ impl Responder {
         self.answer(response);
     }
 
-    /// Writes the answer now, unless an earlier request on the same connection is still
-    /// unanswered or being written: then it waits in order for the connection's writer
-    /// thread, since tiny_http would block this thread until the earlier answer is out.
+    /// Writes the answer now, then any of the connection's answers that became writable
+    /// meanwhile, unless an earlier request on the same connection is still unanswered or
+    /// being written: then it waits in order for whichever thread writes that one, since
+    /// tiny_http would block this thread until the earlier answer is out.
     fn answer(&mut self, response: api::Response) {
         let Some(rq) = self.rq.take() else { return };
         let Some((shared, peer, seq)) = self.order.take() else {
@@ -899,11 +900,13 @@ impl Responder {
         entry.unanswered.remove(&seq);
         let behind = entry.unanswered.first().is_some_and(|first| *first < seq);
         if !behind && !entry.writing && entry.ready.is_empty() {
-            if entry.idle() {
-                outstanding.remove(&peer);
-            }
+            // This thread writes it; answers that come meanwhile wait in `ready` instead of
+            // blocking more threads in tiny_http behind this write (a client that reads
+            // slowly could otherwise hold every worker).
+            entry.writing = true;
             drop(outstanding);
-            return deliver(rq, self.unread, response);
+            deliver(rq, self.unread, response);
+            return write_in_order(&shared, peer);
         }
         let unread = self.unread;
         entry.ready.insert(

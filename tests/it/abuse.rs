@@ -598,6 +598,36 @@ fn pipelined_long_polls_are_all_answered_in_order() {
     }
 }
 
+/// A client that pipelines reads and never takes the answers holds one worker at most:
+/// its answers wait behind the one being written instead of each blocking a worker inside
+/// tiny_http, so with two workers everyone else is still served.
+#[test]
+fn a_client_that_never_reads_its_answers_holds_one_worker_at_most() {
+    let server = TestServer::start_with(|c| c.workers = 2);
+    let addr = server.addr;
+    let blob = "x".repeat(900_000);
+    for _ in 0..4 {
+        let event = json!({"event": {"name": "a", "data": {"blob": blob}}});
+        let resp = send(addr, append_req(addr, "big", &event));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    append(addr, "small");
+    // 60 answers of 3.6 MB each: far more than the socket buffers hold.
+    let one = format!(
+        "GET /api/v1/streams/big/events?eventName=a&limit=4 HTTP/1.1\r\nHost: p\r\n\
+         Authorization: {}\r\nX-Consumer-ID: c\r\n\r\n",
+        basic(USER, PASSWORD)
+    );
+    let mut hog = TcpStream::connect(addr).unwrap();
+    hog.write_all(one.repeat(60).as_bytes()).unwrap();
+    let until = Instant::now() + SECOND * 4;
+    while Instant::now() < until {
+        let took = answered_within(addr, &read_req(addr, "small"), 200, SECOND * 2);
+        assert!(took < SECOND, "another client waited {took:?}");
+    }
+    drop(hog);
+}
+
 /// Floods one connection with pipelined requests it never reads the answers to, and
 /// samples the server for `watch`. Returns (peak extra threads, peak RSS growth in MiB,
 /// whether the server died, the slowest fresh request or `None` when one went unanswered).
