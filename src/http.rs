@@ -35,8 +35,10 @@
 //!   parked, the prober reads the kernel's socket tables for our connections in
 //!   `CLOSE_WAIT` and hands their peers to the server, which releases their polls.
 //! - **Pipelined requests never block a worker.** tiny_http writes a connection's responses
-//!   in request order, so answering a request pipelined behind an unanswered one (a parked
-//!   long-poll) would block until that one is answered. Such answers are written from a
+//!   in the order it read the requests (which is the order we number them in), so
+//!   answering a request pipelined behind an unanswered one (a parked long-poll), or behind
+//!   an answer still being written, would block until that one is out. Such answers wait in
+//!   order and are written by the thread that writes the one before them, or by a
 //!   short-lived thread of their own.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -164,7 +166,8 @@ struct Outstanding {
     unanswered: BTreeSet<u64>,
     /// Answers waiting to be written after earlier ones, by sequence number.
     ready: BTreeMap<u64, Ready>,
-    /// Whether a writer thread is writing `ready` for this peer.
+    /// Whether some thread is writing this connection's answers (then it also writes
+    /// `ready` as far as it can).
     writing: bool,
 }
 
@@ -709,12 +712,11 @@ fn header_value<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'
         .map(|h| h.value.as_str())
 }
 
-/// Decodes the request line and headers, then gets the body without ever blocking this
-/// thread on the client.
-/// A request's place among its connection's unanswered requests, and whether it is one
-/// too many of them.
+/// A request's connection, its place among the connection's unanswered requests, and
+/// whether it is one too many of them.
 #[derive(Clone, Copy)]
 struct Order {
+    peer: SocketAddr,
     seq: u64,
     flooding: bool,
 }
@@ -728,6 +730,7 @@ fn number(shared: &Shared, rq: tiny_http::Request) -> (tiny_http::Request, Optio
         entry.next += 1;
         entry.unanswered.insert(seq);
         Order {
+            peer,
             seq,
             flooding: entry.unanswered.len() > MAX_PIPELINED,
         }
@@ -735,12 +738,13 @@ fn number(shared: &Shared, rq: tiny_http::Request) -> (tiny_http::Request, Optio
     (rq, order)
 }
 
+/// Decodes the request line and headers, then gets the body without ever blocking this
+/// thread on the client.
 fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) {
     let declared = rq.body_length();
     let chunked = header_value(&rq, "Transfer-Encoding").is_some();
     let expects = header_value(&rq, "Expect").is_some();
-    let peer = rq.remote_addr().copied();
-    let order_of = |seq: u64| peer.map(|peer| (shared.clone(), peer, seq));
+    let order = order.map(|o| (shared.clone(), o));
     // The prober's request, exactly as it sends it; anything else on that path (a body
     // above all, which tiny_http would drain after the answer) is an ordinary request.
     let bodiless = declared.unwrap_or(0) == 0 && !chunked && !expects;
@@ -749,7 +753,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
         let responder = Responder {
             rq: Some(rq),
             unread: None,
-            order: order.and_then(|o| order_of(o.seq)),
+            order,
         };
         return responder.send(api::Response::json(204, api::JSON_UTF8, &b""[..]));
     }
@@ -794,7 +798,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
         remote: rq.remote_addr().copied(),
         refused: None,
     };
-    let flooding = order.is_some_and(|o| o.flooding);
+    let flooding = order.as_ref().is_some_and(|(_, o)| o.flooding);
     // Until the body is read, answering must not leave it to tiny_http to drain: every
     // early answer below inherits this.
     let unread = if chunked || expects {
@@ -805,7 +809,7 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
     let mut responder = Responder {
         rq: Some(rq),
         unread,
-        order: order.and_then(|o| order_of(o.seq)),
+        order,
     };
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
@@ -875,7 +879,7 @@ struct Responder {
     /// The declared length of a body that was never read.
     unread: Option<usize>,
     /// The connection's peer and this request's place among its requests.
-    order: Option<(Arc<Shared>, SocketAddr, u64)>,
+    order: Option<(Arc<Shared>, Order)>,
 }
 
 impl Responder {
@@ -889,7 +893,7 @@ impl Responder {
     /// tiny_http would block this thread until the earlier answer is out.
     fn answer(&mut self, response: api::Response) {
         let Some(rq) = self.rq.take() else { return };
-        let Some((shared, peer, seq)) = self.order.take() else {
+        let Some((shared, Order { peer, seq, .. })) = self.order.take() else {
             return deliver(rq, self.unread, response);
         };
         let mut outstanding = lock(&shared.outstanding);
@@ -1037,7 +1041,8 @@ fn deliver(rq: tiny_http::Request, unread: Option<usize>, response: api::Respons
 
 /// Answers through `upgrade`, which hands us the connection instead of draining it, then
 /// keeps the connection forever: dropping it would make tiny_http allocate the declared
-/// length in one piece. Costs one parked tiny_http thread and two descriptors.
+/// length in one piece, or read what follows a request framed two ways as requests. Costs
+/// one parked tiny_http thread and two descriptors.
 fn abandon(rq: tiny_http::Request, response: &api::Response) {
     // In upgrade mode tiny_http writes neither the body nor its length, so both are ours;
     // the extra header lines travel inside the `Upgrade` value.
@@ -1055,7 +1060,8 @@ fn abandon(rq: tiny_http::Request, response: &api::Response) {
     std::mem::forget(stream);
     let total = ABANDONED.fetch_add(1, Ordering::Relaxed) + 1;
     crate::log::warn(&format!(
-        "abandoned a connection whose unread body was too large to drain ({total} so far)"
+        "abandoned a connection rather than read the rest of it (a body too large to drain, \
+         or framed two ways; {total} so far)"
     ));
 }
 

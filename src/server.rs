@@ -237,7 +237,7 @@ fn on_commit(app: &App, committed: writer::Committed) {
     let woken: Vec<_> = committed
         .appended
         .iter()
-        .flat_map(|appended| app.wake(&appended.stream, &appended.events))
+        .flat_map(|appended| app.registry.publish(&appended.stream, &appended.events))
         .collect();
     let mut replies = committed.replies.into_iter().peekable();
     while replies.peek().is_some() {

@@ -32,6 +32,9 @@ struct Event {
     data: String,
 }
 
+/// Parked polls to answer with one body.
+type Chunk = (Vec<tiny_http::Request>, Arc<[u8]>);
+
 #[derive(Default)]
 struct Log {
     events: Vec<Event>,
@@ -43,7 +46,7 @@ struct Log {
 pub fn serve(addr: &str) -> Result<(), String> {
     let server = Arc::new(tiny_http::Server::http(addr).map_err(|e| e.to_string())?);
     let log = Arc::new(Mutex::new(Log::default()));
-    let (answers, chunks) = crossbeam_channel::unbounded::<(Vec<tiny_http::Request>, Arc<[u8]>)>();
+    let (answers, chunks) = crossbeam_channel::unbounded::<Chunk>();
     let mut threads = Vec::new();
     for _ in 0..THREADS {
         let chunks = chunks.clone();
@@ -65,11 +68,7 @@ pub fn serve(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn handle(
-    mut rq: tiny_http::Request,
-    log: &Mutex<Log>,
-    answers: &Sender<(Vec<tiny_http::Request>, Arc<[u8]>)>,
-) {
+fn handle(mut rq: tiny_http::Request, log: &Mutex<Log>, answers: &Sender<Chunk>) {
     let url = rq.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     if path == "/publish" {

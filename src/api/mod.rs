@@ -367,11 +367,6 @@ impl App {
         }
     }
 
-    /// Registers committed events; the waiters they wake, to hand to [`App::answer`].
-    pub(crate) fn wake(&self, stream: &str, events: &[Arc<Event>]) -> Vec<Woken<Parked>> {
-        self.registry.publish(stream, events)
-    }
-
     /// Releases the parked replies of clients that hung up (`peers`), answering them as if
     /// their deadline had passed: they no longer hold a place under the parked-poll cap.
     pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {

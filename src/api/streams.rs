@@ -176,14 +176,22 @@ pub fn validate_event(body: &[u8]) -> Result<(String, String), String> {
     Ok((name, fields))
 }
 
+/// The request's body, or the answer for one over the limit or cut short.
+fn body<'r>(app: &App, req: &'r Request) -> Result<&'r [u8], Response> {
+    match &req.body {
+        Body::TooLarge => Err(failure(
+            413,
+            &format!("limit is {} bytes", app.config.max_body),
+        )),
+        Body::Unreadable => Err(bad_request(UNREADABLE)),
+        Body::Bytes(body) => Ok(body),
+    }
+}
+
 fn append(app: &App, grants: &Grants, raw_stream: &str, req: &Request, reply: Reply) {
-    let body = match &req.body {
-        Body::TooLarge => {
-            let why = format!("limit is {} bytes", app.config.max_body);
-            return reply(failure(413, &why));
-        }
-        Body::Unreadable => return reply(bad_request(UNREADABLE)),
-        Body::Bytes(body) => body,
+    let body = match body(app, req) {
+        Ok(body) => body,
+        Err(response) => return reply(response),
     };
     let checked = stream_name(raw_stream).and_then(|stream| {
         let producer = client_id(req, "X-Producer-ID")?;
@@ -294,13 +302,9 @@ fn consume(
 }
 
 fn ack(app: &App, grants: &Grants, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
-    let body = match &req.body {
-        Body::TooLarge => {
-            let why = format!("limit is {} bytes", app.config.max_body);
-            return reply(failure(413, &why));
-        }
-        Body::Unreadable => return reply(bad_request(UNREADABLE)),
-        Body::Bytes(body) => body,
+    let body = match body(app, req) {
+        Ok(body) => body,
+        Err(response) => return reply(response),
     };
     let checked = (|| -> Result<_, String> {
         let stream = stream_name(raw_stream)?;

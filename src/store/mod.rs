@@ -176,11 +176,17 @@ pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
             "the database has schema version {v}, older than this eventserver's ({known}): \
              start the server once to upgrade it"
         ))),
-        v if v > known => Err(StoreError(format!(
-            "the database has schema version {v}, newer than this eventserver knows ({known})"
-        ))),
+        v if v > known => Err(too_new(v)),
         _ => Ok(conn),
     }
+}
+
+/// A database this eventserver cannot use: a newer one has changed its schema.
+fn too_new(version: usize) -> StoreError {
+    StoreError(format!(
+        "the database has schema version {version}, newer than this eventserver knows ({})",
+        MIGRATIONS.len()
+    ))
 }
 
 /// Opens a read connection on an existing database.
@@ -201,10 +207,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > MIGRATIONS.len() {
-            return Err(StoreError(format!(
-                "the database has schema version {version}, newer than this eventserver knows ({})",
-                MIGRATIONS.len()
-            )));
+            return Err(too_new(version));
         }
         let Some(sql) = MIGRATIONS.get(version) else {
             return Ok(());
