@@ -128,9 +128,8 @@ unsafe extern "C" fn open(
             parent, name, real, flags, out_flags,
         );
         if rc != ffi::SQLITE_OK {
-            if let Some(close) = (*real).pMethods.as_ref().and_then(|m| m.xClose) {
-                close(real);
-            }
+            // The unix VFS leaves nothing open when it fails, and our `pMethods` stays null,
+            // so SQLite calls no method on this file.
             return rc;
         }
         let f = file.cast::<File>();
