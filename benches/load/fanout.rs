@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Opts;
 use crate::report::{self, Latency, ProcSample, cell_ms, percent};
-use crate::subscribe::{Plan, Published, poll_timeout, publish_paced};
+use crate::subscribe::{Plan, Published, publish_paced};
 use crate::target::{Need, Target};
 use crate::verdict::judge;
 
@@ -33,16 +33,9 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
         let target = Target::start(&opts.source, need)?;
         crate::prime(&target)?;
         let categories = Arc::new(vec![format!("fanout-{}-{n}", opts.run_id)]);
-        let epoch = Instant::now();
-        let plan = Plan {
-            target: &target,
-            categories: categories.clone(),
-            n,
-            threads: opts.threads,
-            timeout_s: poll_timeout(opts.events as f64 * interval.as_secs_f64()),
-            epoch,
-            drain: Duration::from_secs(15),
-        };
+        let secs = opts.events as f64 * interval.as_secs_f64();
+        let plan = Plan::new(&target, categories.clone(), n, opts, secs);
+        let epoch = plan.epoch;
         let mut parked_sample = None;
         let mut outcome = plan.run(|_| {
             parked_sample = target.pid.and_then(ProcSample::read);
@@ -139,17 +132,9 @@ pub fn categories(opts: &Opts) -> Result<(), String> {
             .map(|c| format!("cat-{}-{c}", opts.run_id))
             .collect::<Vec<_>>(),
     );
-    let epoch = Instant::now();
     let count = (opts.rate * secs).ceil() as usize;
-    let plan = Plan {
-        target: &target,
-        categories: categories.clone(),
-        n,
-        threads: opts.threads,
-        timeout_s: poll_timeout(secs),
-        epoch,
-        drain: Duration::from_secs(15),
-    };
+    let plan = Plan::new(&target, categories.clone(), n, opts, secs);
+    let epoch = plan.epoch;
     let mut rng = crate::Rng::new(0x5eed);
     let mut outcome = plan.run(|_| {
         publish_paced(
@@ -224,13 +209,8 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
     let before = ProcSample::read(pid).ok_or("cannot read the server's /proc status")?;
     let categories = Arc::new(vec![format!("idle-{}", opts.run_id)]);
     let plan = Plan {
-        target: &target,
-        categories,
-        n,
-        threads: opts.threads,
-        timeout_s: poll_timeout(hold.as_secs_f64()),
-        epoch: Instant::now(),
         drain: Duration::ZERO,
+        ..Plan::new(&target, categories, n, opts, hold.as_secs_f64())
     };
     let mut samples = Vec::new();
     let mut outcome = plan.run(|_| {

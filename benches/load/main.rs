@@ -1,5 +1,5 @@
-//! `cargo bench --bench load`: eventserver's load-testing suite (issue 5) and the group-commit
-//! bench (issue 2's last point).
+//! `cargo bench --bench load`: eventserver's load-testing suite, group commit's bench among
+//! its scenarios.
 //!
 //! ```text
 //! cargo bench --bench load -- [SCENARIO...] [OPTIONS]
@@ -31,7 +31,7 @@
 //!   `--duration` (5 s) each, through the streams API (a stream and producer per connection)
 //!   and through `/publish` (a category per connection). Only 200s count, and a 200 means
 //!   committed with the server's durability, so events/s is durable appends/s; the 64 vs 1
-//!   ratio shows group commit at work (issue 2). Also shown: the server's mean commit batch
+//!   ratio shows group commit at work. Also shown: the server's mean commit batch
 //!   and commit time (from its `/metrics`), and storage bytes written per event.
 //! - **consume**: 100,000 events, then one and eight consumers paging GET + ACK through all
 //!   of them; each must see every event once, all in the same order.

@@ -14,7 +14,7 @@ use crate::consume::Consumers;
 use crate::engine::{self, Options};
 use crate::publish::Appender;
 use crate::report::{self, Latency, ProcSample, cell_ms, percent};
-use crate::subscribe::{Plan, poll_timeout, publish_paced};
+use crate::subscribe::{Plan, publish_paced};
 use crate::target::{Need, Target};
 use crate::verdict::judge;
 use crate::{Api, Opts, Rng};
@@ -45,16 +45,8 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     let streams: Vec<String> = (0..PRODUCERS)
         .map(|i| format!("mix-{}-s{i}", opts.run_id))
         .collect();
-    let epoch = Instant::now();
-    let plan = Plan {
-        target: &target,
-        categories: categories.clone(),
-        n,
-        threads: opts.threads,
-        timeout_s: poll_timeout(secs),
-        epoch,
-        drain: Duration::from_secs(15),
-    };
+    let plan = Plan::new(&target, categories.clone(), n, opts, secs);
+    let epoch = plan.epoch;
     let site = &target.site;
     let mut parts = None;
     let mut outcome = plan.run(|_| {

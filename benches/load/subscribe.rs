@@ -342,6 +342,28 @@ pub struct Plan<'a> {
     pub drain: Duration,
 }
 
+impl<'a> Plan<'a> {
+    /// A plan for `n` subscribers over `categories` starting now, whose polls outlast
+    /// `secs` of publishing, with 15 s for the last deliveries.
+    pub fn new(
+        target: &'a Target,
+        categories: Arc<Vec<String>>,
+        n: usize,
+        opts: &crate::Opts,
+        secs: f64,
+    ) -> Plan<'a> {
+        Plan {
+            target,
+            categories,
+            n,
+            threads: opts.threads,
+            timeout_s: poll_timeout(secs),
+            epoch: Instant::now(),
+            drain: Duration::from_secs(15),
+        }
+    }
+}
+
 /// The outcome of [`Plan::run`].
 pub struct Outcome {
     /// Each thread's subscribers and transport figures.
@@ -458,6 +480,6 @@ impl Plan<'_> {
 
 /// Long-poll timeout for a run whose publishing lasts `secs`: long enough that nobody
 /// times out meanwhile, within golongpoll's usual 110 s cap.
-pub fn poll_timeout(secs: f64) -> u64 {
+fn poll_timeout(secs: f64) -> u64 {
     (secs as u64 + 30).clamp(30, 110)
 }
