@@ -13,6 +13,11 @@
 //! `streams::huge_declared_body_gets_413_while_others_are_served`). So moderate leftovers
 //! are drained on a bounded set of drain threads, and larger ones are answered through
 //! `upgrade`, which hands the connection over undrained, and the connection is abandoned.
+//! In `upgrade` mode tiny_http writes neither the body nor its length, so [`abandon`]
+//! writes both (`abuse::a_request_framed_two_ways_smuggles_nothing` reads such an answer).
+//!
+//! tiny_http also refuses to send a `Connection` header given to it, and chunks any body
+//! over 32 KiB unless told otherwise; [`tiny_response`] says how it gets round both.
 
 use std::io::{Cursor, Read, Write};
 use std::sync::Arc;

@@ -17,8 +17,8 @@
 //!
 //! # What tiny_http 0.12 does that this layer relies on
 //!
-//! Each behaviour with the test (`tests/it`, module `::` name) that reproduces it or fails
-//! without what this layer does about it.
+//! Each behaviour with the tests that reproduce it, or fail without what this layer does
+//! about it: those in `tests/it` by module and name, this file's own as `tests::…`.
 //!
 //! - **A thread per connection, no timeouts.** Every open connection holds a thread of
 //!   tiny_http's pool (which spawns whenever none is free) and two descriptors, the socket
@@ -26,16 +26,17 @@
 //!   sets no timeout of its own, so a silent client would hold them forever
 //!   (`abuse::slow_heads_are_cut_while_fresh_connections_are_served`,
 //!   `abuse::a_body_that_never_finishes_is_cut_after_the_read_timeout`).
-//! - **`Server::num_connections` is `unimplemented!()`** (it panics): open connections are
-//!   estimated from the process's descriptors instead
-//!   (`abuse::connections_beyond_the_cap_get_503_quickly`).
+//! - **`Server::num_connections` is `unimplemented!()`** (it panics;
+//!   `tests::tiny_http_cannot_count_its_connections`): open connections are estimated from
+//!   the process's descriptors instead (`abuse::connections_beyond_the_cap_get_503_quickly`).
 //! - **The accept loop dies for good** on any `accept()` error (`EMFILE`, `ECONNABORTED`);
 //!   `recv` then reports the error once (`abuse::the_accept_loop_survives_emfile_and_recovers`).
 //!   With `SO_RCVTIMEO` on the listener an idle `accept` times out, which ends it the same
-//!   way (`longpoll::a_poll_keeps_its_connection_unless_it_outlasts_the_read_timeout` idles
-//!   past a 1 s timeout). It also panics, silently, when the `try_clone` of a socket it just
-//!   accepted finds no free descriptor or a connection thread cannot be spawned: then the
-//!   only sign is that the listener clone it owns is closed
+//!   way, and then the listener clone it owned is closed
+//!   (`tests::tiny_http_ends_its_accept_loop_when_an_idle_accept_times_out`). It also
+//!   panics, silently, when the `try_clone` of a socket it just accepted finds no free
+//!   descriptor or a connection thread cannot be spawned: then the only sign is that the
+//!   listener clone it owns is closed
 //!   (`abuse::the_accept_loop_survives_a_failed_thread_spawn`, run by `.ci/run` as root).
 //!   `Server::from_listener` panics rather than failing when it cannot spawn that thread,
 //!   and the pool leaks the threads it started when it cannot start all four of its first
@@ -49,7 +50,7 @@
 //!   Bodies up to 1 KiB are read before the request is handed over.
 //! - **Burst stranding.** A race in the connection pool leaves some connections of a burst
 //!   queued with no thread to read them until other work arrives (1–70 of 300 in five runs
-//!   without the prober; `abuse::a_burst_of_300_connections_is_answered_within_2_s`).
+//!   of bare tiny_http here; `abuse::a_burst_of_300_connections_is_answered_within_2_s`).
 //! - **Pipelined answers are written in request order**: answering a request blocks until
 //!   every answer before it on its connection is written
 //!   (`abuse::a_request_pipelined_behind_a_parked_long_poll_leaves_the_worker_free`,
@@ -58,9 +59,10 @@
 //!   requests are read ahead without limit (`abuse::unbounded_pipelining_keeps_memory_bounded`,
 //!   ignored, with the figure measured) and a flood of them must not fill the workers' queue
 //!   (`abuse::a_pipelining_flood_does_not_take_the_server_down`).
-//! - **A dropped `Request` answers a bare 500**: every request is answered, and one dropped
-//!   unanswered (a handler that panicked) answers a 500 that says so
-//!   (`abuse::a_panicking_handler_answers_500_and_the_pool_never_shrinks`).
+//! - **A dropped `Request` answers a bare 500**
+//!   (`tests::tiny_http_answers_a_dropped_request_with_a_bare_500`): every request is
+//!   answered, and one dropped unanswered (by a handler that panicked) answers a 500 that
+//!   says so (`abuse::a_panicking_handler_answers_500_and_the_pool_never_shrinks`).
 //! - **A hang-up is seen only on the next read**, which a parked request never makes
 //!   (`longpoll::a_poll_whose_client_hangs_up_is_released`).
 //!
@@ -326,4 +328,85 @@ fn spawn_small(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<Join
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// tiny_http 0.12 behaviours the layer relies on that no test in `tests/it` shows alone.
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// A tiny_http server on a fresh loopback listener, and that listener's address.
+    fn engine() -> (tiny_http::Server, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        (
+            tiny_http::Server::from_listener(listener, None).unwrap(),
+            addr,
+        )
+    }
+
+    #[test]
+    fn tiny_http_ends_its_accept_loop_when_an_idle_accept_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        socket2::SockRef::from(&listener)
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        // We keep a handle on the listener, as `HttpServer` does; tiny_http gets a clone.
+        let clone = listener.try_clone().unwrap();
+        let clone_fd = clone.as_raw_fd();
+        let link = crate::sys::fd_link(clone_fd).expect("/proc shows the clone");
+        let server = tiny_http::Server::from_listener(clone, None).unwrap();
+        // The timeout is reported once, as an error of `recv`.
+        let error = server.recv_timeout(Duration::from_secs(5)).err();
+        assert!(
+            error.is_some_and(|e| matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )),
+            "the idle accept's timeout is reported"
+        );
+        // The accept thread has ended: the clone it owned is closed (what `Engine::dead`
+        // looks for), and a new connection, queued on our listener, is never served.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while crate::sys::fd_link(clone_fd).as_ref() == Some(&link) {
+            assert!(Instant::now() < deadline, "the listener clone stays open");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut client = TcpStream::connect(addr).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        assert!(matches!(
+            server.recv_timeout(Duration::from_millis(300)),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn tiny_http_answers_a_dropped_request_with_a_bare_500() {
+        let (server, addr) = engine();
+        let mut client = TcpStream::connect(addr).unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let rq = server.recv_timeout(Duration::from_secs(5)).unwrap();
+        drop(rq.expect("the request"));
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 500"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+    }
+
+    #[test]
+    fn tiny_http_cannot_count_its_connections() {
+        let (server, _) = engine();
+        let counted =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.num_connections()));
+        assert!(counted.is_err(), "num_connections is unimplemented!()");
+    }
 }
