@@ -140,10 +140,10 @@ fn take_requests(shared: &Arc<Shared>, engine: &Arc<Engine>) {
             engine
                 .server
                 .recv_timeout(Duration::from_secs(1))
-                .map(|rq| rq.map(|rq| super::order::number(shared, rq)))
+                .map(|rq| rq.map(|rq| (super::order::number(shared, &rq), rq)))
         };
         match taken {
-            Ok(Some((rq, order))) => {
+            Ok(Some((order, rq))) => {
                 last_request = Instant::now();
                 super::exchange::dispatch(shared, rq, order);
             }

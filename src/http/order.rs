@@ -34,15 +34,9 @@ pub(super) struct Order {
 }
 
 /// Numbers `rq` on its connection (none without a peer address: it is answered unordered).
-pub(super) fn number(
-    shared: &Shared,
-    rq: tiny_http::Request,
-) -> (tiny_http::Request, Option<Order>) {
-    let order = rq
-        .remote_addr()
-        .copied()
-        .map(|peer| lock(&shared.order).number(peer));
-    (rq, order)
+pub(super) fn number(shared: &Shared, rq: &tiny_http::Request) -> Option<Order> {
+    let peer = *rq.remote_addr()?;
+    Some(lock(&shared.order).number(peer))
 }
 
 /// Per connection (by peer address), the requests not yet answered and the answers waiting
