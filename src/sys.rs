@@ -1,9 +1,17 @@
 //! The few operating-system interfaces the server uses directly: the open-files limit,
-//! systemd's notification socket and socket activation.
+//! systemd's notification socket and socket activation, and the `/proc` files the HTTP
+//! layer reads to watch tiny_http from outside (what a descriptor is, how many are open,
+//! which connections the client has closed).
+//!
+//! Each `/proc` format is parsed from text by a function of its own, unit-tested below on
+//! well-formed and malformed input; without a /proc the readers answer `None` or nothing.
 
-use std::io;
-use std::net::TcpListener;
+use std::collections::HashSet;
+use std::io::{self, BufRead};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
@@ -97,4 +105,195 @@ fn adopt_fd3() -> io::Result<TcpListener> {
     }
     socket.set_cloexec(true)?;
     Ok(socket.into())
+}
+
+/// What `/proc/self/fd` says descriptor `fd` is (`socket:[inode]` for a socket), if there is
+/// a /proc and the descriptor is open.
+pub(crate) fn fd_link(fd: RawFd) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+}
+
+/// Descriptors this process has open, if /proc tells.
+pub(crate) fn open_fds() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd").ok().map(Iterator::count)
+}
+
+/// Peers of this process's connections on local `port` that the client has closed while we
+/// still hold them (`CLOSE_WAIT`), from the kernel's socket tables; an empty set without
+/// /proc.
+pub(crate) fn closed_by_peer(port: u16) -> HashSet<SocketAddr> {
+    let mut peers = HashSet::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        // Line by line: the table has a line per socket, megabytes at 10,000 connections.
+        if let Ok(file) = std::fs::File::open(table) {
+            peers.extend(close_wait_peers(io::BufReader::new(file), port));
+        }
+    }
+    peers
+}
+
+/// The peers of the `CLOSE_WAIT` rows on local `port` in one `/proc/net/tcp{,6}` table
+/// (a heading line, then a row per socket). Rows that do not parse are skipped; reading
+/// stops at the first line that cannot be read.
+fn close_wait_peers(table: impl BufRead, port: u16) -> Vec<SocketAddr> {
+    table
+        .lines()
+        .skip(1)
+        .map_while(Result::ok)
+        .filter_map(|row| close_wait_peer(&row, port))
+        .collect()
+}
+
+/// The peer of one `/proc/net/tcp{,6}` row (`sl local_address rem_address st …`), if the
+/// socket is on local `port` and in `CLOSE_WAIT` (state `08`).
+fn close_wait_peer(row: &str, port: u16) -> Option<SocketAddr> {
+    const CLOSE_WAIT: &str = "08";
+    let mut fields = row.split_whitespace().skip(1);
+    let (Some(local), Some(remote), Some(CLOSE_WAIT)) =
+        (fields.next(), fields.next(), fields.next())
+    else {
+        return None;
+    };
+    if proc_net_addr(local).is_some_and(|a| a.port() == port) {
+        proc_net_addr(remote)
+    } else {
+        None
+    }
+}
+
+/// An address as `/proc/net/tcp{,6}` write it: the IP as 32-bit words in host byte order,
+/// then `:` and the port, all in hex (`0100007F:1F90` is 127.0.0.1:8080 here).
+fn proc_net_addr(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    if ip.len() != 8 && ip.len() != 32 {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(16);
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match <[u8; 4]>::try_from(bytes.as_slice()) {
+        Ok(v4) => IpAddr::from(v4),
+        Err(_) => IpAddr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?),
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    /// 127.0.0.1 as `/proc/net/tcp` writes it.
+    fn localhost() -> String {
+        format!("{:08X}", u32::from_ne_bytes([127, 0, 0, 1]))
+    }
+
+    /// A `/proc/net/tcp` row from local `:port` to `127.0.0.1:peer_port` in state `st`.
+    fn row(port: u16, peer_port: u16, st: &str) -> String {
+        let ip = localhost();
+        format!(
+            "   0: {ip}:{port:04X} {ip}:{peer_port:04X} {st} 00000000:00000000 00:00000000 \
+             00000000     0        0 12345 1 0000000000000000 20 4 30 10 -1"
+        )
+    }
+
+    #[test]
+    fn proc_net_addresses_parse_in_host_order() {
+        let v4 = u32::from_ne_bytes([127, 0, 0, 1]);
+        let field = format!("{v4:08X}:1F90");
+        assert_eq!(
+            proc_net_addr(&field),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        let one = u32::from_ne_bytes([0, 0, 0, 1]);
+        let field = format!("000000000000000000000000{one:08X}:0050");
+        assert_eq!(proc_net_addr(&field), Some("[::1]:80".parse().unwrap()));
+        for bad in [
+            "",
+            "0100007F",
+            "0100007F:",
+            "XYZ:1F90",
+            "0100:1F90",
+            "0100007F:1F90:1",
+        ] {
+            assert_eq!(proc_net_addr(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_row_names_its_peer_only_in_close_wait_on_our_port() {
+        let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        assert_eq!(close_wait_peer(&row(8080, 50000, "08"), 8080), Some(peer));
+        // Established (01) and listening (0A) sockets, and other ports, are not hang-ups.
+        assert_eq!(close_wait_peer(&row(8080, 50000, "01"), 8080), None);
+        assert_eq!(close_wait_peer(&row(8080, 0, "0A"), 8080), None);
+        assert_eq!(close_wait_peer(&row(8081, 50000, "08"), 8080), None);
+        let ip = localhost();
+        for bad in [
+            String::new(),
+            "   0:".to_owned(),
+            format!("   0: {ip}:1F90"),
+            format!("   0: {ip}:1F90 {ip}:C350"),
+            format!("   0: {ip}:1F90 garbage 08"),
+            format!("   0: garbage {ip}:C350 08"),
+            format!("{ip}:1F90 {ip}:C350 08"),
+        ] {
+            assert_eq!(close_wait_peer(&bad, 8080), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_table_yields_the_peers_of_its_close_wait_rows() {
+        let heading = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when";
+        let table = [
+            heading.to_owned(),
+            row(8080, 50000, "08"),
+            "not a row".to_owned(),
+            row(8080, 50001, "01"),
+            row(8080, 50002, "08"),
+        ]
+        .join("\n");
+        let peers = close_wait_peers(table.as_bytes(), 8080);
+        let expected: Vec<SocketAddr> = ["127.0.0.1:50000", "127.0.0.1:50002"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(peers, expected);
+        // The first line is the heading, whatever it holds.
+        assert!(close_wait_peers(row(8080, 50000, "08").as_bytes(), 8080).is_empty());
+        // Reading stops at a line that is not text.
+        let mut broken = format!("{heading}\n{}\n", row(8080, 50000, "08")).into_bytes();
+        broken.extend_from_slice(b"\xff\xfe\n");
+        broken.extend_from_slice(row(8080, 50002, "08").as_bytes());
+        assert_eq!(close_wait_peers(broken.as_slice(), 8080), expected[..1]);
+        assert!(close_wait_peers(&b""[..], 8080).is_empty());
+    }
+
+    #[test]
+    fn a_client_that_hangs_up_is_found_in_close_wait() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let client_addr = client.local_addr().unwrap();
+        let (_held, _) = listener.accept().unwrap();
+        assert!(!closed_by_peer(port).contains(&client_addr), "still open");
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !closed_by_peer(port).contains(&client_addr) {
+            assert!(Instant::now() < deadline, "the hang-up was not seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn descriptors_are_read_from_proc() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let link = fd_link(listener.as_raw_fd()).expect("the listener's descriptor");
+        assert!(link.to_string_lossy().starts_with("socket:["), "{link:?}");
+        assert!(open_fds().is_some_and(|n| n >= 4), "stdio and the listener");
+    }
 }

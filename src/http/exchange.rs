@@ -1,0 +1,278 @@
+//! Decoding tiny_http requests into [`api::Request`]s and writing [`api::Response`]s back.
+//!
+//! Decoding never blocks a dispatch thread on a client: a body tiny_http has not already
+//! buffered (it buffers up to 1 KiB before handing a request over) is read on a
+//! short-lived thread of its own, and a body declared over the limit is never read. Early
+//! refusals (too many connections, too many pipelined requests) are marked on the request
+//! in [`dispatch`], which the API answers at once.
+//!
+//! Writing never drains a large unread body on the writing thread. tiny_http 0.12 drains
+//! what is left of a body when the request is dropped, also after `respond`, with one
+//! allocation of the whole declared length: `Content-Length: 100000000000` would abort the
+//! process (`bad_input::bodies_over_the_limit_and_lying_lengths`,
+//! `streams::huge_declared_body_gets_413_while_others_are_served`). So moderate leftovers
+//! are drained on a bounded set of drain threads, and larger ones are answered through
+//! `upgrade`, which hands the connection over undrained, and the connection is abandoned.
+//! In `upgrade` mode tiny_http writes neither the body nor its length, so [`abandon`]
+//! writes both (`abuse::a_request_framed_two_ways_smuggles_nothing` reads such an answer).
+//!
+//! tiny_http also refuses to send a `Connection` header given to it, and chunks any body
+//! over 32 KiB unless told otherwise; [`tiny_response`] says how it gets round both.
+
+use std::io::{Cursor, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::order::{Answer, Order, Responder};
+use super::prober::PROBE_PATH;
+use super::{Shared, spawn_small};
+use crate::api::{self, Body, Method};
+
+/// Bodies up to this size are already in memory when tiny_http hands the request over.
+const BUFFERED_BODY: usize = 1024;
+/// Largest unread remainder we let tiny_http drain (it allocates it in one piece).
+const DRAIN_CAP: usize = 16 << 20;
+/// Drains running at once; beyond it connections are abandoned instead.
+const MAX_DRAINS: usize = 16;
+/// The request headers the APIs look at.
+const API_HEADERS: [&str; 3] = ["Authorization", "X-Producer-ID", "X-Consumer-ID"];
+
+static DRAINS: AtomicUsize = AtomicUsize::new(0);
+static ABANDONED: AtomicUsize = AtomicUsize::new(0);
+
+/// The value of `rq`'s first header called `name`.
+fn header_value<'a>(rq: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
+    rq.headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Decodes the request line and headers, then gets the body without ever blocking this
+/// thread on the client.
+pub(super) fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) {
+    let declared = rq.body_length();
+    let chunked = header_value(&rq, "Transfer-Encoding").is_some();
+    let expects = header_value(&rq, "Expect").is_some();
+    let order = order.map(|o| (shared.clone(), o));
+    // The prober's request, exactly as it sends it; anything else on that path (a body
+    // above all, which tiny_http would drain after the answer) is an ordinary request.
+    let bodiless = declared.unwrap_or(0) == 0 && !chunked && !expects;
+    if rq.url() == PROBE_PATH && *rq.method() == tiny_http::Method::Get && bodiless {
+        shared.probes_answered.fetch_add(1, Ordering::SeqCst);
+        let responder = Responder {
+            rq: Some(rq),
+            unread: None,
+            order,
+        };
+        return responder.send(api::Response::json(204, api::JSON_UTF8, &b""[..]));
+    }
+    shared.arrivals.fetch_add(1, Ordering::Relaxed);
+    // Two framings for one body (differing Content-Lengths, or Content-Length with
+    // Transfer-Encoding) are how requests get smuggled past proxies: refuse, unread.
+    let mut lengths = rq
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("Content-Length"))
+        .map(|h| h.value.as_str().trim());
+    let first_length = lengths.next();
+    let ambiguous = lengths.any(|l| Some(l) != first_length) || (chunked && first_length.is_some());
+    let (path, query) = match rq.url().split_once('?') {
+        Some((p, q)) => (p.to_owned(), q.to_owned()),
+        None => (rq.url().to_owned(), String::new()),
+    };
+    let method = match rq.method() {
+        tiny_http::Method::Get => Method::Get,
+        tiny_http::Method::Post => Method::Post,
+        tiny_http::Method::Head => Method::Head,
+        other => Method::Other(other.as_str().to_owned()),
+    };
+    // Only the headers the APIs read are copied; the rest stay with tiny_http.
+    let headers = rq
+        .headers()
+        .iter()
+        .filter(|h| API_HEADERS.iter().any(|name| h.field.equiv(name)))
+        .map(|h| {
+            (
+                h.field.as_str().as_str().to_owned(),
+                h.value.as_str().to_owned(),
+            )
+        })
+        .collect();
+    let mut req = api::Request {
+        method,
+        path,
+        query,
+        headers,
+        body: Body::Bytes(Vec::new()),
+        remote: rq.remote_addr().copied(),
+        refused: None,
+    };
+    let flooding = order.as_ref().is_some_and(|(_, o)| o.flooding);
+    // Until the body is read, answering must not leave it to tiny_http to drain: every
+    // early answer below inherits this.
+    let unread = if chunked || expects {
+        declared.or(Some(usize::MAX))
+    } else {
+        declared.filter(|n| *n > BUFFERED_BODY)
+    };
+    let mut responder = Responder {
+        rq: Some(rq),
+        unread,
+        order,
+    };
+    let capped = !shared.uncapped.contains(&req.path.as_str());
+    if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
+        // Refused quickly rather than left to pile up toward the descriptor limit.
+        req.refused = Some("Service Unavailable - too many open connections");
+        return hand_to_api(shared, req, responder);
+    }
+    if flooding {
+        // One connection may not fill the workers' queue for everyone else.
+        req.refused = Some("Service Unavailable - too many pipelined requests on this connection");
+        return hand_to_api(shared, req, responder);
+    }
+    if ambiguous {
+        // No length can be trusted, so the rest of the stream cannot be read as requests:
+        // the connection is given up after the answer.
+        responder.unread = Some(usize::MAX);
+        req.body = Body::Unreadable;
+        return hand_to_api(shared, req, responder);
+    }
+    if let Some(n) = declared.filter(|n| *n > shared.max_body) {
+        responder.unread = Some(n);
+        req.body = Body::TooLarge;
+        return hand_to_api(shared, req, responder);
+    }
+    let buffered = !chunked && !expects && declared.unwrap_or(0) <= BUFFERED_BODY;
+    if buffered {
+        return read_body_then_hand_on(shared, req, responder);
+    }
+    let inner = shared.clone();
+    let spawned = spawn_small("http-body", move || {
+        read_body_then_hand_on(&inner, req, responder);
+    });
+    if let Err(e) = spawned {
+        crate::log::error(&format!("cannot spawn a body reader: {e}"));
+    }
+}
+
+/// Reads the body (up to the limit) and hands the request on to the API.
+fn read_body_then_hand_on(shared: &Arc<Shared>, mut req: api::Request, mut responder: Responder) {
+    let rq = responder
+        .rq
+        .as_mut()
+        .expect("a fresh responder holds its request");
+    let limit = shared.max_body as u64 + 1;
+    let mut body = Vec::new();
+    let declared = rq.body_length();
+    // What is left unread if reading stops early: unknown for a chunked body.
+    let rest = |read: usize| Some(declared.map_or(usize::MAX, |n| n.saturating_sub(read)));
+    (req.body, responder.unread) = match rq.as_reader().take(limit).read_to_end(&mut body) {
+        Ok(_) if body.len() > shared.max_body => (Body::TooLarge, rest(body.len())),
+        // A body that ends before its declared length is a broken request, not a short one.
+        Ok(_) if declared.is_some_and(|n| body.len() < n) => (Body::Unreadable, None),
+        Ok(_) => (Body::Bytes(body), None),
+        Err(_) => (Body::Unreadable, rest(body.len())),
+    };
+    hand_to_api(shared, req, responder);
+}
+
+/// Hands a decoded request on to the API (through the sink), with its responder as the
+/// reply.
+fn hand_to_api(shared: &Shared, req: api::Request, responder: Responder) {
+    (shared.sink)(req, Box::new(move |response| responder.send(response)));
+}
+
+/// The tiny_http response for `response`; with `close`, one that tells the client the
+/// connection ends after it.
+fn tiny_response(response: &api::Response, close: bool) -> tiny_http::Response<Cursor<Arc<[u8]>>> {
+    let mut headers = Vec::with_capacity(response.headers.len() + 2);
+    headers.push(header("Server", "eventserver"));
+    if close {
+        // tiny_http refuses to set `Connection` itself; a client about to send a large body
+        // should learn that it can stop.
+        headers.push(header("X-Close", "1\r\nConnection: close"));
+    }
+    for (name, value) in &response.headers {
+        headers.push(header(name, value));
+    }
+    let len = response.body.len();
+    // The length is always known: send it rather than tiny_http's default of chunking
+    // anything over 32 KiB.
+    tiny_http::Response::new(
+        tiny_http::StatusCode(response.status),
+        headers,
+        Cursor::new(response.body.clone()),
+        Some(len),
+        None,
+    )
+    .with_chunked_threshold(usize::MAX)
+}
+
+/// A header; one tiny_http cannot represent becomes a harmless marker instead.
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .unwrap_or_else(|_| tiny_http::Header::from_bytes("X-Invalid-Header", "1").expect("ASCII"))
+}
+
+/// Writes an answer without ever draining a large unread body on this thread.
+pub(super) fn write_response(answer: Answer) {
+    let Answer {
+        rq,
+        unread,
+        response,
+    } = answer;
+    let Some(remaining) = unread else {
+        let _ = rq.respond(tiny_response(&response, false));
+        return;
+    };
+    if remaining <= DRAIN_CAP && DRAINS.fetch_add(1, Ordering::SeqCst) < MAX_DRAINS {
+        let tiny = tiny_response(&response, true);
+        let spawned = spawn_small("http-drain", move || {
+            // `respond` writes the answer, then tiny_http drains the rest of the body.
+            let _ = rq.respond(tiny);
+            DRAINS.fetch_sub(1, Ordering::SeqCst);
+        });
+        match spawned {
+            Ok(_) => return,
+            Err(e) => {
+                DRAINS.fetch_sub(1, Ordering::SeqCst);
+                crate::log::error(&format!("cannot spawn a drain thread: {e}"));
+                // The request went into the failed closure and was dropped with it; tiny_http
+                // drained it on this thread. Nothing is left to answer.
+                return;
+            }
+        }
+    }
+    if remaining <= DRAIN_CAP {
+        DRAINS.fetch_sub(1, Ordering::SeqCst);
+    }
+    abandon(rq, &response);
+}
+
+/// Answers through `upgrade`, which hands us the connection instead of draining it, then
+/// keeps the connection forever: dropping it would make tiny_http allocate the declared
+/// length in one piece, or read what follows a request framed two ways as requests. Costs
+/// one parked tiny_http thread and two descriptors.
+fn abandon(rq: tiny_http::Request, response: &api::Response) {
+    // In upgrade mode tiny_http writes neither the body nor its length, so both are ours;
+    // the extra header lines travel inside the `Upgrade` value.
+    let framing = format!(
+        "none\r\nContent-Length: {}\r\nConnection: close",
+        response.body.len()
+    );
+    let head = api::Response {
+        body: Arc::from(&b""[..]),
+        ..response.clone()
+    };
+    let mut stream = rq.upgrade(&framing, tiny_response(&head, false));
+    let _ = stream.write_all(&response.body);
+    let _ = stream.flush();
+    std::mem::forget(stream);
+    let total = ABANDONED.fetch_add(1, Ordering::Relaxed) + 1;
+    crate::log::warn(&format!(
+        "abandoned a connection rather than read the rest of it (a body too large to drain, \
+         or framed two ways; {total} so far)"
+    ));
+}

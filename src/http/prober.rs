@@ -1,0 +1,132 @@
+//! The prober: one thread that keeps tiny_http moving and watches it, every [`TICK`].
+//!
+//! - **Pump connections.** A race in tiny_http 0.12's connection pool leaves some
+//!   connections of a burst queued with no thread to read them until other work arrives
+//!   (`abuse::a_burst_of_300_connections_is_answered_within_2_s`). So the prober opens empty
+//!   connections, closed at once: a few every tick, up to [`PUMP_CONNECTIONS`] while
+//!   requests arrive or probe requests are slow. Each makes the pool take the oldest
+//!   stranded connection.
+//! - **Engine deaths.** Every tick it looks for an engine whose accept thread is gone (its
+//!   listener clone closed) and starts any successor that is due.
+//! - **Probe requests.** Twice a second it sends a request to [`PROBE_PATH`], answered by
+//!   the HTTP layer itself; [`PROBE_MISSES`] unanswered in a row (a hung accept loop, or no
+//!   /proc to watch) and the accept loop is presumed dead and replaced. The same tick
+//!   re-estimates open connections from the descriptor count, since tiny_http cannot count
+//!   them.
+//! - **Hang-up scans.** tiny_http notices a client's hang-up only on its next read, which a
+//!   parked request never makes. Every 5 s the server is handed a way to find the peers of
+//!   our connections in `CLOSE_WAIT`, and releases their polls
+//!   (`longpoll::a_poll_whose_client_hangs_up_is_released`).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::engine::{Engine, replace_engine, start_successor, want_successor};
+use super::{Shared, lock};
+
+/// The prober's tick.
+const TICK: Duration = Duration::from_millis(100);
+/// Ticks between probe requests.
+const PROBE_TICKS: u32 = 5;
+/// How long a connection (pump or probe) or a probe's answer may take.
+const PATIENCE: Duration = Duration::from_millis(500);
+/// Unanswered probe requests in a row before the accept loop is presumed dead and replaced.
+const PROBE_MISSES: u32 = 4;
+/// Ticks between looks for connections whose client hung up (each look reads the kernel's
+/// socket tables: ~20 ms of kernel time at 10,000 connections).
+const HANGUP_TICKS: u32 = 50;
+/// Most pump connections opened in one tick.
+const PUMP_CONNECTIONS: usize = 16;
+/// Pump connections opened every tick regardless (20 a second: negligible work).
+const IDLE_PUMPS: usize = 2;
+/// Ticks of pumping hard after the last request arrived.
+const PUMP_TICKS: u32 = 10;
+/// The path of probe requests; answered by the HTTP layer itself.
+pub(super) const PROBE_PATH: &str = "/.eventserver-probe";
+
+/// The prober thread's loop, until the server stops.
+pub(super) fn run(shared: &Arc<Shared>) {
+    let (mut tick, mut misses, mut active) = (0u32, 0u32, 0u32);
+    let mut seen = shared.arrivals.load(Ordering::Relaxed);
+    loop {
+        if shared
+            .stopped
+            .recv_timeout(TICK)
+            .is_err_and(|e| e.is_disconnected())
+        {
+            return;
+        }
+        let dead: Vec<Arc<Engine>> = lock(&shared.engines)
+            .iter()
+            .filter(|e| !e.replaced.load(Ordering::SeqCst) && e.dead(shared))
+            .cloned()
+            .collect();
+        for engine in dead {
+            replace_engine(shared, &engine, Some("its thread ended"));
+        }
+        start_successor(shared);
+        let arrivals = shared.arrivals.load(Ordering::Relaxed);
+        let fresh = arrivals.wrapping_sub(seen);
+        seen = arrivals;
+        if fresh > 0 {
+            active = PUMP_TICKS;
+        }
+        // A few pumps every tick: connections that never complete a request (idle or slow
+        // clients) get stranded too, and they do not count as arrivals.
+        let pumps = if active > 0 {
+            active -= 1;
+            fresh.clamp(IDLE_PUMPS, PUMP_CONNECTIONS)
+        } else {
+            IDLE_PUMPS
+        };
+        for _ in 0..pumps {
+            let _ = TcpStream::connect_timeout(&shared.self_addr, PATIENCE);
+        }
+        tick += 1;
+        if tick % HANGUP_TICKS == 0 {
+            let port = shared.self_addr.port();
+            (shared.gone)(&|| crate::sys::closed_by_peer(port));
+        }
+        if tick % PROBE_TICKS != 0 {
+            continue;
+        }
+        if let Some(fds) = crate::sys::open_fds() {
+            // tiny_http holds two descriptors per connection.
+            let estimate = fds.saturating_sub(shared.baseline_fds) / 2;
+            shared.connections.store(estimate, Ordering::Relaxed);
+        }
+        let started = Instant::now();
+        if probe(shared) {
+            misses = 0;
+            if started.elapsed() > TICK {
+                // A slow probe waited in the pool's queue: pump hard for a while.
+                active = PUMP_TICKS;
+            }
+            continue;
+        }
+        active = PUMP_TICKS;
+        misses += 1;
+        if misses == PROBE_MISSES && !shared.stopping.load(Ordering::SeqCst) {
+            crate::log::error("probe requests go unanswered; starting a new HTTP accept loop");
+            want_successor(shared, Duration::ZERO, true);
+        }
+    }
+}
+
+/// Sends a probe request; whether it is answered within [`PATIENCE`].
+fn probe(shared: &Shared) -> bool {
+    let before = shared.probes_answered.load(Ordering::SeqCst);
+    let Ok(mut stream) = TcpStream::connect_timeout(&shared.self_addr, PATIENCE) else {
+        return false;
+    };
+    let request = format!("GET {PROBE_PATH} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let _ = stream.set_read_timeout(Some(PATIENCE));
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).is_ok() || shared.probes_answered.load(Ordering::SeqCst) > before
+}
