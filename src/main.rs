@@ -1,7 +1,7 @@
 //! The `eventserver` command: argv and environment to [`eventserver::Config`], signals,
-//! exit codes.
-//! Everything it does goes through the library's public API; the serve settings, their
-//! flags, variables and usage lines come from [`eventserver::settings`].
+//! exit codes. Everything it does goes through the library's public API: the serve
+//! settings (flags, variables, usage lines) come from [`eventserver::settings`], running as
+//! a service from [`eventserver::service`].
 
 use std::io::BufRead;
 use std::path::Path;
@@ -74,7 +74,7 @@ fn usage(message: impl Into<String>) -> Failure {
 
 fn run(args: &[String]) -> Result<(), Failure> {
     log::init_from_env().map_err(Failure::Usage)?;
-    let (command, rest) = match args.first().map(String::as_str) {
+    let admin_command = match args.first().map(String::as_str) {
         Some("--help" | "-h" | "help") => {
             print!("{COMMANDS}{}{AFTER_OPTIONS}", settings::usage());
             return Ok(());
@@ -83,36 +83,32 @@ fn run(args: &[String]) -> Result<(), Failure> {
             println!("eventserver {}", env!("CARGO_PKG_VERSION"));
             return Ok(());
         }
-        Some(command @ ("serve" | "user" | "stream" | "consumer" | "backup")) => {
-            (command, &args[1..])
-        }
-        Some(other) if !other.starts_with('-') => {
-            return Err(usage(format!("unknown command '{other}'")));
-        }
-        _ => ("serve", args),
+        Some("serve") => return serve(&args[1..]),
+        Some(name) if !name.starts_with('-') => ADMIN
+            .iter()
+            .find(|(command, ..)| *command == name)
+            .ok_or_else(|| usage(format!("unknown command '{name}'")))?,
+        _ => return serve(args),
     };
-    if command == "serve" {
-        // Before anything else: the restart repeats whatever ran before it.
-        service::use_small_thread_stacks();
-        let names: Vec<&str> = settings::SETTINGS.iter().map(|s| s.name).collect();
-        return serve(&Args::parse(rest, &names)?);
-    }
-    let known: &[&str] = match command {
-        "user" => &["db", "produce", "consume"],
-        _ => &["db"],
-    };
-    let args = Args::parse(rest, known)?;
-    let db = settings::db(&args.flags);
-    let positional: Vec<&str> = args.positional.iter().map(String::as_str).collect();
-    match command {
-        "user" => user(&db, &positional, &args),
-        "stream" => stream(&db, &positional),
-        "consumer" => consumer(&db, &positional),
-        _ => backup(&db, &positional),
-    }
+    let (_, known, command) = admin_command;
+    let args = Args::parse(&args[1..], known)?;
+    let words: Vec<&str> = args.positional.iter().map(String::as_str).collect();
+    command(&settings::db(&args.flags), &words, &args)
 }
 
+/// An admin command: the database, its positional words, and all its arguments.
+type AdminCommand = fn(&Path, &[&str], &Args) -> Result<(), Failure>;
+
+/// The admin commands: name, the flags each takes, what runs it.
+const ADMIN: &[(&str, &[&str], AdminCommand)] = &[
+    ("user", &["db", "produce", "consume"], user),
+    ("stream", &["db"], stream),
+    ("consumer", &["db"], consumer),
+    ("backup", &["db"], backup),
+];
+
 /// Flags of the form `--name VALUE` or `--name=VALUE`, plus positional arguments.
+#[derive(Default)]
 struct Args {
     flags: Vec<(String, String)>,
     positional: Vec<String>,
@@ -121,10 +117,7 @@ struct Args {
 impl Args {
     /// Splits `args`, refusing flags not in `known`.
     fn parse(args: &[String], known: &[&str]) -> Result<Args, Failure> {
-        let mut parsed = Args {
-            flags: Vec::new(),
-            positional: Vec::new(),
-        };
+        let mut parsed = Args::default();
         let mut it = args.iter();
         while let Some(arg) = it.next() {
             let Some(flag) = arg.strip_prefix("--") else {
@@ -157,7 +150,11 @@ impl Args {
     }
 }
 
-fn serve(args: &Args) -> Result<(), Failure> {
+fn serve(args: &[String]) -> Result<(), Failure> {
+    // Before anything else: the restart repeats whatever ran before it.
+    service::use_small_thread_stacks();
+    let names: Vec<&str> = settings::SETTINGS.iter().map(|s| s.name).collect();
+    let args = Args::parse(args, &names)?;
     if let Some(extra) = args.positional.first() {
         return Err(usage(format!("unexpected argument '{extra}'")));
     }
@@ -236,8 +233,8 @@ fn found(found: bool, what: &str, name: &str, done: String) -> Result<(), Failur
     Ok(())
 }
 
-fn user(db: &Path, positional: &[&str], args: &Args) -> Result<(), Failure> {
-    match *positional {
+fn user(db: &Path, words: &[&str], args: &Args) -> Result<(), Failure> {
+    match *words {
         ["add", name] => {
             let mut line = String::new();
             std::io::stdin().lock().read_line(&mut line).map_err(|e| {
@@ -273,8 +270,8 @@ fn user(db: &Path, positional: &[&str], args: &Args) -> Result<(), Failure> {
     }
 }
 
-fn stream(db: &Path, positional: &[&str]) -> Result<(), Failure> {
-    match *positional {
+fn stream(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
+    match *words {
         ["list"] => {
             println!(
                 "{:<32} {:<20} {:>10} {:>10}  LAST EVENT (ms)",
@@ -318,8 +315,8 @@ fn stream(db: &Path, positional: &[&str]) -> Result<(), Failure> {
     }
 }
 
-fn consumer(db: &Path, positional: &[&str]) -> Result<(), Failure> {
-    let ["reset", stream, consumer, event_name, offset] = *positional else {
+fn consumer(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
+    let ["reset", stream, consumer, event_name, offset] = *words else {
         return Err(usage(
             "usage: eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET [--db PATH]",
         ));
@@ -332,8 +329,8 @@ fn consumer(db: &Path, positional: &[&str]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn backup(db: &Path, positional: &[&str]) -> Result<(), Failure> {
-    let [target] = *positional else {
+fn backup(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
+    let [target] = *words else {
         return Err(usage("usage: eventserver backup PATH [--db PATH]"));
     };
     admin::backup(db, Path::new(target))?;

@@ -19,9 +19,9 @@ pub struct Setting {
     /// The flag without its dashes, e.g. `max-body`.
     pub name: &'static str,
     /// What the value looks like in the usage text, e.g. `BYTES`.
-    pub value: &'static str,
+    value: &'static str,
     /// One line for the usage text.
-    pub help: &'static str,
+    help: &'static str,
     /// The default as words, where [`Config::new`]'s value does not say it (it depends on
     /// the machine, or there is none).
     default: Option<&'static str>,
@@ -122,7 +122,7 @@ impl Setting {
     }
 
     /// The default as the usage text and the README show it.
-    pub fn default(&self) -> String {
+    pub fn default_text(&self) -> String {
         match self.default {
             Some(words) => words.to_owned(),
             None => (self.field.get)(&Config::new(default_db())).show(),
@@ -138,7 +138,7 @@ pub fn usage() -> String {
     for s in SETTINGS {
         let flag = format!("{} {}", s.flag(), s.value);
         let line = format!("  {flag:<width$} {}", s.help, width = HELP_COLUMN - 3);
-        let default = format!("[{}]", s.default());
+        let default = format!("[{}]", s.default_text());
         // A long default goes under the help, where it cannot be taken for a flag.
         if line.len() + 1 + default.len() <= WIDTH {
             lines += &format!("{line} {default}\n");
@@ -472,7 +472,7 @@ mod tests {
             .collect();
         let expected: Vec<Vec<String>> = SETTINGS
             .iter()
-            .map(|s| vec![s.flag(), s.var(), s.default()])
+            .map(|s| vec![s.flag(), s.var(), s.default_text()])
             .collect();
         for (row, setting) in rows.iter().zip(&expected) {
             assert_eq!(row, setting, "README row (flag, environment, default)");
@@ -483,7 +483,7 @@ mod tests {
     #[test]
     fn every_setting_shows_a_default_that_its_rule_accepts() {
         for s in SETTINGS {
-            assert!(!s.default().is_empty(), "{} shows no default", s.name);
+            assert!(!s.default_text().is_empty(), "{} shows no default", s.name);
         }
         assert_eq!(Config::new("x.db").validate(), Ok(()));
     }
@@ -503,47 +503,20 @@ mod tests {
     #[test]
     fn errors_name_the_flag_or_variable_the_value_came_from() {
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a [(&'a str, &'a str)], &'a str);
+        #[rustfmt::skip]
         let cases: [Case; 8] = [
-            (
-                &[("workers", "abc")],
-                &[],
-                "invalid value \"abc\" for --workers",
-            ),
-            (
-                &[],
-                &[("EVENTSERVER_SYNC", "maybe")],
-                "invalid value \"maybe\" for EVENTSERVER_SYNC: use full or normal",
-            ),
-            (
-                &[],
-                &[("EVENTSERVER_WORKERS", "0")],
-                "EVENTSERVER_WORKERS must be at least 1",
-            ),
-            (
-                &[("workers", "2000")],
-                &[],
-                "--workers must be at most 1024",
-            ),
-            (
-                &[("read-timeout", "0")],
-                &[],
-                "--read-timeout must be 1-3600 seconds",
-            ),
-            (
-                &[],
-                &[("EVENTSERVER_RETAIN_EVENTS", "0")],
-                "EVENTSERVER_RETAIN_EVENTS must be at least 1 (leave it unset to keep everything)",
-            ),
-            (
-                &[("publish-path", "/api/p")],
-                &[],
-                "--publish-path must start with '/', hold no '?', and lie outside /api/",
-            ),
-            (
-                &[("publish-path", "/x")],
-                &[("EVENTSERVER_EVENTS_PATH", "/x")],
-                "EVENTSERVER_EVENTS_PATH and --publish-path must differ",
-            ),
+            (&[("workers", "abc")], &[], "invalid value \"abc\" for --workers"),
+            (&[], &[("EVENTSERVER_SYNC", "maybe")],
+                "invalid value \"maybe\" for EVENTSERVER_SYNC: use full or normal"),
+            (&[], &[("EVENTSERVER_WORKERS", "0")], "EVENTSERVER_WORKERS must be at least 1"),
+            (&[("workers", "2000")], &[], "--workers must be at most 1024"),
+            (&[("read-timeout", "0")], &[], "--read-timeout must be 1-3600 seconds"),
+            (&[], &[("EVENTSERVER_RETAIN_EVENTS", "0")],
+                "EVENTSERVER_RETAIN_EVENTS must be at least 1 (leave it unset to keep everything)"),
+            (&[("publish-path", "/api/p")], &[],
+                "--publish-path must start with '/', hold no '?', and lie outside /api/"),
+            (&[("publish-path", "/x")], &[("EVENTSERVER_EVENTS_PATH", "/x")],
+                "EVENTSERVER_EVENTS_PATH and --publish-path must differ"),
         ];
         for (flags, env, message) in cases {
             assert_eq!(config(flags, env).unwrap_err(), message);
