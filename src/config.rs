@@ -138,9 +138,7 @@ impl Config {
     /// 1,000 others, but never past what the open-files limit leaves (two descriptors per
     /// connection, 256 for everything else).
     pub fn connections_for(max_parked: usize) -> usize {
-        let limit = crate::sys::open_files_limit().unwrap_or(1024);
-        let fits = (limit.saturating_sub(256) / 2) as usize;
-        (max_parked + 1_000).min(fits).max(16)
+        (max_parked + 1_000).min(connections_that_fit()).max(16)
     }
 }
 
@@ -148,9 +146,15 @@ impl Config {
 /// spends at two descriptors per connection, leaving room for the database, the listener and
 /// ordinary traffic.
 fn default_max_parked() -> usize {
-    let limit = crate::sys::open_files_limit().unwrap_or(1024);
-    let derived = (limit.saturating_sub(256) / 2).saturating_sub(256).max(16);
+    let derived = connections_that_fit().saturating_sub(256).max(16);
     // Past 10,000 the memory of parked connections (~20 KiB each) matters more than the
     // descriptors: raise --max-parked deliberately if the host has the memory.
-    derived.min(10_000) as usize
+    derived.min(10_000)
+}
+
+/// Connections the open-files limit leaves room for: tiny_http spends two descriptors on
+/// each, and 256 are kept for the database, the listener and the rest.
+fn connections_that_fit() -> usize {
+    let limit = crate::sys::open_files_limit().unwrap_or(1024);
+    (limit.saturating_sub(256) / 2) as usize
 }
