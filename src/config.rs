@@ -1,4 +1,5 @@
-//! Server settings with their defaults and validation. Each limit says why it is that.
+//! Server settings with their defaults. Each limit says why it is that; the rule each must
+//! keep, and its flag and variable, are its row in [`crate::settings::SETTINGS`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,6 +15,18 @@ pub enum SyncMode {
 }
 
 /// Everything the server needs to run. Build it with [`Config::new`] and adjust fields.
+///
+/// # The process around the server
+///
+/// Two things a `Config` cannot set, because they must be in force before the process
+/// starts its first thread: tiny_http runs every connection on a thread with Rust's default
+/// stack (2 MiB of address space each, 20 GB for 10,000 parked long-polls), and glibc gives
+/// each busy thread a 64 MiB malloc arena. Start a process that serves many connections
+/// with `RUST_MIN_STACK=65536` and `MALLOC_ARENA_MAX=2` in its environment, or call
+/// [`crate::service::use_small_thread_stacks`] first thing in `main`, as the binary does
+/// (the server's own threads set their stacks, so only tiny_http's use the default). Call
+/// [`crate::service::raise_open_files_limit`] before `Config::new`: the defaults of
+/// `max_parked` and `max_connections` follow the open-files limit.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to bind when no listener is handed in.
@@ -48,7 +61,7 @@ pub struct Config {
     pub max_parked: usize,
     /// Open connections beyond which new requests get 503 at once. Default: room for every
     /// parked long-poll plus 1,000 others, within the open-files limit. Changing
-    /// `max_parked` does not move it: use [`connections_for`] for the matching value.
+    /// `max_parked` does not move it: use [`Config::connections_for`] for the matching value.
     pub max_connections: usize,
     /// Path of the golongpoll subscribe handler.
     pub events_path: String,
@@ -98,7 +111,7 @@ impl Config {
             longpoll_max_timeout: 110,
             longpoll_max_batch: 250,
             max_parked: default_max_parked(),
-            max_connections: connections_for(default_max_parked()),
+            max_connections: Config::connections_for(default_max_parked()),
             events_path: "/events".into(),
             publish_path: "/publish".into(),
             write_queue: 16_384,
@@ -114,77 +127,34 @@ impl Config {
         }
     }
 
-    /// Checks every setting, naming the one that is wrong.
+    /// Checks every setting against its rule in [`crate::settings::SETTINGS`], naming the
+    /// first that is wrong by its flag.
     pub fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("workers", self.workers),
-            ("queue", self.queue),
-            ("max-body", self.max_body),
-            ("max-limit", self.max_limit),
-            ("longpoll-max-batch", self.longpoll_max_batch),
-            ("max-parked", self.max_parked),
-            ("max-connections", self.max_connections),
-            ("write-queue", self.write_queue),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(format!("--{name} must be at least 1"));
-            }
-        }
-        if self.workers > 1024 {
-            return Err("--workers must be at most 1024".into());
-        }
-        if self.read_timeout < Duration::from_secs(1)
-            || self.read_timeout > Duration::from_secs(3600)
-        {
-            return Err("--read-timeout must be 1-3600 seconds".into());
-        }
-        if self.longpoll_max_timeout == 0 || self.longpoll_max_timeout > 86_400 {
-            return Err("--longpoll-max-timeout must be 1-86400 seconds".into());
-        }
-        for (name, path) in [
-            ("events-path", &self.events_path),
-            ("publish-path", &self.publish_path),
-        ] {
-            if !path.starts_with('/') || path.contains('?') || path.starts_with("/api/") {
-                return Err(format!(
-                    "--{name} must start with '/', hold no '?', and lie outside /api/"
-                ));
-            }
-        }
-        if self.retain_events == Some(0) {
-            return Err(
-                "--retain-events must be at least 1 (leave it unset to keep everything)".into(),
-            );
-        }
-        if self.retain_age.is_some_and(|a| a.is_zero()) {
-            return Err(
-                "--retain-secs must be at least 1 (leave it unset to keep everything)".into(),
-            );
-        }
-        if self.events_path == self.publish_path {
-            return Err("--events-path and --publish-path must differ".into());
-        }
-        Ok(())
+        crate::settings::check(self).map_err(|invalid| invalid.to_string())
     }
-}
 
-/// Connections allowed by default with `max_parked` parked polls: every parked poll plus
-/// 1,000 others, but never past what the open-files limit leaves (two descriptors per
-/// connection, 256 for everything else).
-pub fn connections_for(max_parked: usize) -> usize {
-    let limit = crate::sys::open_files_limit().unwrap_or(1024);
-    let fits = (limit.saturating_sub(256) / 2) as usize;
-    (max_parked + 1_000).min(fits).max(16)
+    /// The connection cap that suits `max_parked` parked polls (the default of
+    /// [`Config::max_connections`] for the default `max_parked`): every parked poll plus
+    /// 1,000 others, but never past what the open-files limit leaves (two descriptors per
+    /// connection, 256 for everything else).
+    pub fn connections_for(max_parked: usize) -> usize {
+        (max_parked + 1_000).min(connections_that_fit()).max(16)
+    }
 }
 
 /// Parked long-polls allowed by default: well below the open-files limit, which tiny_http
 /// spends at two descriptors per connection, leaving room for the database, the listener and
 /// ordinary traffic.
 fn default_max_parked() -> usize {
-    let limit = crate::sys::open_files_limit().unwrap_or(1024);
-    let derived = (limit.saturating_sub(256) / 2).saturating_sub(256).max(16);
+    let derived = connections_that_fit().saturating_sub(256).max(16);
     // Past 10,000 the memory of parked connections (~20 KiB each) matters more than the
     // descriptors: raise --max-parked deliberately if the host has the memory.
-    derived.min(10_000) as usize
+    derived.min(10_000)
+}
+
+/// Connections the open-files limit leaves room for: tiny_http spends two descriptors on
+/// each, and 256 are kept for the database, the listener and the rest.
+fn connections_that_fit() -> usize {
+    let limit = crate::sys::open_files_limit().unwrap_or(1024);
+    (limit.saturating_sub(256) / 2) as usize
 }

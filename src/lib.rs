@@ -17,7 +17,7 @@
 //! | 1 | [`api`] | routes, validation, each API's error contract | name tiny_http or rusqlite |
 //! | 0 | [`store`] | the only module naming rusqlite: schema, writer, readers | know HTTP |
 //! | 0 | [`longpoll`] | parked replies per category, deadlines; no I/O, no threads | block |
-//! | 0 | [`auth`], [`clock`], [`config`], [`event`], [`metrics`], [`pool`], [`log`], [`sys`], [`error`] | | |
+//! | 0 | [`auth`], [`clock`], [`config`], [`event`], [`metrics`], [`pool`], [`log`], [`sys`], [`error`], [`settings`], [`service`] | | |
 //!
 //! Request path: tiny_http's accept loop → [`http`] decodes the request (reading any large
 //! body on its own short-lived thread) → a bounded queue, writes and reads apart and writes
@@ -87,6 +87,8 @@ pub mod longpoll;
 pub mod metrics;
 pub mod pool;
 pub mod server;
+pub mod service;
+pub mod settings;
 pub mod store;
 pub mod sys;
 

@@ -1,0 +1,553 @@
+//! The settings of `eventserver serve`, in one table: each row gives a flag (`--max-body`),
+//! its environment variable (`EVENTSERVER_MAX_BODY`), its help line, the default it shows,
+//! the [`Config`] field it sets and the rule that field must keep. The usage text, the
+//! command-line parser, [`Config::validate`] and the README's configuration table (checked by
+//! a test below) all come from [`SETTINGS`].
+//!
+//! Adding a setting: a [`Config`] field with its default in [`Config::new`], a row here, and
+//! a row in the README's table (the test names what is missing).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::{Config, SyncMode};
+use crate::error::Error;
+
+/// One setting of `eventserver serve`.
+pub struct Setting {
+    /// The flag without its dashes, e.g. `max-body`.
+    pub name: &'static str,
+    /// What the value looks like in the usage text, e.g. `BYTES`.
+    value: &'static str,
+    /// One line for the usage text.
+    help: &'static str,
+    /// The default as words, where [`Config::new`]'s value does not say it (it depends on
+    /// the machine, or there is none).
+    default: Option<&'static str>,
+    field: Field,
+    rule: Rule,
+}
+
+/// The [`Config`] field a setting reads and writes.
+struct Field {
+    get: fn(&Config) -> &dyn Value,
+    set: fn(&mut Config) -> &mut dyn Value,
+}
+
+/// The [`Field`] for `Config::$name`.
+macro_rules! field {
+    ($name:ident) => {
+        Field {
+            get: |c| &c.$name,
+            set: |c| &mut c.$name,
+        }
+    };
+}
+
+/// A row of the table: the field, its name and value, its rule, its default in words
+/// (`None`: [`Config::new`]'s value), its help line.
+const fn row(
+    field: Field,
+    name: &'static str,
+    value: &'static str,
+    rule: Rule,
+    default: Option<&'static str>,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        name,
+        value,
+        help,
+        default,
+        field,
+        rule,
+    }
+}
+
+/// Every setting of `eventserver serve`, in the order the usage text and the README list them.
+#[rustfmt::skip]
+pub const SETTINGS: &[Setting] = &[
+    row(field!(listen), "listen", "ADDR", Rule::Any, None, "address to bind"),
+    row(field!(db), "db", "PATH", Rule::Any,
+        Some("./eventserver.db, or $STATE_DIRECTORY/eventserver.db"), "SQLite database file"),
+    row(field!(workers), "workers", "N", Rule::Count { min: 1, max: 1024 },
+        Some("2 x cores"), "worker threads"),
+    row(field!(queue), "queue", "N", POSITIVE, None, "requests waiting for a worker before 503"),
+    row(field!(read_timeout), "read-timeout", "SECS", Rule::Seconds { min: 1, max: 3600 },
+        None, "cut connections silent this long"),
+    row(field!(max_body), "max-body", "BYTES", POSITIVE, None, "largest request body"),
+    row(field!(max_limit), "max-limit", "N", POSITIVE, None, "largest streams-API limit"),
+    row(field!(sync), "sync", "full|normal", Rule::Any, None, "commit durability"),
+    row(field!(longpoll_max_timeout), "longpoll-max-timeout", "SECS",
+        Rule::Seconds { min: 1, max: 86_400 }, None, "longest long-poll timeout"),
+    row(field!(longpoll_max_batch), "longpoll-max-batch", "N", POSITIVE, None,
+        "most events per long-poll answer"),
+    row(field!(max_parked), "max-parked", "N", POSITIVE,
+        Some("from the open-files limit, at most 10,000"), "most parked long-polls"),
+    row(field!(max_connections), "max-connections", "N", POSITIVE,
+        Some("max-parked + 1,000, within the open-files limit"),
+        "open connections before new requests get 503"),
+    row(field!(events_path), "events-path", "PATH", Rule::Path, None, "long-poll subscribe path"),
+    row(field!(publish_path), "publish-path", "PATH", Rule::Path, None, "long-poll publish path"),
+    row(field!(write_queue), "write-queue", "N", POSITIVE, None,
+        "writes queued for the writer before 503"),
+    row(field!(retain_events), "retain-events", "N", Rule::KeepAllOrPositive, Some("keep all"),
+        "keep at most N events per stream"),
+    row(field!(retain_age), "retain-secs", "SECS", Rule::KeepAllOrPositive, Some("keep all"),
+        "keep events younger than SECS"),
+    row(field!(auth_cache_ttl), "auth-cache-secs", "SECS", Rule::Any, None,
+        "how long a verified password is trusted"),
+    row(field!(auth_failure_limit), "auth-failure-limit", "N", Rule::Any, None,
+        "failed logins per minute per client before 429"),
+    row(field!(auth_throttle_loopback), "auth-throttle-loopback", "true|false", Rule::Any, None,
+        "throttle loopback clients too"),
+    row(field!(metrics_auth), "metrics-auth", "true|false", Rule::Any, None,
+        "whether GET /metrics needs credentials"),
+    row(field!(public_subscribe), "public-subscribe", "PATTERNS", Rule::Any, Some("none"),
+        "categories anyone may subscribe to, comma-separated"),
+    row(field!(public_publish), "public-publish", "PATTERNS", Rule::Any, Some("none"),
+        "categories anyone may publish to ('*' matches anything)"),
+];
+
+impl Setting {
+    /// The command-line flag, e.g. `--max-body`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.name)
+    }
+
+    /// The environment variable, e.g. `EVENTSERVER_MAX_BODY`.
+    pub fn var(&self) -> String {
+        var_of(self.name)
+    }
+
+    /// The default as the usage text and the README show it.
+    pub fn default_text(&self) -> String {
+        match self.default {
+            Some(words) => words.to_owned(),
+            None => (self.field.get)(&Config::new(default_db())).show(),
+        }
+    }
+}
+
+/// The `--help` lines for the settings, one per setting with its default.
+pub fn usage() -> String {
+    const HELP_COLUMN: usize = 32;
+    const WIDTH: usize = 90;
+    let mut lines = String::new();
+    for s in SETTINGS {
+        let flag = format!("{} {}", s.flag(), s.value);
+        let line = format!("  {flag:<width$} {}", s.help, width = HELP_COLUMN - 3);
+        let default = format!("[{}]", s.default_text());
+        // A long default goes under the help, where it cannot be taken for a flag.
+        if line.len() + 1 + default.len() <= WIDTH {
+            lines += &format!("{line} {default}\n");
+        } else {
+            lines += &format!("{line}\n{:HELP_COLUMN$}{default}\n", "");
+        }
+    }
+    lines
+}
+
+/// The [`Config`] described by `flags` (name without dashes and value, as given on the
+/// command line: the last of a name wins) and, for settings not given as flags, the
+/// `EVENTSERVER_*` variables. An invalid value is an [`Error::Config`] naming the flag or
+/// the variable it came from.
+pub fn config(flags: &[(String, String)]) -> Result<Config, Error> {
+    Given::from_env(flags).config().map_err(Error::Config)
+}
+
+/// The database file `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
+/// `eventserver.db` in systemd's state directory or the working directory.
+pub fn db(flags: &[(String, String)]) -> PathBuf {
+    let given = Given::from_env(flags);
+    given
+        .value("db")
+        .map_or_else(default_db, |(_, path)| PathBuf::from(path))
+}
+
+/// The environment variable of the setting `name`.
+fn var_of(name: &str) -> String {
+    format!("EVENTSERVER_{}", name.to_uppercase().replace('-', "_"))
+}
+
+/// The database without `--db`: under systemd, in its state directory (the first, if it
+/// lists several separated by ':'), else in the working directory.
+fn default_db() -> PathBuf {
+    match std::env::var_os("STATE_DIRECTORY") {
+        Some(dirs) => {
+            let dirs = dirs.to_string_lossy().into_owned();
+            let first = dirs.split(':').next().unwrap_or_default().to_owned();
+            PathBuf::from(first).join("eventserver.db")
+        }
+        None => PathBuf::from("eventserver.db"),
+    }
+}
+
+/// Setting values as given: flags, then the environment (passed in, so tests need not set
+/// the process's).
+struct Given<'a> {
+    flags: &'a [(String, String)],
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'a> Given<'a> {
+    fn from_env(flags: &'a [(String, String)]) -> Given<'a> {
+        Given {
+            flags,
+            env: &|var| std::env::var(var).ok(),
+        }
+    }
+
+    /// Where the setting `name` came from (its flag or its variable) and its value, if it
+    /// was given; a variable is not even read when the flag is there.
+    fn value(&self, name: &str) -> Option<(String, String)> {
+        if let Some((_, v)) = self.flags.iter().rev().find(|(n, _)| n == name) {
+            return Some((format!("--{name}"), v.clone()));
+        }
+        let var = var_of(name);
+        (self.env)(&var).map(|v| (var, v))
+    }
+
+    fn config(&self) -> Result<Config, String> {
+        let mut config = Config::new(default_db());
+        for setting in SETTINGS {
+            if let Some((source, text)) = self.value(setting.name) {
+                (setting.field.set)(&mut config)
+                    .set(&text)
+                    .map_err(|more| format!("invalid value {text:?} for {source}{more}"))?;
+            }
+        }
+        // The default connection cap follows the parked-poll cap it makes room for.
+        if self.value("max-connections").is_none() {
+            config.max_connections = Config::connections_for(config.max_parked);
+        }
+        check(&config).map_err(|invalid| match self.value(invalid.setting) {
+            Some((source, _)) => format!("{source} {}", invalid.why),
+            None => invalid.to_string(),
+        })?;
+        Ok(config)
+    }
+}
+
+/// A setting that breaks its rule: which one (its name), and why.
+pub(crate) struct Invalid {
+    setting: &'static str,
+    why: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--{} {}", self.setting, self.why)
+    }
+}
+
+/// Checks every setting against its rule, then the one rule between two settings.
+pub(crate) fn check(config: &Config) -> Result<(), Invalid> {
+    for setting in SETTINGS {
+        if let Some(why) = setting.rule.broken_by((setting.field.get)(config)) {
+            return Err(Invalid {
+                setting: setting.name,
+                why,
+            });
+        }
+    }
+    if config.events_path == config.publish_path {
+        return Err(Invalid {
+            setting: "events-path",
+            why: "and --publish-path must differ".into(),
+        });
+    }
+    Ok(())
+}
+
+/// What a setting's value must be.
+enum Rule {
+    /// Anything its type parses.
+    Any,
+    /// A number from `min` to `max`.
+    Count { min: u64, max: u64 },
+    /// Whole seconds from `min` to `max`.
+    Seconds { min: u64, max: u64 },
+    /// Unset (keep everything), or at least 1.
+    KeepAllOrPositive,
+    /// A path of the server's own: starts with '/', no query, outside the streams API.
+    Path,
+}
+
+/// At least 1: a zero queue, body or batch would refuse everything.
+const POSITIVE: Rule = Rule::Count {
+    min: 1,
+    max: u64::MAX,
+};
+
+impl Rule {
+    /// Why `value` breaks this rule, if it does.
+    fn broken_by(&self, value: &dyn Value) -> Option<String> {
+        match *self {
+            Rule::Any => None,
+            Rule::Count { min, .. } if !value.within(min, u64::MAX) => {
+                Some(format!("must be at least {min}"))
+            }
+            Rule::Count { max, .. } if !value.within(0, max) => {
+                Some(format!("must be at most {max}"))
+            }
+            Rule::Count { .. } => None,
+            Rule::Seconds { min, max } => {
+                (!value.within(min, max)).then(|| format!("must be {min}-{max} seconds"))
+            }
+            Rule::KeepAllOrPositive => (!value.within(1, u64::MAX))
+                .then(|| "must be at least 1 (leave it unset to keep everything)".into()),
+            Rule::Path => {
+                let path = value.show();
+                (!path.starts_with('/') || path.contains('?') || path.starts_with("/api/"))
+                    .then(|| "must start with '/', hold no '?', and lie outside /api/".into())
+            }
+        }
+    }
+}
+
+/// A [`Config`] field as a setting: parsed from and shown as command-line text.
+trait Value {
+    /// Parses `text` into the field; on failure, what to add to "invalid value" (often
+    /// nothing).
+    fn set(&mut self, text: &str) -> Result<(), &'static str>;
+    /// The value as it would be given.
+    fn show(&self) -> String;
+    /// Whether the value lies from `min` to `max`; values that are not numbers always do.
+    fn within(&self, _min: u64, _max: u64) -> bool {
+        true
+    }
+}
+
+/// A type whose command-line text is its `FromStr` and `Display` text; `within` for numbers.
+macro_rules! parsed_value {
+    ($ty:ty $(, $within:item)?) => {
+        impl Value for $ty {
+            fn set(&mut self, text: &str) -> Result<(), &'static str> {
+                *self = text.parse().map_err(|_| "")?;
+                Ok(())
+            }
+            fn show(&self) -> String {
+                self.to_string()
+            }
+            $($within)?
+        }
+    };
+}
+
+/// A number, which rules can bound.
+macro_rules! number_value {
+    ($ty:ty) => {
+        parsed_value!(
+            $ty,
+            fn within(&self, min: u64, max: u64) -> bool {
+                u64::try_from(*self).is_ok_and(|n| (min..=max).contains(&n))
+            }
+        );
+    };
+}
+
+parsed_value!(bool);
+parsed_value!(SocketAddr);
+parsed_value!(String);
+number_value!(usize);
+number_value!(u64);
+number_value!(u32);
+
+impl Value for PathBuf {
+    fn set(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = PathBuf::from(text);
+        Ok(())
+    }
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+/// Whole seconds.
+impl Value for Duration {
+    fn set(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = Duration::from_secs(text.parse().map_err(|_| "")?);
+        Ok(())
+    }
+    fn show(&self) -> String {
+        self.as_secs().to_string()
+    }
+    fn within(&self, min: u64, max: u64) -> bool {
+        (Duration::from_secs(min)..=Duration::from_secs(max)).contains(self)
+    }
+}
+
+impl Value for SyncMode {
+    fn set(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = match text {
+            "full" => SyncMode::Full,
+            "normal" => SyncMode::Normal,
+            _ => return Err(": use full or normal"),
+        };
+        Ok(())
+    }
+    fn show(&self) -> String {
+        match self {
+            SyncMode::Full => "full",
+            SyncMode::Normal => "normal",
+        }
+        .into()
+    }
+}
+
+/// Unset by default; giving the setting sets it.
+impl<T: Value + Default> Value for Option<T> {
+    fn set(&mut self, text: &str) -> Result<(), &'static str> {
+        let mut value = T::default();
+        value.set(text)?;
+        *self = Some(value);
+        Ok(())
+    }
+    fn show(&self) -> String {
+        self.as_ref().map(T::show).unwrap_or_default()
+    }
+    fn within(&self, min: u64, max: u64) -> bool {
+        self.as_ref().is_none_or(|v| v.within(min, max))
+    }
+}
+
+/// Comma-separated patterns; blanks around them and empty ones are dropped.
+impl Value for Vec<String> {
+    fn set(&mut self, text: &str) -> Result<(), &'static str> {
+        *self = text
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect();
+        Ok(())
+    }
+    fn show(&self) -> String {
+        self.join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `flags` as the command line gives them, over the variables in `env`.
+    fn config(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, String> {
+        let flags: Vec<(String, String)> = flags
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        let lookup = |var: &str| {
+            env.iter()
+                .find(|(n, _)| *n == var)
+                .map(|(_, v)| v.to_string())
+        };
+        Given {
+            flags: &flags,
+            env: &lookup,
+        }
+        .config()
+    }
+
+    #[test]
+    fn the_readme_lists_every_setting_with_its_flag_variable_and_default() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .expect("a '## Configuration' section");
+        // The section's first table, past its header and separator lines; code marks aside.
+        let rows: Vec<Vec<String>> = section
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .skip(2)
+            .map(|l| {
+                let cells = l.split('|').skip(1).take(3);
+                cells.map(|c| c.trim().replace('`', "")).collect()
+            })
+            .collect();
+        let expected: Vec<Vec<String>> = SETTINGS
+            .iter()
+            .map(|s| vec![s.flag(), s.var(), s.default_text()])
+            .collect();
+        for (row, setting) in rows.iter().zip(&expected) {
+            assert_eq!(row, setting, "README row (flag, environment, default)");
+        }
+        assert_eq!(rows.len(), expected.len(), "README rows: {rows:?}");
+    }
+
+    #[test]
+    fn every_setting_shows_a_default_that_its_rule_accepts() {
+        for s in SETTINGS {
+            assert!(!s.default_text().is_empty(), "{} shows no default", s.name);
+        }
+        assert_eq!(Config::new("x.db").validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_flag_wins_over_its_variable_which_is_not_even_parsed() {
+        let env = [("EVENTSERVER_WORKERS", "x"), ("EVENTSERVER_QUEUE", "7")];
+        let c = config(&[("workers", "3"), ("workers", "5")], &env).unwrap();
+        assert_eq!((c.workers, c.queue), (5, 7));
+        let c = config(&[("sync", "normal"), ("retain-secs", "60")], &[]).unwrap();
+        assert_eq!(c.sync, SyncMode::Normal);
+        assert_eq!(c.retain_age, Some(Duration::from_secs(60)));
+        let c = config(&[("public-publish", " a*, ,b ")], &[]).unwrap();
+        assert_eq!(c.public_publish, ["a*", "b"]);
+    }
+
+    #[test]
+    fn errors_name_the_flag_or_variable_the_value_came_from() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [(&'a str, &'a str)], &'a str);
+        #[rustfmt::skip]
+        let cases: [Case; 8] = [
+            (&[("workers", "abc")], &[], "invalid value \"abc\" for --workers"),
+            (&[], &[("EVENTSERVER_SYNC", "maybe")],
+                "invalid value \"maybe\" for EVENTSERVER_SYNC: use full or normal"),
+            (&[], &[("EVENTSERVER_WORKERS", "0")], "EVENTSERVER_WORKERS must be at least 1"),
+            (&[("workers", "2000")], &[], "--workers must be at most 1024"),
+            (&[("read-timeout", "0")], &[], "--read-timeout must be 1-3600 seconds"),
+            (&[], &[("EVENTSERVER_RETAIN_EVENTS", "0")],
+                "EVENTSERVER_RETAIN_EVENTS must be at least 1 (leave it unset to keep everything)"),
+            (&[("publish-path", "/api/p")], &[],
+                "--publish-path must start with '/', hold no '?', and lie outside /api/"),
+            (&[("publish-path", "/x")], &[("EVENTSERVER_EVENTS_PATH", "/x")],
+                "EVENTSERVER_EVENTS_PATH and --publish-path must differ"),
+        ];
+        for (flags, env, message) in cases {
+            assert_eq!(config(flags, env).unwrap_err(), message);
+        }
+    }
+
+    #[test]
+    fn the_connection_cap_follows_max_parked_unless_it_is_given() {
+        let c = config(&[("max-parked", "100")], &[]).unwrap();
+        assert_eq!(c.max_connections, Config::connections_for(100));
+        let c = config(&[("max-parked", "100"), ("max-connections", "7")], &[]).unwrap();
+        assert_eq!(c.max_connections, 7);
+    }
+
+    /// Embedders set fields directly; `validate` names the setting by its flag.
+    #[test]
+    fn validate_names_the_flag_of_a_field_out_of_bounds() {
+        let mut c = Config::new("x.db");
+        c.max_body = 0;
+        assert_eq!(c.validate(), Err("--max-body must be at least 1".into()));
+        let mut c = Config::new("x.db");
+        c.longpoll_max_timeout = 86_401;
+        assert_eq!(
+            c.validate(),
+            Err("--longpoll-max-timeout must be 1-86400 seconds".into())
+        );
+        c.longpoll_max_timeout = 110;
+        c.retain_age = Some(Duration::ZERO);
+        assert_eq!(
+            c.validate(),
+            Err("--retain-secs must be at least 1 (leave it unset to keep everything)".into())
+        );
+    }
+}
