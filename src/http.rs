@@ -814,12 +814,12 @@ fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Option<Order>) 
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
         // Refused quickly rather than left to pile up toward the descriptor limit.
-        req.refused = Some("Service Unavailable - too many open connections");
+        req.refused = Some(api::Failure::TooManyConnections);
         return deliver_request(shared, req, responder);
     }
     if flooding {
         // One connection may not fill the workers' queue for everyone else.
-        req.refused = Some("Service Unavailable - too many pipelined requests on this connection");
+        req.refused = Some(api::Failure::TooManyPipelined);
         return deliver_request(shared, req, responder);
     }
     if ambiguous {
@@ -969,10 +969,7 @@ fn write_in_order(shared: &Shared, peer: SocketAddr) {
 impl Drop for Responder {
     fn drop(&mut self) {
         if self.rq.is_some() {
-            self.answer(api::Response::message(
-                500,
-                "Internal Server Error - the request was not answered",
-            ));
+            self.answer(api::Failure::NotAnswered.render(api::Api::Streams));
         }
     }
 }

@@ -50,8 +50,6 @@ pub struct Woken<R> {
     pub events: Vec<Arc<Event>>,
     /// The replies to answer with them.
     pub replies: Vec<R>,
-    /// The filter these replies waited with.
-    pub filter: Option<Box<str>>,
 }
 
 struct Category {
@@ -274,7 +272,6 @@ impl<R> Registry<R> {
                         .cloned()
                         .collect(),
                     replies: Vec::new(),
-                    filter: w.filter.clone(),
                 });
                 woken.len() - 1
             });

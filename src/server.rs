@@ -114,8 +114,7 @@ impl Server {
                     Ok(reader) => worker_app.handle(reader, req, reply),
                     Err(e) => {
                         crate::log::error(&format!("worker has no database connection: {e}"));
-                        let why = "Internal Server Error - no database connection";
-                        reply(worker_app.refusal(&req.path, 500, why));
+                        reply(worker_app.refusal(&req.path, &api::Failure::NoDatabase));
                     }
                 }
             },
@@ -134,8 +133,8 @@ impl Server {
         let sink = {
             let (accepting, app) = (accepting.clone(), app.clone());
             Arc::new(move |req: api::Request, mut reply: api::Reply| {
-                if let Some(why) = req.refused {
-                    return reply(app.refusal(&req.path, 503, why));
+                if let Some(failure) = &req.refused {
+                    return reply(app.refusal(&req.path, failure));
                 }
                 let events = &app.config.events_path;
                 // Health checks go with the writes: the watchdog's check must get through a
@@ -144,8 +143,8 @@ impl Server {
                 let health = api::HEALTH_PATHS.contains(&req.path.as_str());
                 if health {
                     let Some(slot) = HealthSlot::take(&health_checks) else {
-                        let why = "Service Unavailable - too many health checks at once";
-                        return reply(app.refusal(&req.path, 503, why));
+                        let failure = api::Failure::TooManyHealthChecks;
+                        return reply(app.refusal(&req.path, &failure));
                     };
                     reply = Box::new(move |response| {
                         drop(slot);
@@ -164,8 +163,7 @@ impl Server {
                 };
                 drop(guard);
                 if let Some((req, reply)) = refused {
-                    let why = "Service Unavailable - server is busy";
-                    reply(app.refusal(&req.path, 503, why));
+                    reply(app.refusal(&req.path, &api::Failure::ServerBusy));
                 }
             })
         };
@@ -288,55 +286,7 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
     }
 }
 
-/// An event as long-poll subscribers receive it.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-pub struct Received {
-    /// Commit time, epoch milliseconds.
-    pub timestamp: u64,
-    /// The category (stream) it belongs to.
-    pub category: String,
-    /// The event id (`last_id` when resuming).
-    pub id: Uuid,
-    /// The published data, or the streams-API element.
-    pub data: serde_json::Value,
-}
-
-/// The answer to an in-process subscribe.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Polled {
-    /// Events, oldest first.
-    Events(Vec<Received>),
-    /// No event before the timeout; resume from `timestamp`.
-    Timeout {
-        /// The server's time of the answer (`since_time` for the next poll).
-        timestamp: u64,
-    },
-}
-
-impl Polled {
-    fn from_json(body: &[u8]) -> Result<Polled, Error> {
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            events: Option<Vec<Received>>,
-            timestamp: Option<u64>,
-            error: Option<String>,
-        }
-        let answer: Answer = serde_json::from_slice(body)
-            .map_err(|e| Error::Refused(format!("unexpected answer: {e}")))?;
-        match answer {
-            Answer { error: Some(e), .. } => Err(Error::Refused(e)),
-            Answer {
-                events: Some(events),
-                ..
-            } => Ok(Polled::Events(events)),
-            Answer {
-                timestamp: Some(timestamp),
-                ..
-            } => Ok(Polled::Timeout { timestamp }),
-            _ => Err(Error::Refused("unexpected answer".into())),
-        }
-    }
-}
+pub use crate::api::longpoll::{Polled, Received};
 
 /// A running server. `shutdown` and `join` take `&self`, so one thread can wait while
 /// another (a signal handler, say) stops it.
@@ -373,34 +323,7 @@ impl ServerHandle {
     /// Publishes `data` to `category` as `POST /publish` does (without a producer id) and
     /// returns the new event's id once it is durable.
     pub fn publish(&self, category: &str, data: &serde_json::Value) -> Result<Uuid, Error> {
-        crate::api::streams::check_stream_name(category).map_err(Error::Refused)?;
-        if data.is_null() {
-            return Err(Error::Refused("data must not be null".into()));
-        }
-        if self.app.stopping.load(Ordering::SeqCst) {
-            return Err(Error::Refused("the server is shutting down".into()));
-        }
-        let (tx, rx) = bounded(1);
-        let job = Job::Append {
-            stream: category.to_owned(),
-            producer: None,
-            payload: writer::Payload::Data(data.to_string()),
-            done: Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        };
-        self.app
-            .writer
-            .try_send(job)
-            .map_err(|_| Error::Refused("the write queue is full".into()))?;
-        match rx.recv() {
-            Ok(Ok(event)) => Ok(event.id),
-            Ok(Err(writer::WriteError::Locked)) => {
-                Err(Error::Refused("the stream belongs to a producer".into()))
-            }
-            Ok(Err(e)) => Err(Error::Refused(format!("{e:?}"))),
-            Err(_) => Err(Error::Refused("the server stopped".into())),
-        }
+        api::longpoll::publish_local(&self.app, category, data).map_err(Error::Refused)
     }
 
     /// Waits up to `timeout` for events of `category` after `start`, as `GET /events`
@@ -412,15 +335,8 @@ impl ServerHandle {
         timeout: Duration,
     ) -> Result<Polled, Error> {
         let mut reader = Reader::open(&self.app.config.db)?;
-        let (tx, rx) = bounded(1);
-        let reply: api::Reply = Box::new(move |response| {
-            let _ = tx.send(response);
-        });
-        api::longpoll::subscribe_local(&self.app, &mut reader, category, start, timeout, reply);
-        let response = rx
-            .recv()
-            .map_err(|_| Error::Refused("the server stopped".into()))?;
-        Polled::from_json(&response.body)
+        api::longpoll::subscribe_local(&self.app, &mut reader, category, start, timeout)
+            .map_err(Error::Refused)
     }
 
     /// Stops the server gracefully: in-flight requests finish, parked long-polls are

@@ -2,11 +2,12 @@
 //!
 //! A handler turns an [`Request`] into a typed call, runs it against the store and the
 //! long-poll registry, and answers through its [`Reply`] — at once, after the writer commits,
-//! or later from the registry. Each API renders errors in its own contract: the streams API
-//! as JSON strings with the seed's status codes ([`streams`]), the long-poll API as
-//! golongpoll's `{"error": …}` bodies ([`longpoll`]).
+//! or later from the registry. Every failure is a [`Failure`] from one catalogue
+//! ([`error`]), which each API renders in its own contract: the streams API as JSON strings
+//! (`"Bad Request - <why>"`), the long-poll API as golongpoll's `{"error": …}` bodies.
 
 pub mod check;
+pub mod error;
 pub mod longpoll;
 mod query;
 pub mod streams;
@@ -18,12 +19,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 
+pub use error::{Api, Failure};
+
 use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
 use crate::event::Event;
 use crate::longpoll::{Registry, Woken};
 use crate::store::Reader;
 use crate::store::writer::{Job, WriteError};
+use longpoll::Polled;
 
 /// The HTTP method, as far as the APIs care.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,9 +69,9 @@ pub struct Request {
     pub body: Body,
     /// The client's address (the proxy's, behind a reverse proxy).
     pub remote: Option<std::net::SocketAddr>,
-    /// Set when the HTTP layer refuses the request (503, for this reason) before any
-    /// handler runs; the answer is rendered in its API's error contract.
-    pub refused: Option<&'static str>,
+    /// Set when the HTTP layer refuses the request before any handler runs; the answer is
+    /// rendered in its API's error contract.
+    pub refused: Option<Failure>,
 }
 
 impl Request {
@@ -125,19 +129,29 @@ impl Response {
     }
 }
 
-/// A parked reply: the request's answer channel and how to render its events.
+/// A parked long-poll: who waits, and the client's address.
 pub struct Parked {
-    reply: Reply,
-    kind: ParkedKind,
+    waiter: Waiter,
     /// The client's address, to release the reply early when the client hangs up.
     peer: Option<SocketAddr>,
 }
 
-enum ParkedKind {
-    /// A golongpoll subscriber of a category.
-    LongPoll(Arc<str>),
-    /// A streams-API consumer waiting with `timeout`.
-    Consumer,
+/// Who waits for events, which decides the shape of the answer.
+enum Waiter {
+    /// A golongpoll subscriber of a category, over HTTP.
+    LongPoll(Arc<str>, Reply),
+    /// A streams-API consumer waiting with `timeout`, over HTTP.
+    Consumer(Reply),
+    /// An in-process subscriber of a category ([`crate::ServerHandle::subscribe`]).
+    InProcess(Arc<str>, Sender<Result<Polled, Failure>>),
+}
+
+/// One answer for many parked requests, rendered once in each shape a waiter needs.
+#[derive(Clone, Default)]
+struct Answers {
+    longpoll: Option<Response>,
+    consumer: Option<Response>,
+    in_process: Option<Result<Polled, Failure>>,
 }
 
 /// Everything handlers share: settings, the writer queue, the registry, credentials.
@@ -157,15 +171,24 @@ pub struct App {
 const ANSWER_CHUNK: usize = 256;
 
 impl App {
-    /// An answer refusing a request to `path` before its handler ran, in the shape of the
-    /// API it was for: golongpoll's `{"error": …}` on the long-poll paths, a JSON string
-    /// elsewhere.
-    pub(crate) fn refusal(&self, path: &str, status: u16, why: &str) -> Response {
+    /// The API a request to `path` is for: long-poll on its two paths, streams elsewhere.
+    fn api_of(&self, path: &str) -> Api {
         if path == self.config.events_path || path == self.config.publish_path {
-            longpoll::error_response(status, why)
+            Api::LongPoll
         } else {
-            Response::message(status, why)
+            Api::Streams
         }
+    }
+
+    /// An answer refusing a request to `path` before its handler ran, in the shape of the
+    /// API it was for.
+    pub(crate) fn refusal(&self, path: &str, failure: &Failure) -> Response {
+        failure.render(self.api_of(path))
+    }
+
+    /// Whether shutdown has begun.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Serves one request on a worker.
@@ -179,7 +202,7 @@ impl App {
             "subscribe" => longpoll::subscribe(self, reader, req, reply),
             "publish" => longpoll::publish(self, reader, req, reply),
             "panic" => panic!("panic injected through the test route"),
-            _ => reply(Response::message(404, "Not Found")),
+            _ => reply(Failure::NotFound.render(Api::Streams)),
         }
     }
 
@@ -236,15 +259,12 @@ impl App {
             crate::log::error(&format!("health: the database does not answer: {e}"));
             return reply(unavailable());
         }
-        let job = Job::Probe(Box::new(move |result| {
+        self.submit(Job::Probe(Box::new(move |result| {
             reply(match result {
                 Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
                 Err(_) => unavailable(),
             })
-        }));
-        if let Err(job) = self.submit(job) {
-            refuse_busy(job);
-        }
+        })));
     }
 
     /// The Prometheus scrape.
@@ -252,7 +272,7 @@ impl App {
         if self.config.metrics_auth
             && let Err(failure) = self.authenticate(reader, req)
         {
-            return reply(failure.answer(Response::message));
+            return reply(failure.render(Api::Streams));
         }
         let lag = reader.consumer_lag().unwrap_or_else(|e| {
             crate::log::error(&format!("metrics: reading consumer lag failed: {e}"));
@@ -279,16 +299,16 @@ impl App {
         ))
     }
 
-    /// Checks Basic credentials; `Err` carries the answer to send instead (401 or 500).
+    /// Checks Basic credentials: the user's grants, or 401, 429 or 500.
     pub(crate) fn authenticate(
         &self,
         reader: &Reader,
         req: &Request,
-    ) -> Result<Arc<Grants>, AuthFailure> {
+    ) -> Result<Arc<Grants>, Failure> {
         let creds = req
             .header("Authorization")
             .and_then(crate::auth::parse_basic)
-            .ok_or(AuthFailure::Unauthorized)?;
+            .ok_or(Failure::Unauthorized)?;
         let client = req.remote.map(|a| a.ip());
         let lookup = |user: &str| {
             reader.user(user).map(|found| {
@@ -300,20 +320,27 @@ impl App {
         };
         match self.auth.check(&creds, client, lookup) {
             Ok(Checked::Valid(grants)) => Ok(grants),
-            Ok(Checked::Invalid) => Err(AuthFailure::Unauthorized),
-            Ok(Checked::Throttled(wait)) => Err(AuthFailure::Throttled(wait)),
+            Ok(Checked::Invalid) => Err(Failure::Unauthorized),
+            Ok(Checked::Throttled(wait)) => Err(Failure::Throttled(wait)),
             Err(e) => {
                 crate::log::error(&format!("reading credentials failed: {e}"));
-                Err(AuthFailure::Storage)
+                Err(Failure::CredentialsUnreadable)
             }
         }
     }
 
-    /// Queues a writer job; `false` if the queue is full or the writer is gone.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
-        self.writer.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-        })
+    /// Queues a writer job. One the writer cannot take (its queue is full, or it has
+    /// stopped) is answered at once with [`WriteError::Busy`].
+    pub(crate) fn submit(&self, job: Job) {
+        let job = match self.writer.try_send(job) {
+            Ok(()) => return,
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
+        };
+        match job {
+            Job::Append { done, .. } => done(Err(WriteError::Busy)),
+            Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
+            Job::Stop | Job::Retain { .. } => {}
+        }
     }
 
     /// Parks `parked` or answers it, for a long-poll on `category`.
@@ -347,23 +374,23 @@ impl App {
                 Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
                 Err(e) => {
                     crate::log::error(&format!("long-poll read failed: {e}"));
-                    return parked.fail(500, "could not read the stream");
+                    return parked.fail(&Failure::StreamUnreadable);
                 }
             };
         }
         match poll {
             Poll::Ready(parked, events) => {
-                let response = render_events(&parked.kind, &events);
-                (parked.reply)(response);
+                let answers = Answers::events(std::slice::from_ref(&parked), &events);
+                parked.answer(&answers);
             }
             Poll::Parked { earliest } => {
                 if earliest {
                     let _ = self.timer.try_send(());
                 }
             }
-            Poll::Full(parked) => parked.fail(503, "too many parked long-polls"),
+            Poll::Full(parked) => parked.fail(&Failure::TooManyParked),
             Poll::Closed(parked) => self.expire(|_| vec![parked]),
-            Poll::Unknown(parked) => parked.fail(503, "the stream is changing too fast"),
+            Poll::Unknown(parked) => parked.fail(&Failure::ChangingTooFast),
         }
     }
 
@@ -384,30 +411,23 @@ impl App {
     /// Answers woken waiters, spread over workers.
     pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
         for group in woken {
-            let mut replies = group.replies.into_iter().peekable();
-            let Some(first) = replies.peek() else {
-                continue;
-            };
-            let body = render_events(&first.kind, &group.events);
-            let mut chunk = Vec::with_capacity(ANSWER_CHUNK);
-            for parked in replies {
-                chunk.push(parked);
-                if chunk.len() == ANSWER_CHUNK {
-                    self.spawn_answers(std::mem::take(&mut chunk), body.clone());
-                }
-            }
-            if !chunk.is_empty() {
-                self.spawn_answers(chunk, body);
-            }
+            let answers = Answers::events(&group.replies, &group.events);
+            self.spawn_answers(group.replies, answers);
         }
     }
 
-    fn spawn_answers(&self, chunk: Vec<Parked>, body: Response) {
-        self.spawn(Box::new(move || {
-            for parked in chunk {
-                (parked.reply)(body.clone());
-            }
-        }));
+    /// Answers `replies` with `answers` on workers, [`ANSWER_CHUNK`] replies per task.
+    fn spawn_answers(&self, replies: Vec<Parked>, answers: Answers) {
+        let mut replies = replies.into_iter().peekable();
+        while replies.peek().is_some() {
+            let chunk: Vec<Parked> = replies.by_ref().take(ANSWER_CHUNK).collect();
+            let answers = answers.clone();
+            self.spawn(Box::new(move || {
+                for parked in chunk {
+                    parked.answer(&answers);
+                }
+            }));
+        }
     }
 
     /// Runs `task` on a worker.
@@ -431,22 +451,12 @@ impl App {
         if replies.is_empty() {
             return;
         }
-        let timeout = longpoll::timeout_response(stamp);
-        let empty = Response::json(200, JSON_UTF8, &b"[]"[..]);
-        let mut replies = replies.into_iter().peekable();
-        while replies.peek().is_some() {
-            let chunk: Vec<Parked> = replies.by_ref().take(ANSWER_CHUNK).collect();
-            let (timeout, empty) = (timeout.clone(), empty.clone());
-            self.spawn(Box::new(move || {
-                for parked in chunk {
-                    let body = match parked.kind {
-                        ParkedKind::LongPoll(_) => timeout.clone(),
-                        ParkedKind::Consumer => empty.clone(),
-                    };
-                    (parked.reply)(body);
-                }
-            }));
-        }
+        let answers = Answers {
+            longpoll: Some(longpoll::timeout_response(stamp)),
+            consumer: Some(Response::json(200, JSON_UTF8, &b"[]"[..])),
+            in_process: Some(Ok(Polled::Timeout { timestamp: stamp })),
+        };
+        self.spawn_answers(replies, answers);
     }
 }
 
@@ -459,21 +469,72 @@ fn method_name(method: &Method) -> &str {
     }
 }
 
-/// Renders events for a parked reply's kind; all replies of one group share the kind.
-fn render_events(kind: &ParkedKind, events: &[Arc<Event>]) -> Response {
-    match kind {
-        ParkedKind::LongPoll(category) => longpoll::events_response(category, events),
-        ParkedKind::Consumer => streams::elements_response(events.iter().map(|e| &*e.data)),
+impl Answers {
+    /// `events` rendered in each shape one of `waiting` needs.
+    fn events(waiting: &[Parked], events: &[Arc<Event>]) -> Answers {
+        let mut answers = Answers::default();
+        for parked in waiting {
+            match &parked.waiter {
+                Waiter::LongPoll(category, _) => {
+                    if answers.longpoll.is_none() {
+                        answers.longpoll = Some(longpoll::events_response(category, events));
+                    }
+                }
+                Waiter::Consumer(_) => {
+                    if answers.consumer.is_none() {
+                        let elements = events.iter().map(|e| &*e.data);
+                        answers.consumer = Some(streams::elements_response(elements));
+                    }
+                }
+                Waiter::InProcess(category, _) => {
+                    if answers.in_process.is_none() {
+                        answers.in_process = Some(longpoll::polled(category, events));
+                    }
+                }
+            }
+        }
+        answers
     }
 }
 
 impl Parked {
-    fn fail(self, status: u16, why: &str) {
-        let response = match self.kind {
-            ParkedKind::LongPoll(_) => longpoll::error_response(status, why),
-            ParkedKind::Consumer => streams::failure(status, why),
+    /// A request's long-poll, answered through `reply` in `api`'s shape.
+    fn http(api: Api, category: &str, reply: Reply, peer: Option<SocketAddr>) -> Parked {
+        let waiter = match api {
+            Api::LongPoll => Waiter::LongPoll(category.into(), reply),
+            Api::Streams => Waiter::Consumer(reply),
         };
-        (self.reply)(response);
+        Parked { waiter, peer }
+    }
+
+    /// An in-process subscriber's long-poll on `category`, answered through `tx`.
+    fn in_process(category: &str, tx: Sender<Result<Polled, Failure>>) -> Parked {
+        let waiter = Waiter::InProcess(category.into(), tx);
+        Parked { waiter, peer: None }
+    }
+
+    /// Answers with the answer of this waiter's shape, rendered in `answers`.
+    fn answer(self, answers: &Answers) {
+        const RENDERED: &str = "answers are rendered for every waiter's shape";
+        match self.waiter {
+            Waiter::LongPoll(_, reply) => reply(answers.longpoll.clone().expect(RENDERED)),
+            Waiter::Consumer(reply) => reply(answers.consumer.clone().expect(RENDERED)),
+            Waiter::InProcess(_, tx) => {
+                // The caller may have stopped waiting; nobody is left to answer.
+                let _ = tx.send(answers.in_process.clone().expect(RENDERED));
+            }
+        }
+    }
+
+    /// Answers with `failure`, in the shape of the API that parked.
+    fn fail(self, failure: &Failure) {
+        match self.waiter {
+            Waiter::LongPoll(_, reply) => reply(failure.render(Api::LongPoll)),
+            Waiter::Consumer(reply) => reply(failure.render(Api::Streams)),
+            Waiter::InProcess(_, tx) => {
+                let _ = tx.send(Err(failure.clone()));
+            }
+        }
     }
 }
 
@@ -487,53 +548,4 @@ pub(crate) struct Want {
     pub limit: usize,
     /// How long to wait.
     pub timeout: Duration,
-}
-
-/// Why authentication did not pass.
-pub(crate) enum AuthFailure {
-    /// Missing or wrong credentials.
-    Unauthorized,
-    /// Too many failures from this client lately; retry after this long.
-    Throttled(Duration),
-    /// The user table could not be read.
-    Storage,
-}
-
-impl AuthFailure {
-    /// The status and reason to answer with; 401 and 429 carry their headers.
-    pub(crate) fn answer(&self, render: impl FnOnce(u16, &str) -> Response) -> Response {
-        match self {
-            AuthFailure::Unauthorized => render(401, "Unauthorized")
-                .with_header("WWW-Authenticate", "Basic realm=\"eventserver\""),
-            AuthFailure::Throttled(wait) => {
-                let secs = wait.as_secs().max(1);
-                let why = format!("Too Many Requests - too many failed logins, retry in {secs} s");
-                render(429, &why).with_header("Retry-After", secs.to_string())
-            }
-            AuthFailure::Storage => {
-                render(500, "Internal Server Error - could not check credentials")
-            }
-        }
-    }
-}
-
-/// Maps a writer refusal to the log line and short reason clients see.
-pub(crate) fn storage_reason(e: &WriteError) -> &'static str {
-    match e {
-        WriteError::Storage(detail) => {
-            crate::log::error(&format!("write failed: {detail}"));
-            "could not store the event"
-        }
-        WriteError::Busy => "the write queue is full",
-        WriteError::Locked | WriteError::NotFound => "unexpected write outcome",
-    }
-}
-
-/// Answers a job the writer could not take (its queue is full, or it has stopped).
-pub(crate) fn refuse_busy(job: Job) {
-    match job {
-        Job::Append { done, .. } => done(Err(WriteError::Busy)),
-        Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
-        Job::Stop | Job::Retain { .. } => {}
-    }
 }

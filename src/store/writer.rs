@@ -37,7 +37,7 @@ pub enum Payload {
 }
 
 /// Why a write was refused or failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WriteError {
     /// The stream belongs to another producer.
     Locked,
@@ -45,8 +45,8 @@ pub enum WriteError {
     NotFound,
     /// The writer's queue is full (or it has stopped); nothing was tried.
     Busy,
-    /// The database failed; the transaction was rolled back.
-    Storage(String),
+    /// The database failed; the transaction was rolled back. Shared by every job of it.
+    Storage(Arc<StoreError>),
 }
 
 /// Called once with the outcome of a job, after its transaction committed or failed.
@@ -144,7 +144,7 @@ pub fn run(
                 // The cache may hold what the rolled-back transaction did: start afresh.
                 streams.rows.clear();
                 crate::log::error(&format!("commit of {jobs} jobs failed: {e}"));
-                fail(batch, WriteError::Storage(e.0))
+                fail(batch, WriteError::Storage(Arc::new(e)))
             }
         };
         committed.jobs = jobs;
@@ -160,8 +160,12 @@ pub fn run(
 
 /// The result of one job inside a transaction that has not committed yet.
 enum Outcome {
+    /// An append stored this event; the index is its stream's in the batch's `Appended`.
     Appended(usize, Arc<Event>),
-    Acked,
+    /// The job did its work and returns nothing: an ACK moved an offset, a heartbeat was
+    /// written, retention ran, or the stop barrier was reached.
+    Finished,
+    /// The job was refused; the rest of the transaction goes on.
     Refused(WriteError),
 }
 
@@ -257,7 +261,7 @@ fn apply(
                          ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
                     )?
                     .execute([ts as i64])?;
-                    Outcome::Acked
+                    Outcome::Finished
                 }
                 Job::Retain {
                     max_events,
@@ -268,9 +272,9 @@ fn apply(
                         *max_events,
                         max_age_ms.map(|age| ts.saturating_sub(age)),
                     )?;
-                    Outcome::Acked
+                    Outcome::Finished
                 }
-                Job::Stop => Outcome::Acked,
+                Job::Stop => Outcome::Finished,
             };
             outcomes.push(outcome);
         }
@@ -376,7 +380,7 @@ fn ack(
          ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = max(seq, excluded.seq)",
     )?
     .execute(params![stream_id, consumer, name, seq])?;
-    Ok(Outcome::Acked)
+    Ok(Outcome::Finished)
 }
 
 /// Builds the stored event: a streams-API element carries its own id and position.
@@ -427,12 +431,13 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
                 replies.push(Box::new(move || done(Ok(()))))
             }
             (Job::Stop | Job::Retain { .. }, _) => {}
-            // Only ACKs and barriers end as `Acked`; answer rather than drop if that changes.
-            (Job::Append { done, .. }, Outcome::Acked) => replies.push(Box::new(move || {
-                done(Err(WriteError::Storage(
-                    "append ended without an event".into(),
-                )))
-            })),
+            // Appends end as `Appended` or `Refused`; answer rather than drop if that changes.
+            (Job::Append { done, .. }, Outcome::Finished) => {
+                let broken = StoreError::Invariant("an append ended without an event");
+                replies.push(Box::new(move || {
+                    done(Err(WriteError::Storage(Arc::new(broken))))
+                }))
+            }
         }
     }
     Committed {
