@@ -105,7 +105,7 @@ impl<R> Registry<R> {
     fn lock(&self) -> MutexGuard<'_, Inner<R>> {
         // Every method leaves the maps consistent before it can panic (no user code runs
         // under the lock), so a poisoned lock is still good to use.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.inner)
     }
 
     /// Parked replies right now.

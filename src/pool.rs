@@ -58,11 +58,16 @@ impl Pool {
         Ok(Pool { handles })
     }
 
-    /// Waits for every worker to finish (after the senders are dropped).
-    pub fn join(self) {
+    /// Waits for every worker to finish (after the senders are dropped); returns the first
+    /// panic that ended one (a panic outside any job or task, which `guard` does not catch).
+    pub fn join(self) -> Option<Box<dyn std::any::Any + Send>> {
+        let mut first = None;
         for handle in self.handles {
-            let _ = handle.join();
+            if let Err(panic) = handle.join() {
+                first.get_or_insert(panic);
+            }
         }
+        first
     }
 }
 
@@ -158,7 +163,7 @@ mod tests {
         drop((first_tx, second_tx));
         done_rx.recv().unwrap();
         tasks_tx.send(None).unwrap();
-        pool.join();
+        assert!(pool.join().is_none(), "no worker panicked");
         assert_eq!(*seen.lock().unwrap(), [0, 1, 2, 3, 10, 11, 12, 13]);
     }
 }

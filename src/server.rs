@@ -153,7 +153,7 @@ impl Server {
                 }
                 let write = req.method == Method::Post && req.path != *events;
                 let lane = usize::from(!write && !health);
-                let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
+                let guard = crate::lock::read(&accepting);
                 let refused = match guard.as_ref() {
                     Some(lanes) => lanes[lane]
                         .try_send((req, reply))
@@ -343,48 +343,51 @@ impl ServerHandle {
     /// answered, everything queued for the writer is committed and the database is
     /// checkpointed. Returns when all of that is done; later calls return at once.
     pub fn shutdown(&self) {
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let running = crate::lock::lock(&self.running).take();
         if let Some(running) = running {
-            self.stop(running);
-            *self.stopped.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            let panicked = self.stop(running);
+            *crate::lock::lock(&self.stopped.0) = true;
             self.stopped.1.notify_all();
+            // A thread's panic is a bug to surface, not to swallow; but a second panic
+            // while this thread unwinds (a handle dropped during a panic) would abort.
+            if let Some(panic) = panicked {
+                match thread::panicking() {
+                    false => std::panic::resume_unwind(panic),
+                    true => crate::log::error("a server thread panicked during shutdown"),
+                }
+            }
         }
     }
 
     /// Waits until [`ServerHandle::shutdown`] has finished (called from another thread).
     pub fn join(&self) {
-        let mut stopped = self.stopped.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopped = crate::lock::lock(&self.stopped.0);
         while !*stopped {
-            stopped = self
-                .stopped
-                .1
-                .wait(stopped)
-                .unwrap_or_else(|e| e.into_inner());
+            stopped = crate::lock::wait(&self.stopped.1, stopped);
         }
     }
 
-    fn stop(&self, running: Running) {
+    /// Takes the server apart in the order the module docs give; returns the first panic
+    /// of a thread it joined, after joining them all.
+    fn stop(&self, running: Running) -> Option<Box<dyn std::any::Any + Send>> {
         running.http.stop();
-        *running.accepting.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *crate::lock::write(&running.accepting) = None;
         self.app.stopping.store(true, Ordering::SeqCst);
         self.app.expire(Registry::close);
         for _ in 0..self.app.config.workers {
             let _ = running.done.recv();
         }
-        // No request can queue a write any more; Stop goes after everything queued.
-        if self.app.writer.send(Job::Stop).is_ok() {
-            let _ = running.writer.join();
-        }
+        // No request can queue a write any more; Stop goes after everything queued. If the
+        // writer is gone already, the send fails and the join returns at once.
+        let _ = self.app.writer.send(Job::Stop);
+        let writer = running.writer.join().err();
         for _ in 0..self.app.config.workers {
             let _ = running.tasks.send(None);
         }
-        running.pool.join();
+        let workers = running.pool.join();
         let _ = self.app.timer.try_send(());
-        let _ = running.timer.join();
+        let timer = running.timer.join().err();
+        writer.or(workers).or(timer)
     }
 }
 

@@ -201,6 +201,7 @@ impl App {
             "streams" => streams::handle(self, reader, req, reply),
             "subscribe" => longpoll::subscribe(self, reader, req, reply),
             "publish" => longpoll::publish(self, reader, req, reply),
+            #[cfg(feature = "test-panic-route")]
             "panic" => panic!("panic injected through the test route"),
             _ => reply(Failure::NotFound.render(Api::Streams)),
         }
@@ -219,7 +220,7 @@ impl App {
             "subscribe"
         } else if path == self.config.publish_path {
             "publish"
-        } else if self.config.panic_route && path == "/.eventserver-panic" {
+        } else if cfg!(feature = "test-panic-route") && path == "/.eventserver-panic" {
             "panic"
         } else {
             "other"
