@@ -203,27 +203,16 @@ pub fn reset_consumer(
     offset: u64,
 ) -> Result<Reset, StoreError> {
     let conn = super::open_existing(db)?;
-    let found: Option<(i64, i64)> = conn
-        .query_row(
-            "SELECT id, last_seq FROM streams WHERE name = ?1",
-            [stream],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
-    let Some((id, last_seq)) = found else {
+    let Some(info) = super::reader::stream_info(&conn, stream)? else {
         return Ok(Reset::NoStream);
     };
-    if offset > last_seq as u64 {
-        return Ok(Reset::PastNewest(last_seq as u64));
+    if offset > info.last_seq {
+        return Ok(Reset::PastNewest(info.last_seq));
     }
     conn.execute(
         "INSERT INTO offsets (stream_id, consumer, name, seq) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = excluded.seq",
-        params![id, consumer, event_name, offset as i64],
+        params![info.id, consumer, event_name, offset as i64],
     )?;
     Ok(Reset::Done)
 }

@@ -297,19 +297,13 @@ fn load_or_create(
     producer: Option<&str>,
     ts: u64,
 ) -> Result<StreamRow, StoreError> {
-    let found = tx
-        .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
-        .query_row([stream], |r| {
-            Ok(StreamRow {
-                id: r.get(0)?,
-                owner: r.get(1)?,
-                last_seq: r.get::<_, i64>(2)? as u64,
-                appended: None,
-            })
-        })
-        .optional()?;
-    if let Some(row) = found {
-        return Ok(row);
+    if let Some(info) = super::reader::stream_info(tx, stream)? {
+        return Ok(StreamRow {
+            id: info.id,
+            owner: info.owner,
+            last_seq: info.last_seq,
+            appended: None,
+        });
     }
     // A new stream belongs to the producer that wrote it first; the claim is atomic because
     // only this thread writes and it does so inside the transaction.
