@@ -161,7 +161,7 @@ pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         limit: app.config.longpoll_max_batch,
         timeout: Duration::from_secs(timeout),
     };
-    app.wait(reader, &category, want, parked);
+    app.runtime.wait(reader, &category, want, parked);
 }
 
 /// Authenticates and checks a subscribe: `(category, timeout in seconds, start)`.
@@ -220,7 +220,7 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         Ok(checked) => checked,
         Err(failure) => return reply(failure.render(Api::LongPoll)),
     };
-    app.submit(Job::Append {
+    app.runtime.submit(Job::Append {
         stream,
         producer,
         payload: Payload::Data(data),
@@ -280,11 +280,11 @@ pub(crate) fn publish_local(
     if data.is_null() {
         return Err(Failure::BadRequest(MISSING_DATA.into()));
     }
-    if app.stopping() {
+    if app.runtime.stopping() {
         return Err(Failure::Stopping);
     }
     let (tx, rx) = crossbeam_channel::bounded(1);
-    app.submit(Job::Append {
+    app.runtime.submit(Job::Append {
         stream: category.to_owned(),
         producer: None,
         payload: Payload::Data(data.to_string()),
@@ -323,7 +323,8 @@ pub(crate) fn subscribe_local(
         timeout,
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
-    app.wait(reader, category, want, Parked::in_process(category, tx));
+    app.runtime
+        .wait(reader, category, want, Parked::in_process(category, tx));
     rx.recv().map_err(|_| Failure::Stopping)?
 }
 

@@ -6,28 +6,25 @@
 //! ([`error`]), which each API renders in its own contract: the streams API as JSON strings
 //! (`"Bad Request - <why>"`), the long-poll API as golongpoll's `{"error": …}` bodies.
 
+mod admission;
 pub mod check;
 pub mod error;
 pub mod longpoll;
 mod query;
+pub mod runtime;
 pub mod streams;
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
-
+pub use admission::{Incoming, Lane};
 pub use error::{Api, Failure};
+pub use runtime::{Parked, Runtime};
 
 use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
-use crate::event::Event;
-use crate::longpoll::{Registry, Woken};
 use crate::store::Reader;
-use crate::store::writer::{Job, WriteError};
-use longpoll::Polled;
+use crate::store::writer::Job;
 
 /// The HTTP method, as far as the APIs care.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,66 +126,25 @@ impl Response {
     }
 }
 
-/// A parked long-poll: who waits, and the client's address.
-pub struct Parked {
-    waiter: Waiter,
-    /// The client's address, to release the reply early when the client hangs up.
-    peer: Option<SocketAddr>,
-}
-
-/// Who waits for events, which decides the shape of the answer.
-enum Waiter {
-    /// A golongpoll subscriber of a category, over HTTP.
-    LongPoll(Arc<str>, Reply),
-    /// A streams-API consumer waiting with `timeout`, over HTTP.
-    Consumer(Reply),
-    /// An in-process subscriber of a category ([`crate::ServerHandle::subscribe`]).
-    InProcess(Arc<str>, Sender<Result<Polled, Failure>>),
-}
-
-/// One answer for many parked requests, rendered once in each shape a waiter needs.
-#[derive(Clone, Default)]
-struct Answers {
-    longpoll: Option<Response>,
-    consumer: Option<Response>,
-    in_process: Option<Result<Polled, Failure>>,
-}
-
-/// Everything handlers share: settings, the writer queue, the registry, credentials.
+/// The routes: what handlers share to decide and answer (settings, credentials, metrics),
+/// and the [`Runtime`] through which whatever answers later goes.
 pub struct App {
     pub(crate) config: Config,
-    pub(crate) writer: Sender<Job>,
-    pub(crate) registry: Registry<Parked>,
     pub(crate) auth: Authenticator,
-    pub(crate) clock: Arc<crate::clock::Clock>,
-    pub(crate) tasks: Sender<crate::pool::Task>,
-    pub(crate) stopping: std::sync::atomic::AtomicBool,
-    pub(crate) timer: Sender<()>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) runtime: Runtime,
+    /// Health checks admitted and not answered yet.
+    pub(crate) health_checks: Arc<std::sync::atomic::AtomicUsize>,
 }
-
-/// Waiters answered per task, so a large fan-out spreads over the workers.
-const ANSWER_CHUNK: usize = 256;
 
 impl App {
     /// The API a request to `path` is for: long-poll on its two paths, streams elsewhere.
-    fn api_of(&self, path: &str) -> Api {
+    pub(crate) fn api_of(&self, path: &str) -> Api {
         if path == self.config.events_path || path == self.config.publish_path {
             Api::LongPoll
         } else {
             Api::Streams
         }
-    }
-
-    /// An answer refusing a request to `path` before its handler ran, in the shape of the
-    /// API it was for.
-    pub(crate) fn refusal(&self, path: &str, failure: &Failure) -> Response {
-        failure.render(self.api_of(path))
-    }
-
-    /// Whether shutdown has begun.
-    pub(crate) fn stopping(&self) -> bool {
-        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Serves one request on a worker.
@@ -260,7 +216,7 @@ impl App {
             crate::log::error(&format!("health: the database does not answer: {e}"));
             return reply(unavailable());
         }
-        self.submit(Job::Probe(Box::new(move |result| {
+        self.runtime.submit(Job::Probe(Box::new(move |result| {
             reply(match result {
                 Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
                 Err(_) => unavailable(),
@@ -288,7 +244,7 @@ impl App {
             })
             .sum();
         let gauges = crate::metrics::Gauges {
-            parked: self.registry.parked(),
+            parked: self.runtime.registry.parked(),
             database_bytes,
             lag,
         };
@@ -329,136 +285,6 @@ impl App {
             }
         }
     }
-
-    /// Queues a writer job. One the writer cannot take (its queue is full, or it has
-    /// stopped) is answered at once with [`WriteError::Busy`].
-    pub(crate) fn submit(&self, job: Job) {
-        let job = match self.writer.try_send(job) {
-            Ok(()) => return,
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
-        };
-        match job {
-            Job::Append { done, .. } => done(Err(WriteError::Busy)),
-            Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
-            Job::Stop | Job::Retain { .. } => {}
-        }
-    }
-
-    /// Parks `parked` or answers it, for a long-poll on `category`.
-    pub(crate) fn wait(&self, reader: &mut Reader, category: &str, want: Want, parked: Parked) {
-        use crate::longpoll::{Poll, Wait};
-        let Want {
-            start,
-            filter,
-            limit,
-            timeout,
-        } = want;
-        let start = &start;
-        let filter = filter.as_deref();
-        let deadline = Instant::now() + timeout;
-        let wait = |reply| Wait {
-            reply,
-            filter: filter.map(Into::into),
-            limit,
-            deadline,
-        };
-        let mut poll = self.registry.poll(category, start, wait(parked));
-        // The store decides what memory cannot. New commits can race the read; each retry
-        // means another commit landed, and memory answers once it holds them.
-        for _ in 0..8 {
-            let Poll::Unknown(parked) = poll else { break };
-            poll = match reader.since(category, start, filter, limit) {
-                Ok(view) if !view.events.is_empty() => {
-                    let events = view.events.into_iter().map(Arc::new).collect();
-                    Poll::Ready(parked, events)
-                }
-                Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
-                Err(e) => {
-                    crate::log::error(&format!("long-poll read failed: {e}"));
-                    return parked.fail(&Failure::StreamUnreadable);
-                }
-            };
-        }
-        match poll {
-            Poll::Ready(parked, events) => {
-                let answers = Answers::events(std::slice::from_ref(&parked), &events);
-                parked.answer(&answers);
-            }
-            Poll::Parked { earliest } => {
-                if earliest {
-                    let _ = self.timer.try_send(());
-                }
-            }
-            Poll::Full(parked) => parked.fail(&Failure::TooManyParked),
-            Poll::Closed(parked) => self.expire(|_| vec![parked]),
-            Poll::Unknown(parked) => parked.fail(&Failure::ChangingTooFast),
-        }
-    }
-
-    /// Releases the parked replies of clients that hung up (`peers`), answering them as if
-    /// their deadline had passed: they no longer hold a place under the parked-poll cap.
-    pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
-        self.expire(|registry| {
-            let gone =
-                registry.take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
-            if !gone.is_empty() {
-                let n = gone.len();
-                crate::log::debug(&format!("released {n} polls of clients that hung up"));
-            }
-            gone
-        });
-    }
-
-    /// Answers woken waiters, spread over workers.
-    pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
-        for group in woken {
-            let answers = Answers::events(&group.replies, &group.events);
-            self.spawn_answers(group.replies, answers);
-        }
-    }
-
-    /// Answers `replies` with `answers` on workers, [`ANSWER_CHUNK`] replies per task.
-    fn spawn_answers(&self, replies: Vec<Parked>, answers: Answers) {
-        let mut replies = replies.into_iter().peekable();
-        while replies.peek().is_some() {
-            let chunk: Vec<Parked> = replies.by_ref().take(ANSWER_CHUNK).collect();
-            let answers = answers.clone();
-            self.spawn(Box::new(move || {
-                for parked in chunk {
-                    parked.answer(&answers);
-                }
-            }));
-        }
-    }
-
-    /// Runs `task` on a worker.
-    pub(crate) fn spawn(&self, task: Box<dyn FnOnce() + Send>) {
-        if let Err(e) = self.tasks.send(Some(task)) {
-            // Workers are gone; answer here rather than drop the replies.
-            if let Some(task) = e.into_inner() {
-                task();
-            }
-        }
-    }
-
-    /// Answers the parked replies `take` removes from the registry (deadline passed,
-    /// shutdown, client gone): the timeout body for subscribers, `[]` for streams-API
-    /// consumers. The timeout's stamp is taken first: a batch committed while the replies
-    /// are being removed then gets a later timestamp, so a client resuming from the stamp
-    /// still receives it.
-    pub(crate) fn expire(&self, take: impl FnOnce(&Registry<Parked>) -> Vec<Parked>) {
-        let stamp = self.clock.answer_stamp();
-        let replies = take(&self.registry);
-        if replies.is_empty() {
-            return;
-        }
-        let answers = Answers {
-            longpoll: Some(longpoll::timeout_response(stamp)),
-            consumer: Some(Response::json(200, JSON_UTF8, &b"[]"[..])),
-            in_process: Some(Ok(Polled::Timeout { timestamp: stamp })),
-        };
-        self.spawn_answers(replies, answers);
-    }
 }
 
 fn method_name(method: &Method) -> &str {
@@ -467,75 +293,6 @@ fn method_name(method: &Method) -> &str {
         Method::Post => "POST",
         Method::Head => "HEAD",
         Method::Other(m) => m,
-    }
-}
-
-impl Answers {
-    /// `events` rendered in each shape one of `waiting` needs.
-    fn events(waiting: &[Parked], events: &[Arc<Event>]) -> Answers {
-        let mut answers = Answers::default();
-        for parked in waiting {
-            match &parked.waiter {
-                Waiter::LongPoll(category, _) => {
-                    if answers.longpoll.is_none() {
-                        answers.longpoll = Some(longpoll::events_response(category, events));
-                    }
-                }
-                Waiter::Consumer(_) => {
-                    if answers.consumer.is_none() {
-                        let elements = events.iter().map(|e| &*e.data);
-                        answers.consumer = Some(streams::elements_response(elements));
-                    }
-                }
-                Waiter::InProcess(category, _) => {
-                    if answers.in_process.is_none() {
-                        answers.in_process = Some(longpoll::polled(category, events));
-                    }
-                }
-            }
-        }
-        answers
-    }
-}
-
-impl Parked {
-    /// A request's long-poll, answered through `reply` in `api`'s shape.
-    fn http(api: Api, category: &str, reply: Reply, peer: Option<SocketAddr>) -> Parked {
-        let waiter = match api {
-            Api::LongPoll => Waiter::LongPoll(category.into(), reply),
-            Api::Streams => Waiter::Consumer(reply),
-        };
-        Parked { waiter, peer }
-    }
-
-    /// An in-process subscriber's long-poll on `category`, answered through `tx`.
-    fn in_process(category: &str, tx: Sender<Result<Polled, Failure>>) -> Parked {
-        let waiter = Waiter::InProcess(category.into(), tx);
-        Parked { waiter, peer: None }
-    }
-
-    /// Answers with the answer of this waiter's shape, rendered in `answers`.
-    fn answer(self, answers: &Answers) {
-        const RENDERED: &str = "answers are rendered for every waiter's shape";
-        match self.waiter {
-            Waiter::LongPoll(_, reply) => reply(answers.longpoll.clone().expect(RENDERED)),
-            Waiter::Consumer(reply) => reply(answers.consumer.clone().expect(RENDERED)),
-            Waiter::InProcess(_, tx) => {
-                // The caller may have stopped waiting; nobody is left to answer.
-                let _ = tx.send(answers.in_process.clone().expect(RENDERED));
-            }
-        }
-    }
-
-    /// Answers with `failure`, in the shape of the API that parked.
-    fn fail(self, failure: &Failure) {
-        match self.waiter {
-            Waiter::LongPoll(_, reply) => reply(failure.render(Api::LongPoll)),
-            Waiter::Consumer(reply) => reply(failure.render(Api::Streams)),
-            Waiter::InProcess(_, tx) => {
-                let _ = tx.send(Err(failure.clone()));
-            }
-        }
     }
 }
 

@@ -133,7 +133,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             producer,
             name,
             fields,
-        } => app.submit(Job::Append {
+        } => app.runtime.submit(Job::Append {
             stream,
             producer: Some(producer),
             payload: Payload::Element { name, fields },
@@ -168,7 +168,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
                         timeout,
                     };
                     let parked = Parked::http(Api::Streams, &stream, reply, req.remote);
-                    app.wait(reader, &stream, want, parked);
+                    app.runtime.wait(reader, &stream, want, parked);
                 }
                 _ => reply(elements_response(view.events.iter().map(String::as_str))),
             }
@@ -177,7 +177,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             stream,
             consumer,
             id,
-        } => app.submit(Job::Ack {
+        } => app.runtime.submit(Job::Ack {
             stream,
             consumer,
             id,

@@ -169,7 +169,10 @@ impl Reader {
 }
 
 /// The catalogue entry of `stream`, if it exists.
-pub(super) fn stream_info(conn: &Connection, stream: &str) -> Result<Option<StreamInfo>, StoreError> {
+pub(super) fn stream_info(
+    conn: &Connection,
+    stream: &str,
+) -> Result<Option<StreamInfo>, StoreError> {
     Ok(conn
         .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
         .query_row([stream], |r| {
