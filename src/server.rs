@@ -319,7 +319,7 @@ impl ServerHandle {
         self.app.runtime.stop_writer();
         let writer = running.writer.join().err();
         for _ in 0..self.app.config.workers {
-            let _ = running.tasks.send(None);
+            let _ = running.tasks.send(Task::Stop);
         }
         let workers = running.pool.join();
         self.app.runtime.poke_timer();

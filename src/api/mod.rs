@@ -1,8 +1,10 @@
 //! Routes and handlers for both APIs, independent of the HTTP engine.
 //!
-//! A handler turns an [`Request`] into a typed call, runs it against the store and the
-//! long-poll registry, and answers through its [`Reply`] — at once, after the writer commits,
-//! or later from the registry. Every failure is a [`Failure`] from one catalogue
+//! `App::admit` puts a decoded request in a lane (`admission`); a worker calls
+//! [`App::handle`], which routes it. A handler turns the [`Request`] into a typed call, runs
+//! it against the store, and answers through its [`Reply`]: at once, or through the
+//! [`Runtime`] after the writer commits or when a parked long-poll is woken or expires
+//! ([`runtime`] traces both paths). Every failure is a [`Failure`] from one catalogue
 //! ([`error`]), which each API renders in its own contract: the streams API as JSON strings
 //! (`"Bad Request - <why>"`), the long-poll API as golongpoll's `{"error": …}` bodies.
 

@@ -3,14 +3,14 @@
 //! parked long-polls, and answers what they hand back.
 //!
 //! The path of an append: a handler builds a [`Job`] whose `done` holds the request's
-//! [`Reply`] and calls [`Runtime::submit`]; the writer commits it and calls the commit hook,
-//! [`Runtime::committed`], which registers the new events (waking parked polls) and
+//! [`Reply`] and calls `Runtime::submit`; the writer commits it and calls the commit hook,
+//! `Runtime::committed`, which registers the new events (waking parked polls) and
 //! queues each `done` as a [`Task`] for a worker, which sends the answer.
 //!
-//! The path of a long-poll: a handler calls [`Runtime::wait`] with a [`Parked`] request;
+//! The path of a long-poll: a handler calls `Runtime::wait` with a [`Parked`] request;
 //! it is answered at once from memory or the store, or parked in the registry until a
-//! commit wakes it ([`Runtime::answer`]), its deadline passes or its client hangs up
-//! ([`Runtime::expire`]), or the server stops.
+//! commit wakes it (`Runtime::answer`), its deadline passes or its client hangs up
+//! (`Runtime::expire`), or the server stops.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -228,12 +228,12 @@ impl Runtime {
         }
     }
 
-    /// Runs `task` on a worker.
-    pub(crate) fn spawn(&self, task: Box<dyn FnOnce() + Send>) {
-        if let Err(e) = self.tasks.send(Some(task)) {
+    /// Sends answers from a worker.
+    pub(crate) fn spawn(&self, answer: Box<dyn FnOnce() + Send>) {
+        if let Err(e) = self.tasks.send(Task::Answer(answer)) {
             // Workers are gone; answer here rather than drop the replies.
-            if let Some(task) = e.into_inner() {
-                task();
+            if let Task::Answer(answer) = e.into_inner() {
+                answer();
             }
         }
     }
