@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 pub use crate::store::admin::Added;
-use crate::store::admin::Reset;
+use crate::store::admin::{OffsetOf, Reset};
 
 /// Why an operator command refused its arguments; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,7 +135,12 @@ pub fn reset_consumer(
     event_name: &str,
     offset: u64,
 ) -> Result<(), Error> {
-    match crate::store::admin::reset_consumer(db, stream, consumer, event_name, offset)? {
+    let of = OffsetOf {
+        stream,
+        consumer,
+        event_name,
+    };
+    match crate::store::admin::reset_consumer(db, of, offset)? {
         Reset::Done => Ok(()),
         Reset::NoStream => Err(Refusal::NoStream(stream.to_owned()).into()),
         Reset::PastNewest(newest) => Err(Refusal::PastNewest { offset, newest }.into()),

@@ -193,15 +193,25 @@ pub enum Reset {
     PastNewest(u64),
 }
 
+/// Whose offset: a consumer's, for one event name of one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetOf<'a> {
+    /// Stream name.
+    pub stream: &'a str,
+    /// Consumer id.
+    pub consumer: &'a str,
+    /// The event name the offset is kept for.
+    pub event_name: &'a str,
+}
+
 /// Sets a consumer's offset for one event name (forwards or back). The offset is a sequence
 /// number from 0 to the stream's newest.
-pub fn reset_consumer(
-    db: &Path,
-    stream: &str,
-    consumer: &str,
-    event_name: &str,
-    offset: u64,
-) -> Result<Reset, StoreError> {
+pub fn reset_consumer(db: &Path, of: OffsetOf<'_>, offset: u64) -> Result<Reset, StoreError> {
+    let OffsetOf {
+        stream,
+        consumer,
+        event_name,
+    } = of;
     let conn = super::open_existing(db)?;
     let Some(info) = super::reader::stream_info(&conn, stream)? else {
         return Ok(Reset::NoStream);
