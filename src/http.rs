@@ -870,7 +870,10 @@ fn read_then_deliver(shared: &Arc<Shared>, mut req: api::Request, mut responder:
 }
 
 fn deliver_request(shared: &Shared, req: api::Request, responder: Responder) {
-    (shared.sink)(req, Box::new(move |response| responder.send(response)));
+    (shared.sink)(
+        req,
+        api::Reply::new(move |response| responder.send(response)),
+    );
 }
 
 /// Answers one request exactly once; dropped unanswered, it answers 500.

@@ -69,9 +69,9 @@ impl App {
                 return None;
             };
             let Incoming { request, reply } = incoming;
-            let reply: Reply = Box::new(move |response| {
+            let reply = Reply::new(move |response| {
                 drop(slot);
-                reply(response)
+                reply.send(response)
             });
             return Some((Lane::Writes, Incoming { request, reply }));
         }
@@ -83,6 +83,6 @@ impl App {
     /// Answers `incoming` with `failure`, in the shape of the API it was for.
     pub(crate) fn refuse(&self, incoming: Incoming, failure: &Failure) {
         let response = failure.render(self.api_of(&incoming.request.path));
-        (incoming.reply)(response);
+        incoming.reply.send(response);
     }
 }

@@ -152,7 +152,7 @@ pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, S
 pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let (category, timeout, start) = match subscription(app, reader, &req) {
         Ok(params) => params,
-        Err(failure) => return reply(failure.render(Api::LongPoll)),
+        Err(failure) => return reply.send(failure.render(Api::LongPoll)),
     };
     let parked = Parked::http(Api::LongPoll, &category, reply, req.remote);
     let want = Want {
@@ -218,14 +218,14 @@ pub fn check_publish(body: &[u8]) -> Result<(String, String), &'static str> {
 pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let (stream, producer, data) = match publication(app, reader, &req) {
         Ok(checked) => checked,
-        Err(failure) => return reply(failure.render(Api::LongPoll)),
+        Err(failure) => return reply.send(failure.render(Api::LongPoll)),
     };
     app.runtime.submit(Job::Append {
         stream,
         producer,
         payload: Payload::Data(data),
         done: Box::new(move |result| {
-            reply(match result {
+            reply.send(match result {
                 Ok(_) => answer(200, &b"{\"success\": true}"[..]),
                 Err(e) => Failure::from(e).render(Api::LongPoll),
             })

@@ -94,8 +94,22 @@ pub struct Response {
     pub body: Arc<[u8]>,
 }
 
-/// Answers a request exactly once. Dropping it unanswered answers 500.
-pub type Reply = Box<dyn FnOnce(Response) + Send>;
+/// A request's way back to its connection: the HTTP layer's responder, which writes the
+/// answer in the order the connection sent its requests. Answers exactly once; dropped
+/// unanswered, the HTTP layer answers 500.
+pub struct Reply(Box<dyn FnOnce(Response) + Send>);
+
+impl Reply {
+    /// A reply that hands its answer to `send`.
+    pub fn new(send: impl FnOnce(Response) + Send + 'static) -> Reply {
+        Reply(Box::new(send))
+    }
+
+    /// Answers the request.
+    pub fn send(self, response: Response) {
+        (self.0)(response)
+    }
+}
 
 /// Content type of every streams-API answer.
 pub const JSON_UTF8: &str = "application/json; charset=utf-8";
@@ -161,7 +175,7 @@ impl App {
             "publish" => longpoll::publish(self, reader, req, reply),
             #[cfg(feature = "test-panic-route")]
             "panic" => panic!("panic injected through the test route"),
-            _ => reply(Failure::NotFound.render(Api::Streams)),
+            _ => reply.send(Failure::NotFound.render(Api::Streams)),
         }
     }
 
@@ -198,9 +212,9 @@ impl App {
             (format!("{} {}", method_name(&req.method), req.path), user)
         });
         let metrics = self.metrics.clone();
-        Box::new(move |response: Response| {
+        Reply::new(move |response: Response| {
             let status = response.status;
-            reply(response);
+            reply.send(response);
             let took = started.elapsed();
             metrics.request(route, status, took);
             if let Some((request, user)) = line {
@@ -216,10 +230,10 @@ impl App {
         let unavailable = || Response::json(503, JSON_UTF8, &b"{\"status\":\"unavailable\"}"[..]);
         if let Err(e) = reader.user("") {
             crate::log::error(&format!("health: the database does not answer: {e}"));
-            return reply(unavailable());
+            return reply.send(unavailable());
         }
         self.runtime.submit(Job::Probe(Box::new(move |result| {
-            reply(match result {
+            reply.send(match result {
                 Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
                 Err(_) => unavailable(),
             })
@@ -231,7 +245,7 @@ impl App {
         if self.config.metrics_auth
             && let Err(failure) = self.authenticate(reader, req)
         {
-            return reply(failure.render(Api::Streams));
+            return reply.send(failure.render(Api::Streams));
         }
         let lag = reader.consumer_lag().unwrap_or_else(|e| {
             crate::log::error(&format!("metrics: reading consumer lag failed: {e}"));
@@ -251,7 +265,7 @@ impl App {
             lag,
         };
         let body = self.metrics.render(&gauges);
-        reply(Response::json(
+        reply.send(Response::json(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
             body.into_bytes(),

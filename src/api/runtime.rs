@@ -326,8 +326,8 @@ impl Parked {
     fn answer(self, answers: &Answers) {
         const RENDERED: &str = "answers are rendered for every waiter's shape";
         match self.waiter {
-            Waiter::LongPoll(_, reply) => reply(answers.longpoll.clone().expect(RENDERED)),
-            Waiter::Consumer(reply) => reply(answers.consumer.clone().expect(RENDERED)),
+            Waiter::LongPoll(_, reply) => reply.send(answers.longpoll.clone().expect(RENDERED)),
+            Waiter::Consumer(reply) => reply.send(answers.consumer.clone().expect(RENDERED)),
             Waiter::InProcess(_, tx) => {
                 // The caller may have stopped waiting; nobody is left to answer.
                 let _ = tx.send(answers.in_process.clone().expect(RENDERED));
@@ -338,8 +338,8 @@ impl Parked {
     /// Answers with `failure`, in the shape of the API that parked.
     fn fail(self, failure: &Failure) {
         match self.waiter {
-            Waiter::LongPoll(_, reply) => reply(failure.render(Api::LongPoll)),
-            Waiter::Consumer(reply) => reply(failure.render(Api::Streams)),
+            Waiter::LongPoll(_, reply) => reply.send(failure.render(Api::LongPoll)),
+            Waiter::Consumer(reply) => reply.send(failure.render(Api::Streams)),
             Waiter::InProcess(_, tx) => {
                 let _ = tx.send(Err(failure.clone()));
             }

@@ -125,7 +125,7 @@ enum Call {
 pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     let call = match parse(app, reader, &req) {
         Ok(call) => call,
-        Err(failure) => return reply(failure.render(Api::Streams)),
+        Err(failure) => return reply.send(failure.render(Api::Streams)),
     };
     match call {
         Call::Append {
@@ -138,7 +138,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             producer: Some(producer),
             payload: Payload::Element { name, fields },
             done: Box::new(move |result| {
-                reply(match result {
+                reply.send(match result {
                     Ok(event) => Response::message(200, &event.id.to_string()),
                     Err(e) => Failure::from(e).render(Api::Streams),
                 })
@@ -153,10 +153,10 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         } => {
             let view = match reader.consume(&stream, &consumer, &name, limit) {
                 Ok(Some(view)) => view,
-                Ok(None) => return reply(Failure::NoStream(stream).render(Api::Streams)),
+                Ok(None) => return reply.send(Failure::NoStream(stream).render(Api::Streams)),
                 Err(e) => {
                     crate::log::error(&format!("consume read failed: {e}"));
-                    return reply(Failure::StreamUnreadable.render(Api::Streams));
+                    return reply.send(Failure::StreamUnreadable.render(Api::Streams));
                 }
             };
             match timeout {
@@ -170,7 +170,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
                     let parked = Parked::http(Api::Streams, &stream, reply, req.remote);
                     app.runtime.wait(reader, &stream, want, parked);
                 }
-                _ => reply(elements_response(view.events.iter().map(String::as_str))),
+                _ => reply.send(elements_response(view.events.iter().map(String::as_str))),
             }
         }
         Call::Ack {
@@ -182,7 +182,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             consumer,
             id,
             done: Box::new(move |result| {
-                reply(match result {
+                reply.send(match result {
                     Ok(()) => Response::message(200, "OK"),
                     Err(e) => Failure::from(e).render(Api::Streams),
                 })
