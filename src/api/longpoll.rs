@@ -16,7 +16,7 @@ use super::{App, Body, Method, Parked, Reply, Request, Response, Want};
 use crate::auth::Grants;
 use crate::event::{Event, Start, push_json_str};
 use crate::store::Reader;
-use crate::store::writer::{Job, Payload};
+use crate::store::writer::{Done, Job, Payload};
 
 /// Content type of every long-poll answer (golongpoll's).
 const JSON: &str = "application/json";
@@ -224,7 +224,7 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         stream,
         producer,
         payload: Payload::Data(data),
-        done: Box::new(move |result| {
+        done: Done::new(move |result| {
             reply.send(match result {
                 Ok(_) => answer(200, &b"{\"success\": true}"[..]),
                 Err(e) => Failure::from(e).render(Api::LongPoll),
@@ -288,7 +288,7 @@ pub(crate) fn publish_local(
         stream: category.to_owned(),
         producer: None,
         payload: Payload::Data(data.to_string()),
-        done: Box::new(move |result| {
+        done: Done::new(move |result| {
             let _ = tx.send(result);
         }),
     });

@@ -26,7 +26,7 @@ pub use runtime::{Parked, Runtime};
 use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
 use crate::store::Reader;
-use crate::store::writer::Job;
+use crate::store::writer::{Done, Job};
 
 /// The HTTP method, as far as the APIs care.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,7 +232,7 @@ impl App {
             crate::log::error(&format!("health: the database does not answer: {e}"));
             return reply.send(unavailable());
         }
-        self.runtime.submit(Job::Probe(Box::new(move |result| {
+        self.runtime.submit(Job::Probe(Done::new(move |result| {
             reply.send(match result {
                 Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
                 Err(_) => unavailable(),

@@ -2,10 +2,12 @@
 //! it owns the writer's queue, the workers' task lane, the timer's poke and the registry of
 //! parked long-polls, and answers what they hand back.
 //!
-//! The path of an append: a handler builds a [`Job`] whose `done` holds the request's
-//! [`Reply`] and calls `Runtime::submit`; the writer commits it and calls the commit hook,
-//! `Runtime::committed`, which registers the new events (waking parked polls) and
-//! queues each `done` as a [`Task`] for a worker, which sends the answer.
+//! The path of an append: a handler builds a [`Job`] whose
+//! [`Done`](crate::store::writer::Done) holds the request's [`Reply`], and calls
+//! `Runtime::submit`; the writer commits it and hands the outcomes, each an [`Answer`]
+//! (outcome and its `Done`), to the commit hook `Runtime::committed`, which registers the
+//! new events (waking parked polls) and queues the answers as [`Task`]s for the workers,
+//! which deliver them: `Done` renders the response and `Reply` sends it.
 //!
 //! The path of a long-poll: a handler calls `Runtime::wait` with a [`Parked`] request;
 //! it is answered at once from memory or the store, or parked in the registry until a
@@ -28,7 +30,7 @@ use crate::event::Event;
 use crate::longpoll::{Registry, Woken};
 use crate::pool::Task;
 use crate::store::Reader;
-use crate::store::writer::{Committed, Job, WriteError};
+use crate::store::writer::{Answer, Committed, Job, WriteError};
 
 /// A parked long-poll: who waits, and the client's address.
 pub struct Parked {
@@ -134,10 +136,8 @@ impl Runtime {
             Ok(()) => return,
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
         };
-        match job {
-            Job::Append { done, .. } => done(Err(WriteError::Busy)),
-            Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
-            Job::Stop | Job::Retain { .. } => {}
+        if let Some(answer) = job.refused(WriteError::Busy) {
+            answer.send();
         }
     }
 
@@ -270,9 +270,7 @@ impl Runtime {
         let mut replies = committed.replies.into_iter().peekable();
         while replies.peek().is_some() {
             let chunk: Vec<_> = replies.by_ref().take(COMMIT_CHUNK).collect();
-            self.spawn(Box::new(move || {
-                chunk.into_iter().for_each(|reply| reply())
-            }));
+            self.spawn(Box::new(move || chunk.into_iter().for_each(Answer::send)));
         }
         self.answer(woken);
     }

@@ -4,6 +4,7 @@
 //! failures are JSON strings ([`Failure`] in the streams shape).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -12,9 +13,9 @@ use uuid::Uuid;
 use super::error::{Api, Failure};
 use super::query::{Form, decode};
 use super::{App, Body, JSON_UTF8, Method, Parked, Reply, Request, Response, Want};
-use crate::event::Start;
+use crate::event::{Event, Start};
 use crate::store::Reader;
-use crate::store::writer::{Job, Payload};
+use crate::store::writer::{Done, Job, Payload};
 
 const PREFIX: &str = "/api/v1/streams/";
 
@@ -137,7 +138,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             stream,
             producer: Some(producer),
             payload: Payload::Element { name, fields },
-            done: Box::new(move |result| {
+            done: Done::new(move |result: Result<Arc<Event>, _>| {
                 reply.send(match result {
                     Ok(event) => Response::message(200, &event.id.to_string()),
                     Err(e) => Failure::from(e).render(Api::Streams),
@@ -181,7 +182,7 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
             stream,
             consumer,
             id,
-            done: Box::new(move |result| {
+            done: Done::new(move |result| {
                 reply.send(match result {
                     Ok(()) => Response::message(200, "OK"),
                     Err(e) => Failure::from(e).render(Api::Streams),

@@ -49,8 +49,40 @@ pub enum WriteError {
     Storage(Arc<StoreError>),
 }
 
-/// Called once with the outcome of a job, after its transaction committed or failed.
-pub type Done<T> = Box<dyn FnOnce(Result<T, WriteError>) + Send>;
+/// Who receives a job's outcome: the handler that queued it (which answers its request),
+/// or an in-process caller. Called once, on a worker, after the job's transaction committed
+/// or failed.
+pub struct Done<T>(Box<dyn FnOnce(Result<T, WriteError>) + Send>);
+
+impl<T> Done<T> {
+    /// Hands the outcome to `receive`.
+    pub fn new(receive: impl FnOnce(Result<T, WriteError>) + Send + 'static) -> Done<T> {
+        Done(Box::new(receive))
+    }
+
+    /// Hands over the outcome.
+    pub fn send(self, result: Result<T, WriteError>) {
+        (self.0)(result)
+    }
+}
+
+/// A job's outcome with its receiver, handed from the writer to a worker to deliver.
+pub enum Answer {
+    /// An append's outcome: the committed event.
+    Event(Done<Arc<Event>>, Result<Arc<Event>, WriteError>),
+    /// An ACK's or a heartbeat's outcome.
+    Unit(Done<()>, Result<(), WriteError>),
+}
+
+impl Answer {
+    /// Delivers the outcome to its receiver.
+    pub fn send(self) {
+        match self {
+            Answer::Event(done, result) => done.send(result),
+            Answer::Unit(done, result) => done.send(result),
+        }
+    }
+}
 
 /// A unit of work for the writer.
 pub enum Job {
@@ -106,8 +138,8 @@ pub struct Committed {
     pub took: std::time::Duration,
     /// New events per stream; empty when the transaction failed.
     pub appended: Vec<Appended>,
-    /// Answers to run, one per job, in job order.
-    pub replies: Vec<Box<dyn FnOnce() + Send>>,
+    /// Outcomes to deliver, one per job that has a receiver, in job order.
+    pub replies: Vec<Answer>,
 }
 
 /// Runs the writer until it takes [`Job::Stop`] (or every sender is gone), then returns
@@ -407,7 +439,7 @@ fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
 
 fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
     let mut appended: Vec<Appended> = Vec::new();
-    let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(batch.len());
+    let mut replies: Vec<Answer> = Vec::with_capacity(batch.len());
     for (job, outcome) in batch.into_iter().zip(outcomes) {
         match (job, outcome) {
             (Job::Append { stream, done, .. }, Outcome::Appended(slot, event)) => {
@@ -418,19 +450,20 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
                     });
                 }
                 appended[slot].events.push(event.clone());
-                replies.push(Box::new(move || done(Ok(event))));
+                replies.push(Answer::Event(done, Ok(event)));
             }
-            (job, Outcome::Refused(e)) => replies.extend(reply_err(job, e)),
+            (job, Outcome::Refused(e)) => replies.extend(job.refused(e)),
             (Job::Ack { done, .. } | Job::Probe(done), _) => {
-                replies.push(Box::new(move || done(Ok(()))))
+                replies.push(Answer::Unit(done, Ok(())))
             }
             (Job::Stop | Job::Retain { .. }, _) => {}
             // Appends end as `Appended` or `Refused`; answer rather than drop if that changes.
             (Job::Append { done, .. }, Outcome::Finished) => {
                 let broken = StoreError::Invariant("an append ended without an event");
-                replies.push(Box::new(move || {
-                    done(Err(WriteError::Storage(Arc::new(broken))))
-                }))
+                replies.push(Answer::Event(
+                    done,
+                    Err(WriteError::Storage(Arc::new(broken))),
+                ))
             }
         }
     }
@@ -449,16 +482,19 @@ fn fail(batch: Vec<Job>, error: WriteError) -> Committed {
         appended: Vec::new(),
         replies: batch
             .into_iter()
-            .filter_map(|job| reply_err(job, error.clone()))
+            .filter_map(|job| job.refused(error.clone()))
             .collect(),
     }
 }
 
-fn reply_err(job: Job, error: WriteError) -> Option<Box<dyn FnOnce() + Send>> {
-    match job {
-        Job::Append { done, .. } => Some(Box::new(move || done(Err(error)))),
-        Job::Ack { done, .. } | Job::Probe(done) => Some(Box::new(move || done(Err(error)))),
-        Job::Stop | Job::Retain { .. } => None,
+impl Job {
+    /// The answer refusing this job with `error`; `None` for jobs nobody waits on.
+    pub fn refused(self, error: WriteError) -> Option<Answer> {
+        match self {
+            Job::Append { done, .. } => Some(Answer::Event(done, Err(error))),
+            Job::Ack { done, .. } | Job::Probe(done) => Some(Answer::Unit(done, Err(error))),
+            Job::Stop | Job::Retain { .. } => None,
+        }
     }
 }
 
@@ -471,7 +507,7 @@ mod tests {
             stream: stream.into(),
             producer: None,
             payload: Payload::Data("1".into()),
-            done: Box::new(|_| {}),
+            done: Done::new(|_| {}),
         }
     }
 
