@@ -2,10 +2,53 @@
 //! consumer offsets and backups. Each works on the database file and is safe while a
 //! server runs on it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 pub use crate::store::admin::Added;
+use crate::store::admin::{OffsetOf, Reset};
+
+/// Why an operator command refused its arguments; nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A user needs a password.
+    EmptyPassword,
+    /// The user name cannot go into Basic auth.
+    UserName,
+    /// A grant pattern holds control characters.
+    Patterns,
+    /// No stream has this name.
+    NoStream(String),
+    /// The offset is past the stream's newest event (the sequence number given).
+    PastNewest {
+        /// The offset asked for.
+        offset: u64,
+        /// The stream's newest sequence number.
+        newest: u64,
+    },
+    /// The backup's target exists already.
+    TargetExists(PathBuf),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::EmptyPassword => f.write_str("the password must not be empty"),
+            Refusal::UserName => {
+                f.write_str("user names are 1-255 bytes without ':' or control characters")
+            }
+            Refusal::Patterns => f.write_str("patterns must not hold control characters"),
+            Refusal::NoStream(stream) => write!(f, "no stream named '{stream}'"),
+            Refusal::PastNewest { offset, newest } => write!(
+                f,
+                "offset {offset} is past the stream's newest event ({newest})"
+            ),
+            Refusal::TargetExists(path) => write!(f, "{} already exists", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// Adds a user who may produce to and consume from every stream (or replaces an existing
 /// user's password and grants), storing only an argon2id hash.
@@ -25,14 +68,13 @@ pub fn add_user_with(
 ) -> Result<Added, Error> {
     check_user_name(name)?;
     if password.is_empty() {
-        return Err(Error::Config("the password must not be empty".into()));
+        return Err(Refusal::EmptyPassword.into());
     }
-    for patterns in [produce, consume] {
-        if patterns.chars().any(char::is_control) {
-            return Err(Error::Config(
-                "patterns must not hold control characters".into(),
-            ));
-        }
+    if [produce, consume]
+        .iter()
+        .any(|patterns| patterns.chars().any(char::is_control))
+    {
+        return Err(Refusal::Patterns.into());
     }
     let hash = crate::auth::hash_password(password);
     Ok(crate::store::admin::put_user(
@@ -62,9 +104,7 @@ fn check_user_name(name: &str) -> Result<(), Error> {
         || name.contains(':')
         || name.chars().any(char::is_control)
     {
-        return Err(Error::Config(
-            "user names are 1-255 bytes without ':' or control characters".into(),
-        ));
+        return Err(Refusal::UserName.into());
     }
     Ok(())
 }
@@ -87,7 +127,7 @@ pub fn release_stream(db: &Path, name: &str) -> Result<bool, Error> {
     Ok(crate::store::admin::release_stream(db, name)?)
 }
 
-/// Sets a consumer's offset for one event name; `Err(Config)` explains a refusal.
+/// Sets a consumer's offset for one event name; [`Error::Admin`] explains a refusal.
 pub fn reset_consumer(
     db: &Path,
     stream: &str,
@@ -95,17 +135,22 @@ pub fn reset_consumer(
     event_name: &str,
     offset: u64,
 ) -> Result<(), Error> {
-    crate::store::admin::reset_consumer(db, stream, consumer, event_name, offset)?
-        .map_err(Error::Config)
+    let of = OffsetOf {
+        stream,
+        consumer,
+        event_name,
+    };
+    match crate::store::admin::reset_consumer(db, of, offset)? {
+        Reset::Done => Ok(()),
+        Reset::NoStream => Err(Refusal::NoStream(stream.to_owned()).into()),
+        Reset::PastNewest(newest) => Err(Refusal::PastNewest { offset, newest }.into()),
+    }
 }
 
 /// Writes a consistent copy of the database to `target`, which must not exist yet.
 pub fn backup(db: &Path, target: &Path) -> Result<(), Error> {
     if target.exists() {
-        return Err(Error::Config(format!(
-            "{} already exists",
-            target.display()
-        )));
+        return Err(Refusal::TargetExists(target.to_owned()).into());
     }
     Ok(crate::store::admin::backup(db, target)?)
 }

@@ -201,7 +201,7 @@ impl Authenticator {
         let key = (creds.user.clone(), self.fingerprint(&creds.password));
         let now = Instant::now();
         {
-            let cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = crate::lock::lock(&self.verified);
             if let Some((at, grants)) = cache.get(&key)
                 && now.duration_since(*at) < self.ttl
             {
@@ -210,7 +210,7 @@ impl Authenticator {
         }
         let counted = self.throttled(client);
         if let Some(ip) = counted {
-            let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            let failures = crate::lock::lock(&self.failures);
             if let Some((count, since)) = failures.get(&ip)
                 && *count >= self.failure_limit
                 && now.duration_since(*since) < FAILURE_WINDOW
@@ -231,7 +231,7 @@ impl Authenticator {
         };
         let Some(grants) = grants else {
             if let Some(ip) = counted {
-                let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                let mut failures = crate::lock::lock(&self.failures);
                 if failures.len() >= FAILURE_CAPACITY {
                     failures.clear();
                 }
@@ -244,7 +244,7 @@ impl Authenticator {
             return Ok(Checked::Invalid);
         };
         let grants = Arc::new(grants);
-        let mut cache = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = crate::lock::lock(&self.verified);
         if cache.len() >= CACHE_CAPACITY {
             cache.clear();
         }

@@ -46,7 +46,7 @@ impl Clock {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // The state is three integers updated atomically under the lock; a panic elsewhere
         // cannot leave it half-written, so a poisoned lock is still good to use.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.state)
     }
 
     /// Stamps a batch about to be committed. Call [`Clock::batch_done`] once it is committed

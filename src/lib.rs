@@ -82,6 +82,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod http;
+mod lock;
 pub mod log;
 pub mod longpoll;
 pub mod metrics;

@@ -50,8 +50,6 @@ pub struct Woken<R> {
     pub events: Vec<Arc<Event>>,
     /// The replies to answer with them.
     pub replies: Vec<R>,
-    /// The filter these replies waited with.
-    pub filter: Option<Box<str>>,
 }
 
 struct Category {
@@ -107,7 +105,7 @@ impl<R> Registry<R> {
     fn lock(&self) -> MutexGuard<'_, Inner<R>> {
         // Every method leaves the maps consistent before it can panic (no user code runs
         // under the lock), so a poisoned lock is still good to use.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.inner)
     }
 
     /// Parked replies right now.
@@ -274,7 +272,6 @@ impl<R> Registry<R> {
                         .cloned()
                         .collect(),
                     replies: Vec::new(),
-                    filter: w.filter.clone(),
                 });
                 woken.len() - 1
             });

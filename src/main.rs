@@ -63,6 +63,7 @@ impl From<eventserver::Error> for Failure {
     fn from(e: eventserver::Error) -> Failure {
         match e {
             eventserver::Error::Config(m) => Failure::Usage(m),
+            eventserver::Error::Admin(refusal) => Failure::Usage(refusal.to_string()),
             other => Failure::Runtime(other.to_string()),
         }
     }

@@ -95,7 +95,7 @@ pub struct Gauges {
 
 impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.state)
     }
 
     /// Records one answered request.

@@ -3,7 +3,7 @@
 //! workers take before any job.
 //!
 //! Shutdown runs in two steps: once the job senders are gone each worker reports that it
-//! took its last job, and keeps running tasks until it receives a `None` task.
+//! took its last job, and keeps running tasks until it receives [`Task::Stop`].
 //!
 //! The task lane is unbounded in type but bounded in practice: every task answers requests
 //! that were already admitted through a bounded queue or the capped registry. A panicking
@@ -15,8 +15,14 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender, select_biased};
 
-/// Work for a worker outside any request; `None` tells one worker to stop.
-pub type Task = Option<Box<dyn FnOnce() + Send>>;
+/// Work for a worker outside any request, taken before any new request.
+pub enum Task {
+    /// Send answers the runtime prepared: to requests whose writes committed, or to parked
+    /// long-polls that were woken or expired.
+    Answer(Box<dyn FnOnce() + Send>),
+    /// Stop the worker that takes it (one per worker, at shutdown, after the last request).
+    Stop,
+}
 
 /// Stack for workers: handlers are shallow, SQLite needs well under this.
 const WORKER_STACK: usize = 1 << 20;
@@ -58,11 +64,16 @@ impl Pool {
         Ok(Pool { handles })
     }
 
-    /// Waits for every worker to finish (after the senders are dropped).
-    pub fn join(self) {
+    /// Waits for every worker to finish (after the senders are dropped); returns the first
+    /// panic that ended one (a panic outside any job or task, which `guard` does not catch).
+    pub fn join(self) -> Option<Box<dyn std::any::Any + Send>> {
+        let mut first = None;
         for handle in self.handles {
-            let _ = handle.join();
+            if let Err(panic) = handle.join() {
+                first.get_or_insert(panic);
+            }
         }
+        first
     }
 }
 
@@ -77,8 +88,8 @@ fn run<C, J>(
     loop {
         // Tasks answer requests already admitted; serve them before taking new work.
         while let Ok(task) = tasks.try_recv() {
-            let Some(task) = task else { return };
-            guard(task);
+            let Task::Answer(answer) = task else { return };
+            guard(answer);
         }
         let task = if jobs_open {
             let job = select_biased! {
@@ -109,8 +120,8 @@ fn run<C, J>(
             tasks.recv()
         };
         match task {
-            Ok(Some(task)) => guard(task),
-            Ok(None) | Err(_) => return,
+            Ok(Task::Answer(answer)) => guard(answer),
+            Ok(Task::Stop) | Err(_) => return,
         }
     }
 }
@@ -157,8 +168,8 @@ mod tests {
         start_tx.send(()).unwrap();
         drop((first_tx, second_tx));
         done_rx.recv().unwrap();
-        tasks_tx.send(None).unwrap();
-        pool.join();
+        tasks_tx.send(Task::Stop).unwrap();
+        assert!(pool.join().is_none(), "no worker panicked");
         assert_eq!(*seen.lock().unwrap(), [0, 1, 2, 3, 10, 11, 12, 13]);
     }
 }

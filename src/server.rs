@@ -10,7 +10,6 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use uuid::Uuid;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
-use crate::api::{self, App, Method};
+use crate::api::{self, App, Incoming, Runtime};
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -37,8 +36,6 @@ const THREAD_STACK: usize = 1 << 20;
 
 /// Recent events kept in memory per category, so resuming clients need no query.
 const TAIL_LEN: usize = 64;
-
-type Incoming = (api::Request, api::Reply);
 
 /// Starts servers; see [`ServerHandle`] for what a running one offers.
 pub struct Server;
@@ -63,25 +60,27 @@ impl Server {
         let (writer_tx, writer_rx) = bounded::<Job>(config.write_queue);
         let (tasks_tx, tasks_rx) = unbounded::<Task>();
         let (timer_tx, timer_rx) = bounded::<()>(1);
-        // Writes (publishes, appends, ACKs) go first: every parked subscriber waits on them,
-        // and they are few beside the re-polls a publish sets off.
+        // One queue per lane; which lane a request takes is the API's choice (`admit`).
         let (writes_tx, writes_rx) = bounded::<Incoming>(config.queue);
         let (reads_tx, reads_rx) = bounded::<Incoming>(config.queue);
         let (done_tx, done_rx) = unbounded::<()>();
 
+        let registry = Registry::new(config.max_parked, TAIL_LEN.min(config.longpoll_max_batch));
         let app = Arc::new(App {
-            registry: Registry::new(config.max_parked, TAIL_LEN.min(config.longpoll_max_batch)),
+            runtime: Runtime::new(
+                writer_tx,
+                tasks_tx.clone(),
+                timer_tx,
+                registry,
+                clock.clone(),
+            ),
             auth: Authenticator::new(
                 config.auth_cache_ttl,
                 config.auth_failure_limit,
                 config.auth_throttle_loopback,
             ),
-            writer: writer_tx,
-            clock: clock.clone(),
-            tasks: tasks_tx.clone(),
-            stopping: Default::default(),
-            timer: timer_tx,
             metrics: Default::default(),
+            health_checks: Default::default(),
             config,
         });
 
@@ -109,14 +108,11 @@ impl Server {
             tasks_rx,
             done_tx,
             move |_| Reader::open(&db),
-            move |reader: &mut Result<Reader, store::StoreError>, (req, reply): Incoming| {
-                match reader {
-                    Ok(reader) => worker_app.handle(reader, req, reply),
-                    Err(e) => {
-                        crate::log::error(&format!("worker has no database connection: {e}"));
-                        let why = "Internal Server Error - no database connection";
-                        reply(worker_app.refusal(&req.path, 500, why));
-                    }
+            move |reader: &mut Result<Reader, store::StoreError>, incoming: Incoming| match reader {
+                Ok(reader) => worker_app.handle(reader, incoming.request, incoming.reply),
+                Err(e) => {
+                    crate::log::error(&format!("worker has no database connection: {e}"));
+                    worker_app.refuse(incoming, &api::Failure::NoDatabase);
                 }
             },
         )?;
@@ -130,42 +126,23 @@ impl Server {
         };
 
         let accepting = Arc::new(RwLock::new(Some([writes_tx, reads_tx])));
-        let health_checks = Arc::new(AtomicUsize::new(0));
         let sink = {
             let (accepting, app) = (accepting.clone(), app.clone());
-            Arc::new(move |req: api::Request, mut reply: api::Reply| {
-                if let Some(why) = req.refused {
-                    return reply(app.refusal(&req.path, 503, why));
-                }
-                let events = &app.config.events_path;
-                // Health checks go with the writes: the watchdog's check must get through a
-                // flood of re-polls rather than be refused with them. They need no
-                // credentials, so only a few at a time may take that lane (and the writer).
-                let health = api::HEALTH_PATHS.contains(&req.path.as_str());
-                if health {
-                    let Some(slot) = HealthSlot::take(&health_checks) else {
-                        let why = "Service Unavailable - too many health checks at once";
-                        return reply(app.refusal(&req.path, 503, why));
-                    };
-                    reply = Box::new(move |response| {
-                        drop(slot);
-                        reply(response)
-                    });
-                }
-                let write = req.method == Method::Post && req.path != *events;
-                let lane = usize::from(!write && !health);
-                let guard = accepting.read().unwrap_or_else(|e| e.into_inner());
+            Arc::new(move |req: api::Request, reply: api::Reply| {
+                let Some((lane, incoming)) = app.admit(req, reply) else {
+                    return;
+                };
+                let guard = crate::lock::read(&accepting);
                 let refused = match guard.as_ref() {
-                    Some(lanes) => lanes[lane]
-                        .try_send((req, reply))
+                    Some(lanes) => lanes[lane as usize]
+                        .try_send(incoming)
                         .err()
                         .map(|e| e.into_inner()),
-                    None => Some((req, reply)),
+                    None => Some(incoming),
                 };
                 drop(guard);
-                if let Some((req, reply)) = refused {
-                    let why = "Service Unavailable - server is busy";
-                    reply(app.refusal(&req.path, 503, why));
+                if let Some(incoming) = refused {
+                    app.refuse(incoming, &api::Failure::ServerBusy);
                 }
             })
         };
@@ -178,8 +155,8 @@ impl Server {
         let gone = {
             let app = app.clone();
             Arc::new(move |find: &dyn Fn() -> HashSet<SocketAddr>| {
-                if app.registry.parked() > 0 {
-                    app.release_gone(&find());
+                if app.runtime.registry.parked() > 0 {
+                    app.runtime.release_gone(&find());
                 }
             })
         };
@@ -201,52 +178,15 @@ impl Server {
     }
 }
 
-/// Health checks admitted at once; more are refused until one is answered.
-const MAX_HEALTH_CHECKS: usize = 8;
-
-/// One admitted health check; its place is given back when it is dropped, answered or not.
-struct HealthSlot(Arc<AtomicUsize>);
-
-impl HealthSlot {
-    fn take(count: &Arc<AtomicUsize>) -> Option<HealthSlot> {
-        count
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < MAX_HEALTH_CHECKS).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| HealthSlot(count.clone()))
-    }
-}
-
-impl Drop for HealthSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// After each commit: answer the writers and the long-polls the new events wake.
+/// After each commit: count it, then let the runtime answer the writers and the long-polls
+/// the new events wake.
 fn on_commit(app: &App, committed: writer::Committed) {
     let appended = committed
         .appended
         .iter()
         .map(|a| (a.stream.as_str(), a.events.len()));
     app.metrics.commit(committed.jobs, committed.took, appended);
-    // The registry learns of the events before any writer hears of the commit, so a poll
-    // sent after a 200 sees them; the writers' answers are queued before the waiters'
-    // (which may be thousands).
-    let woken: Vec<_> = committed
-        .appended
-        .iter()
-        .flat_map(|appended| app.registry.publish(&appended.stream, &appended.events))
-        .collect();
-    let mut replies = committed.replies.into_iter().peekable();
-    while replies.peek().is_some() {
-        let chunk: Vec<_> = replies.by_ref().take(64).collect();
-        app.spawn(Box::new(move || {
-            chunk.into_iter().for_each(|reply| reply())
-        }));
-    }
-    app.answer(woken);
+    app.runtime.committed(committed);
 }
 
 /// How often retention runs, when configured.
@@ -258,8 +198,8 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
     let retention = app.config.retain_events.is_some() || app.config.retain_age.is_some();
     // The first round runs at start-up, then once a minute.
     let mut next_retention = Instant::now();
-    while !app.stopping.load(Ordering::SeqCst) {
-        let wake = match (app.registry.next_deadline(), retention) {
+    while !app.runtime.stopping() {
+        let wake = match (app.runtime.registry.next_deadline(), retention) {
             (Some(deadline), true) => Some(deadline.min(next_retention)),
             (Some(deadline), false) => Some(deadline),
             (None, true) => Some(next_retention),
@@ -275,68 +215,16 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
             Err(RecvTimeoutError::Disconnected) => return,
         }
         let now = Instant::now();
-        app.expire(|registry| registry.expire(now));
+        app.runtime.expire(|registry| registry.expire(now));
         if retention && now >= next_retention {
             next_retention = now + RETENTION_EVERY;
-            let job = Job::Retain {
-                max_events: app.config.retain_events,
-                max_age_ms: app.config.retain_age.map(|a| a.as_millis() as u64),
-            };
-            // A full queue skips this round; the next one catches up.
-            let _ = app.writer.try_send(job);
+            let max_age_ms = app.config.retain_age.map(|a| a.as_millis() as u64);
+            app.runtime.retain(app.config.retain_events, max_age_ms);
         }
     }
 }
 
-/// An event as long-poll subscribers receive it.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-pub struct Received {
-    /// Commit time, epoch milliseconds.
-    pub timestamp: u64,
-    /// The category (stream) it belongs to.
-    pub category: String,
-    /// The event id (`last_id` when resuming).
-    pub id: Uuid,
-    /// The published data, or the streams-API element.
-    pub data: serde_json::Value,
-}
-
-/// The answer to an in-process subscribe.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Polled {
-    /// Events, oldest first.
-    Events(Vec<Received>),
-    /// No event before the timeout; resume from `timestamp`.
-    Timeout {
-        /// The server's time of the answer (`since_time` for the next poll).
-        timestamp: u64,
-    },
-}
-
-impl Polled {
-    fn from_json(body: &[u8]) -> Result<Polled, Error> {
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            events: Option<Vec<Received>>,
-            timestamp: Option<u64>,
-            error: Option<String>,
-        }
-        let answer: Answer = serde_json::from_slice(body)
-            .map_err(|e| Error::Refused(format!("unexpected answer: {e}")))?;
-        match answer {
-            Answer { error: Some(e), .. } => Err(Error::Refused(e)),
-            Answer {
-                events: Some(events),
-                ..
-            } => Ok(Polled::Events(events)),
-            Answer {
-                timestamp: Some(timestamp),
-                ..
-            } => Ok(Polled::Timeout { timestamp }),
-            _ => Err(Error::Refused("unexpected answer".into())),
-        }
-    }
-}
+pub use crate::api::longpoll::{Polled, Received};
 
 /// A running server. `shutdown` and `join` take `&self`, so one thread can wait while
 /// another (a signal handler, say) stops it.
@@ -367,40 +255,13 @@ impl ServerHandle {
 
     /// Long-polls parked right now.
     pub fn parked(&self) -> usize {
-        self.app.registry.parked()
+        self.app.runtime.registry.parked()
     }
 
     /// Publishes `data` to `category` as `POST /publish` does (without a producer id) and
     /// returns the new event's id once it is durable.
     pub fn publish(&self, category: &str, data: &serde_json::Value) -> Result<Uuid, Error> {
-        crate::api::streams::check_stream_name(category).map_err(Error::Refused)?;
-        if data.is_null() {
-            return Err(Error::Refused("data must not be null".into()));
-        }
-        if self.app.stopping.load(Ordering::SeqCst) {
-            return Err(Error::Refused("the server is shutting down".into()));
-        }
-        let (tx, rx) = bounded(1);
-        let job = Job::Append {
-            stream: category.to_owned(),
-            producer: None,
-            payload: writer::Payload::Data(data.to_string()),
-            done: Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        };
-        self.app
-            .writer
-            .try_send(job)
-            .map_err(|_| Error::Refused("the write queue is full".into()))?;
-        match rx.recv() {
-            Ok(Ok(event)) => Ok(event.id),
-            Ok(Err(writer::WriteError::Locked)) => {
-                Err(Error::Refused("the stream belongs to a producer".into()))
-            }
-            Ok(Err(e)) => Err(Error::Refused(format!("{e:?}"))),
-            Err(_) => Err(Error::Refused("the server stopped".into())),
-        }
+        api::longpoll::publish_local(&self.app, category, data).map_err(Error::Refused)
     }
 
     /// Waits up to `timeout` for events of `category` after `start`, as `GET /events`
@@ -412,63 +273,58 @@ impl ServerHandle {
         timeout: Duration,
     ) -> Result<Polled, Error> {
         let mut reader = Reader::open(&self.app.config.db)?;
-        let (tx, rx) = bounded(1);
-        let reply: api::Reply = Box::new(move |response| {
-            let _ = tx.send(response);
-        });
-        api::longpoll::subscribe_local(&self.app, &mut reader, category, start, timeout, reply);
-        let response = rx
-            .recv()
-            .map_err(|_| Error::Refused("the server stopped".into()))?;
-        Polled::from_json(&response.body)
+        api::longpoll::subscribe_local(&self.app, &mut reader, category, start, timeout)
+            .map_err(Error::Refused)
     }
 
     /// Stops the server gracefully: in-flight requests finish, parked long-polls are
     /// answered, everything queued for the writer is committed and the database is
     /// checkpointed. Returns when all of that is done; later calls return at once.
     pub fn shutdown(&self) {
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let running = crate::lock::lock(&self.running).take();
         if let Some(running) = running {
-            self.stop(running);
-            *self.stopped.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            let panicked = self.stop(running);
+            *crate::lock::lock(&self.stopped.0) = true;
             self.stopped.1.notify_all();
+            // A thread's panic is a bug to surface, not to swallow; but a second panic
+            // while this thread unwinds (a handle dropped during a panic) would abort.
+            if let Some(panic) = panicked {
+                match thread::panicking() {
+                    false => std::panic::resume_unwind(panic),
+                    true => crate::log::error("a server thread panicked during shutdown"),
+                }
+            }
         }
     }
 
     /// Waits until [`ServerHandle::shutdown`] has finished (called from another thread).
     pub fn join(&self) {
-        let mut stopped = self.stopped.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopped = crate::lock::lock(&self.stopped.0);
         while !*stopped {
-            stopped = self
-                .stopped
-                .1
-                .wait(stopped)
-                .unwrap_or_else(|e| e.into_inner());
+            stopped = crate::lock::wait(&self.stopped.1, stopped);
         }
     }
 
-    fn stop(&self, running: Running) {
+    /// Takes the server apart in the order the module docs give; returns the first panic
+    /// of a thread it joined, after joining them all.
+    fn stop(&self, running: Running) -> Option<Box<dyn std::any::Any + Send>> {
         running.http.stop();
-        *running.accepting.write().unwrap_or_else(|e| e.into_inner()) = None;
-        self.app.stopping.store(true, Ordering::SeqCst);
-        self.app.expire(Registry::close);
+        *crate::lock::write(&running.accepting) = None;
+        self.app.runtime.stop();
+        self.app.runtime.expire(Registry::close);
         for _ in 0..self.app.config.workers {
             let _ = running.done.recv();
         }
         // No request can queue a write any more; Stop goes after everything queued.
-        if self.app.writer.send(Job::Stop).is_ok() {
-            let _ = running.writer.join();
-        }
+        self.app.runtime.stop_writer();
+        let writer = running.writer.join().err();
         for _ in 0..self.app.config.workers {
-            let _ = running.tasks.send(None);
+            let _ = running.tasks.send(Task::Stop);
         }
-        running.pool.join();
-        let _ = self.app.timer.try_send(());
-        let _ = running.timer.join();
+        let workers = running.pool.join();
+        self.app.runtime.poke_timer();
+        let timer = running.timer.join().err();
+        writer.or(workers).or(timer)
     }
 }
 

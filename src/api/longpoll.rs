@@ -9,31 +9,25 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::error::{Api, Failure};
 use super::query::Form;
-use super::{App, Body, Method, Parked, ParkedKind, Reply, Request, Response, Want};
+use super::streams::{MAX_CLIENT_ID, valid_client_id};
+use super::{App, Body, Method, Parked, Reply, Request, Response, Want};
 use crate::auth::Grants;
 use crate::event::{Event, Start, push_json_str};
 use crate::store::Reader;
-use crate::store::writer::{Job, Payload, WriteError};
+use crate::store::writer::{Done, Job, Payload};
 
 /// Content type of every long-poll answer (golongpoll's).
 const JSON: &str = "application/json";
 
 /// A long-poll answer with golongpoll's headers.
-fn answer(status: u16, body: impl Into<Arc<[u8]>>) -> Response {
+pub(super) fn answer(status: u16, body: impl Into<Arc<[u8]>>) -> Response {
     Response::json(status, JSON, body)
         .with_header("X-Content-Type-Options", "nosniff")
         .with_header("Cache-Control", "no-cache, no-store, must-revalidate")
         .with_header("Pragma", "no-cache")
         .with_header("Expires", "0")
-}
-
-/// An `{"error": "…"}` answer, spelled as golongpoll spells it.
-pub(crate) fn error_response(status: u16, message: &str) -> Response {
-    let mut body = String::from("{\"error\": ");
-    push_json_str(&mut body, message);
-    body.push('}');
-    answer(status, body.into_bytes())
 }
 
 /// The timeout answer with the given timestamp.
@@ -75,27 +69,37 @@ fn is_public(patterns: &[String], category: Option<&str>) -> bool {
     category.is_some_and(|c| patterns.iter().any(|p| crate::auth::glob_match(p, c)))
 }
 
-/// Who may do what: `Ok(None)` for a public category, the user's grants otherwise, or the
-/// answer to send instead.
+/// Who may do what: `Ok(None)` for a public category, the user's grants otherwise.
 fn authenticate(
     app: &App,
     reader: &Reader,
     req: &Request,
     public: &[String],
     category: Option<&str>,
-) -> Result<Option<Arc<Grants>>, Response> {
+) -> Result<Option<Arc<Grants>>, Failure> {
     if is_public(public, category) {
         return Ok(None);
     }
-    app.authenticate(reader, req)
-        .map(Some)
-        .map_err(|failure| failure.answer(error_response))
+    app.authenticate(reader, req).map(Some)
 }
 
-/// The user may not do this to this category.
-fn forbidden() -> Response {
-    error_response(403, "Forbidden")
+/// Refuses what `grants` do not allow; public categories (no grants) allow everything.
+fn check_grant(
+    grants: Option<Arc<Grants>>,
+    allowed: impl FnOnce(&Grants) -> bool,
+) -> Result<(), Failure> {
+    match grants {
+        Some(grants) if !allowed(&grants) => Err(Failure::Forbidden),
+        _ => Ok(()),
+    }
 }
+
+/// golongpoll's answer to a subscribe without a usable category.
+const INVALID_SUBSCRIPTION: &str = "Invalid subscription category, must be 1-1024 characters long.";
+/// golongpoll's answer to a publish without a usable category.
+const INVALID_CATEGORY: &str = "Invalid or missing 'category' arg, must be 1-1024 characters long.";
+/// golongpoll's answer to a publish without data (or with `null`).
+const MISSING_DATA: &str = "Invalid or missing 'data' arg, must be non-nil.";
 
 /// Whether a category is one a stream could have: 1-1024 bytes, no control characters.
 fn valid_category(category: &str) -> bool {
@@ -116,7 +120,7 @@ pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, S
         ))?;
     let category = form.first("category").unwrap_or_default();
     if !valid_category(category) {
-        return Err("Invalid subscription category, must be 1-1024 characters long.".into());
+        return Err(INVALID_SUBSCRIPTION.into());
     }
     let since = match present("since_time") {
         None => None,
@@ -146,36 +150,37 @@ pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, S
 
 /// `GET` (or `POST`) on the subscribe path.
 pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    let public = &app.config.public_subscribe;
-    // The query is read once more below; only open categories need it before auth.
-    let category = match public.is_empty() {
-        true => None,
-        false => Form::parse(&req.query).first("category").map(str::to_owned),
+    let (category, timeout, start) = match subscription(app, reader, &req) {
+        Ok(params) => params,
+        Err(failure) => return reply.send(failure.render(Api::LongPoll)),
     };
-    let grants = match authenticate(app, reader, &req, public, category.as_deref()) {
-        Ok(grants) => grants,
-        Err(response) => return reply(response),
-    };
-    let (category, timeout, start) =
-        match subscribe_params(&req.query, app.config.longpoll_max_timeout) {
-            Ok(params) => params,
-            Err(message) => return reply(error_response(200, &message)),
-        };
-    if grants.is_some_and(|g| !g.may_consume(&category)) {
-        return reply(forbidden());
-    }
-    let parked = Parked {
-        reply,
-        kind: ParkedKind::LongPoll(category.as_str().into()),
-        peer: req.remote,
-    };
+    let parked = Parked::http(Api::LongPoll, &category, reply, req.remote);
     let want = Want {
         start,
         filter: None,
         limit: app.config.longpoll_max_batch,
         timeout: Duration::from_secs(timeout),
     };
-    app.wait(reader, &category, want, parked);
+    app.runtime.wait(reader, &category, want, parked);
+}
+
+/// Authenticates and checks a subscribe: `(category, timeout in seconds, start)`.
+fn subscription(
+    app: &App,
+    reader: &Reader,
+    req: &Request,
+) -> Result<(String, u64, Start), Failure> {
+    let public = &app.config.public_subscribe;
+    // The query is read once more below; only open categories need it before auth.
+    let category = match public.is_empty() {
+        true => None,
+        false => Form::parse(&req.query).first("category").map(str::to_owned),
+    };
+    let grants = authenticate(app, reader, req, public, category.as_deref())?;
+    let (category, timeout, start) = subscribe_params(&req.query, app.config.longpoll_max_timeout)
+        .map_err(|message| Failure::BadSubscription(message.into()))?;
+    check_grant(grants, |g| g.may_consume(&category))?;
+    Ok((category, timeout, start))
 }
 
 #[derive(Deserialize)]
@@ -203,101 +208,113 @@ pub fn check_publish(body: &[u8]) -> Result<(String, String), &'static str> {
     crate::event::check_json(body).map_err(|_| "Invalid POST body json.")?;
     let category = parsed.category.unwrap_or_default();
     if !valid_category(&category) {
-        return Err("Invalid or missing 'category' arg, must be 1-1024 characters long.");
+        return Err(INVALID_CATEGORY);
     }
-    let data = parsed
-        .data
-        .ok_or("Invalid or missing 'data' arg, must be non-nil.")?;
+    let data = parsed.data.ok_or(MISSING_DATA)?;
     Ok((category, data.get().to_owned()))
 }
 
 /// `POST` on the publish path.
 pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
+    let (stream, producer, data) = match publication(app, reader, &req) {
+        Ok(checked) => checked,
+        Err(failure) => return reply.send(failure.render(Api::LongPoll)),
+    };
+    app.runtime.submit(Job::Append {
+        stream,
+        producer,
+        payload: Payload::Data(data),
+        done: Done::new(move |result| {
+            reply.send(match result {
+                Ok(_) => answer(200, &b"{\"success\": true}"[..]),
+                Err(e) => Failure::from(e).render(Api::LongPoll),
+            })
+        }),
+    });
+}
+
+/// Authenticates and checks a publish: `(category, producer, data)`.
+fn publication(
+    app: &App,
+    reader: &Reader,
+    req: &Request,
+) -> Result<(String, Option<String>, String), Failure> {
     let public = &app.config.public_publish;
     let category = match &req.body {
         Body::Bytes(body) if !public.is_empty() => parse_publish(body).and_then(|b| b.category),
         _ => None,
     };
-    let grants = match authenticate(app, reader, &req, public, category.as_deref()) {
-        Ok(grants) => grants,
-        Err(response) => return reply(response),
-    };
+    let grants = authenticate(app, reader, req, public, category.as_deref())?;
     if req.method != Method::Post {
-        return reply(error_response(
-            405,
-            "Invalid HTTP Method. Only POST allowed.",
-        ));
+        return Err(Failure::MethodNotAllowed);
     }
-    let body = match &req.body {
-        Body::Bytes(body) => body,
-        Body::TooLarge => {
-            let why = format!("Payload Too Large - limit is {} bytes", app.config.max_body);
-            return reply(error_response(413, &why));
-        }
-        Body::Unreadable => return reply(error_response(400, "Invalid POST body json.")),
-    };
-    let (category, data) = match check_publish(body) {
-        Ok(checked) => checked,
-        Err(message) => return reply(error_response(400, message)),
-    };
-    if grants.is_some_and(|g| !g.may_produce(&category)) {
-        return reply(forbidden());
-    }
+    let body = super::streams::body(app, req)?;
+    let (category, data) = check_publish(body).map_err(|m| Failure::BadRequest(m.into()))?;
+    check_grant(grants, |g| g.may_produce(&category))?;
     let producer = match req.header("X-Producer-ID") {
         None => None,
-        Some(p) if !p.is_empty() && p.len() <= 255 && !p.chars().any(char::is_control) => {
-            Some(p.to_owned())
-        }
+        Some(p) if valid_client_id(p) => Some(p.to_owned()),
         Some(_) => {
-            return reply(error_response(
-                400,
-                "Invalid 'X-Producer-ID' header, must be 1-255 bytes without control characters.",
+            return Err(Failure::BadRequest(
+                format!(
+                    "Invalid 'X-Producer-ID' header, must be 1-{MAX_CLIENT_ID} bytes without \
+                     control characters."
+                )
+                .into(),
             ));
         }
     };
-    let job = Job::Append {
-        stream: category,
-        producer,
-        payload: Payload::Data(data),
-        done: Box::new(move |result: Result<Arc<Event>, WriteError>| {
-            reply(match result {
-                Ok(_) => answer(200, &b"{\"success\": true}"[..]),
-                Err(WriteError::Locked) => {
-                    error_response(423, "Locked - Second writers not allowed")
-                }
-                Err(WriteError::Busy) => {
-                    error_response(503, "Service Unavailable - the write queue is full")
-                }
-                Err(e) => error_response(
-                    500,
-                    &format!("Internal Server Error - {}", super::storage_reason(&e)),
-                ),
-            })
+    Ok((category, producer, data))
+}
+
+/// An in-process publish: the checks of `POST /publish` (without a producer id), then the
+/// new event's id once it is durable. Blocks until the writer commits.
+pub(crate) fn publish_local(
+    app: &App,
+    category: &str,
+    data: &serde_json::Value,
+) -> Result<uuid::Uuid, Failure> {
+    if !valid_category(category) {
+        return Err(Failure::BadRequest(INVALID_CATEGORY.into()));
+    }
+    if data.is_null() {
+        return Err(Failure::BadRequest(MISSING_DATA.into()));
+    }
+    if app.runtime.stopping() {
+        return Err(Failure::Stopping);
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    app.runtime.submit(Job::Append {
+        stream: category.to_owned(),
+        producer: None,
+        payload: Payload::Data(data.to_string()),
+        done: Done::new(move |result| {
+            let _ = tx.send(result);
         }),
-    };
-    if let Err(job) = app.submit(job) {
-        super::refuse_busy(job);
+    });
+    match rx.recv() {
+        Ok(result) => Ok(result?.id),
+        Err(_) => Err(Failure::Stopping),
     }
 }
 
-/// An in-process subscribe: the same checks and selection as `GET /events`, answered
-/// through `reply` with the same JSON.
+/// An in-process subscribe: the same checks and selection as `GET /events`, the events
+/// handed over as they are (no JSON in between). Blocks until events come, the timeout
+/// passes, or the server stops.
 pub(crate) fn subscribe_local(
     app: &App,
     reader: &mut Reader,
     category: &str,
     start: Start,
     timeout: Duration,
-    reply: Reply,
-) {
+) -> Result<Polled, Failure> {
     let max = app.config.longpoll_max_timeout;
     if !(1..=max).contains(&timeout.as_secs()) {
         let message = format!("Invalid or missing 'timeout' arg.  Must be 1-{max}.");
-        return reply(error_response(200, &message));
+        return Err(Failure::BadSubscription(message.into()));
     }
     if !valid_category(category) {
-        let message = "Invalid subscription category, must be 1-1024 characters long.";
-        return reply(error_response(200, message));
+        return Err(Failure::BadSubscription(INVALID_SUBSCRIPTION.into()));
     }
     let want = Want {
         start,
@@ -305,12 +322,53 @@ pub(crate) fn subscribe_local(
         limit: app.config.longpoll_max_batch,
         timeout,
     };
-    let parked = Parked {
-        reply,
-        kind: ParkedKind::LongPoll(category.into()),
-        peer: None,
-    };
-    app.wait(reader, category, want, parked);
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    app.runtime
+        .wait(reader, category, want, Parked::in_process(category, tx));
+    rx.recv().map_err(|_| Failure::Stopping)?
+}
+
+/// An event as long-poll subscribers receive it.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Received {
+    /// Commit time, epoch milliseconds.
+    pub timestamp: u64,
+    /// The category (stream) it belongs to.
+    pub category: String,
+    /// The event id (`last_id` when resuming).
+    pub id: uuid::Uuid,
+    /// The published data, or the streams-API element.
+    pub data: serde_json::Value,
+}
+
+/// The answer to an in-process subscribe.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Polled {
+    /// Events, oldest first.
+    Events(Vec<Received>),
+    /// No event before the timeout; resume from `timestamp`.
+    Timeout {
+        /// The server's time of the answer (`since_time` for the next poll).
+        timestamp: u64,
+    },
+}
+
+/// `events` of `category` for an in-process subscriber: what `GET /events` would send.
+pub(crate) fn polled(category: &str, events: &[Arc<Event>]) -> Result<Polled, Failure> {
+    let received = events.iter().map(|e| {
+        let data = serde_json::from_str(&e.data).map_err(|err| {
+            // Stored data was checked as JSON before it was committed.
+            crate::log::error(&format!("event {} holds invalid JSON: {err}", e.id));
+            Failure::StreamUnreadable
+        })?;
+        Ok(Received {
+            timestamp: e.ts,
+            category: category.to_owned(),
+            id: e.id,
+            data,
+        })
+    });
+    Ok(Polled::Events(received.collect::<Result<_, Failure>>()?))
 }
 
 #[cfg(test)]

@@ -1,29 +1,32 @@
 //! Routes and handlers for both APIs, independent of the HTTP engine.
 //!
-//! A handler turns an [`Request`] into a typed call, runs it against the store and the
-//! long-poll registry, and answers through its [`Reply`] — at once, after the writer commits,
-//! or later from the registry. Each API renders errors in its own contract: the streams API
-//! as JSON strings with the seed's status codes ([`streams`]), the long-poll API as
-//! golongpoll's `{"error": …}` bodies ([`longpoll`]).
+//! `App::admit` puts a decoded request in a lane (`admission`); a worker calls
+//! [`App::handle`], which routes it. A handler turns the [`Request`] into a typed call, runs
+//! it against the store, and answers through its [`Reply`]: at once, or through the
+//! [`Runtime`] after the writer commits or when a parked long-poll is woken or expires
+//! ([`runtime`] traces both paths). Every failure is a [`Failure`] from one catalogue
+//! ([`error`]), which each API renders in its own contract: the streams API as JSON strings
+//! (`"Bad Request - <why>"`), the long-poll API as golongpoll's `{"error": …}` bodies.
 
+mod admission;
 pub mod check;
+pub mod error;
 pub mod longpoll;
 mod query;
+pub mod runtime;
 pub mod streams;
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, TrySendError};
+pub use admission::{Incoming, Lane};
+pub use error::{Api, Failure};
+pub use runtime::{Parked, Runtime};
 
 use crate::auth::{Authenticator, Checked, Grants, Stored};
 use crate::config::Config;
-use crate::event::Event;
-use crate::longpoll::{Registry, Woken};
 use crate::store::Reader;
-use crate::store::writer::{Job, WriteError};
+use crate::store::writer::{Done, Job};
 
 /// The HTTP method, as far as the APIs care.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,9 +68,9 @@ pub struct Request {
     pub body: Body,
     /// The client's address (the proxy's, behind a reverse proxy).
     pub remote: Option<std::net::SocketAddr>,
-    /// Set when the HTTP layer refuses the request (503, for this reason) before any
-    /// handler runs; the answer is rendered in its API's error contract.
-    pub refused: Option<&'static str>,
+    /// Set when the HTTP layer refuses the request before any handler runs; the answer is
+    /// rendered in its API's error contract.
+    pub refused: Option<Failure>,
 }
 
 impl Request {
@@ -91,8 +94,22 @@ pub struct Response {
     pub body: Arc<[u8]>,
 }
 
-/// Answers a request exactly once. Dropping it unanswered answers 500.
-pub type Reply = Box<dyn FnOnce(Response) + Send>;
+/// A request's way back to its connection: the HTTP layer's responder, which writes the
+/// answer in the order the connection sent its requests. Answers exactly once; dropped
+/// unanswered, the HTTP layer answers 500.
+pub struct Reply(Box<dyn FnOnce(Response) + Send>);
+
+impl Reply {
+    /// A reply that hands its answer to `send`.
+    pub fn new(send: impl FnOnce(Response) + Send + 'static) -> Reply {
+        Reply(Box::new(send))
+    }
+
+    /// Answers the request.
+    pub fn send(self, response: Response) {
+        (self.0)(response)
+    }
+}
 
 /// Content type of every streams-API answer.
 pub const JSON_UTF8: &str = "application/json; charset=utf-8";
@@ -125,46 +142,24 @@ impl Response {
     }
 }
 
-/// A parked reply: the request's answer channel and how to render its events.
-pub struct Parked {
-    reply: Reply,
-    kind: ParkedKind,
-    /// The client's address, to release the reply early when the client hangs up.
-    peer: Option<SocketAddr>,
-}
-
-enum ParkedKind {
-    /// A golongpoll subscriber of a category.
-    LongPoll(Arc<str>),
-    /// A streams-API consumer waiting with `timeout`.
-    Consumer,
-}
-
-/// Everything handlers share: settings, the writer queue, the registry, credentials.
+/// The routes: what handlers share to decide and answer (settings, credentials, metrics),
+/// and the [`Runtime`] through which whatever answers later goes.
 pub struct App {
     pub(crate) config: Config,
-    pub(crate) writer: Sender<Job>,
-    pub(crate) registry: Registry<Parked>,
     pub(crate) auth: Authenticator,
-    pub(crate) clock: Arc<crate::clock::Clock>,
-    pub(crate) tasks: Sender<crate::pool::Task>,
-    pub(crate) stopping: std::sync::atomic::AtomicBool,
-    pub(crate) timer: Sender<()>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) runtime: Runtime,
+    /// Health checks admitted and not answered yet.
+    pub(crate) health_checks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Waiters answered per task, so a large fan-out spreads over the workers.
-const ANSWER_CHUNK: usize = 256;
-
 impl App {
-    /// An answer refusing a request to `path` before its handler ran, in the shape of the
-    /// API it was for: golongpoll's `{"error": …}` on the long-poll paths, a JSON string
-    /// elsewhere.
-    pub(crate) fn refusal(&self, path: &str, status: u16, why: &str) -> Response {
+    /// The API a request to `path` is for: long-poll on its two paths, streams elsewhere.
+    pub(crate) fn api_of(&self, path: &str) -> Api {
         if path == self.config.events_path || path == self.config.publish_path {
-            longpoll::error_response(status, why)
+            Api::LongPoll
         } else {
-            Response::message(status, why)
+            Api::Streams
         }
     }
 
@@ -178,8 +173,9 @@ impl App {
             "streams" => streams::handle(self, reader, req, reply),
             "subscribe" => longpoll::subscribe(self, reader, req, reply),
             "publish" => longpoll::publish(self, reader, req, reply),
+            #[cfg(feature = "test-panic-route")]
             "panic" => panic!("panic injected through the test route"),
-            _ => reply(Response::message(404, "Not Found")),
+            _ => reply.send(Failure::NotFound.render(Api::Streams)),
         }
     }
 
@@ -196,7 +192,7 @@ impl App {
             "subscribe"
         } else if path == self.config.publish_path {
             "publish"
-        } else if self.config.panic_route && path == "/.eventserver-panic" {
+        } else if cfg!(feature = "test-panic-route") && path == "/.eventserver-panic" {
             "panic"
         } else {
             "other"
@@ -216,9 +212,9 @@ impl App {
             (format!("{} {}", method_name(&req.method), req.path), user)
         });
         let metrics = self.metrics.clone();
-        Box::new(move |response: Response| {
+        Reply::new(move |response: Response| {
             let status = response.status;
-            reply(response);
+            reply.send(response);
             let took = started.elapsed();
             metrics.request(route, status, took);
             if let Some((request, user)) = line {
@@ -234,17 +230,14 @@ impl App {
         let unavailable = || Response::json(503, JSON_UTF8, &b"{\"status\":\"unavailable\"}"[..]);
         if let Err(e) = reader.user("") {
             crate::log::error(&format!("health: the database does not answer: {e}"));
-            return reply(unavailable());
+            return reply.send(unavailable());
         }
-        let job = Job::Probe(Box::new(move |result| {
-            reply(match result {
+        self.runtime.submit(Job::Probe(Done::new(move |result| {
+            reply.send(match result {
                 Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
                 Err(_) => unavailable(),
             })
-        }));
-        if let Err(job) = self.submit(job) {
-            refuse_busy(job);
-        }
+        })));
     }
 
     /// The Prometheus scrape.
@@ -252,7 +245,7 @@ impl App {
         if self.config.metrics_auth
             && let Err(failure) = self.authenticate(reader, req)
         {
-            return reply(failure.answer(Response::message));
+            return reply.send(failure.render(Api::Streams));
         }
         let lag = reader.consumer_lag().unwrap_or_else(|e| {
             crate::log::error(&format!("metrics: reading consumer lag failed: {e}"));
@@ -267,28 +260,28 @@ impl App {
             })
             .sum();
         let gauges = crate::metrics::Gauges {
-            parked: self.registry.parked(),
+            parked: self.runtime.registry.parked(),
             database_bytes,
             lag,
         };
         let body = self.metrics.render(&gauges);
-        reply(Response::json(
+        reply.send(Response::json(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
             body.into_bytes(),
         ))
     }
 
-    /// Checks Basic credentials; `Err` carries the answer to send instead (401 or 500).
+    /// Checks Basic credentials: the user's grants, or 401, 429 or 500.
     pub(crate) fn authenticate(
         &self,
         reader: &Reader,
         req: &Request,
-    ) -> Result<Arc<Grants>, AuthFailure> {
+    ) -> Result<Arc<Grants>, Failure> {
         let creds = req
             .header("Authorization")
             .and_then(crate::auth::parse_basic)
-            .ok_or(AuthFailure::Unauthorized)?;
+            .ok_or(Failure::Unauthorized)?;
         let client = req.remote.map(|a| a.ip());
         let lookup = |user: &str| {
             reader.user(user).map(|found| {
@@ -300,152 +293,12 @@ impl App {
         };
         match self.auth.check(&creds, client, lookup) {
             Ok(Checked::Valid(grants)) => Ok(grants),
-            Ok(Checked::Invalid) => Err(AuthFailure::Unauthorized),
-            Ok(Checked::Throttled(wait)) => Err(AuthFailure::Throttled(wait)),
+            Ok(Checked::Invalid) => Err(Failure::Unauthorized),
+            Ok(Checked::Throttled(wait)) => Err(Failure::Throttled(wait)),
             Err(e) => {
                 crate::log::error(&format!("reading credentials failed: {e}"));
-                Err(AuthFailure::Storage)
+                Err(Failure::CredentialsUnreadable)
             }
-        }
-    }
-
-    /// Queues a writer job; `false` if the queue is full or the writer is gone.
-    pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
-        self.writer.try_send(job).map_err(|e| match e {
-            TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-        })
-    }
-
-    /// Parks `parked` or answers it, for a long-poll on `category`.
-    pub(crate) fn wait(&self, reader: &mut Reader, category: &str, want: Want, parked: Parked) {
-        use crate::longpoll::{Poll, Wait};
-        let Want {
-            start,
-            filter,
-            limit,
-            timeout,
-        } = want;
-        let start = &start;
-        let filter = filter.as_deref();
-        let deadline = Instant::now() + timeout;
-        let wait = |reply| Wait {
-            reply,
-            filter: filter.map(Into::into),
-            limit,
-            deadline,
-        };
-        let mut poll = self.registry.poll(category, start, wait(parked));
-        // The store decides what memory cannot. New commits can race the read; each retry
-        // means another commit landed, and memory answers once it holds them.
-        for _ in 0..8 {
-            let Poll::Unknown(parked) = poll else { break };
-            poll = match reader.since(category, start, filter, limit) {
-                Ok(view) if !view.events.is_empty() => {
-                    let events = view.events.into_iter().map(Arc::new).collect();
-                    Poll::Ready(parked, events)
-                }
-                Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
-                Err(e) => {
-                    crate::log::error(&format!("long-poll read failed: {e}"));
-                    return parked.fail(500, "could not read the stream");
-                }
-            };
-        }
-        match poll {
-            Poll::Ready(parked, events) => {
-                let response = render_events(&parked.kind, &events);
-                (parked.reply)(response);
-            }
-            Poll::Parked { earliest } => {
-                if earliest {
-                    let _ = self.timer.try_send(());
-                }
-            }
-            Poll::Full(parked) => parked.fail(503, "too many parked long-polls"),
-            Poll::Closed(parked) => self.expire(|_| vec![parked]),
-            Poll::Unknown(parked) => parked.fail(503, "the stream is changing too fast"),
-        }
-    }
-
-    /// Releases the parked replies of clients that hung up (`peers`), answering them as if
-    /// their deadline had passed: they no longer hold a place under the parked-poll cap.
-    pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
-        self.expire(|registry| {
-            let gone =
-                registry.take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
-            if !gone.is_empty() {
-                let n = gone.len();
-                crate::log::debug(&format!("released {n} polls of clients that hung up"));
-            }
-            gone
-        });
-    }
-
-    /// Answers woken waiters, spread over workers.
-    pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
-        for group in woken {
-            let mut replies = group.replies.into_iter().peekable();
-            let Some(first) = replies.peek() else {
-                continue;
-            };
-            let body = render_events(&first.kind, &group.events);
-            let mut chunk = Vec::with_capacity(ANSWER_CHUNK);
-            for parked in replies {
-                chunk.push(parked);
-                if chunk.len() == ANSWER_CHUNK {
-                    self.spawn_answers(std::mem::take(&mut chunk), body.clone());
-                }
-            }
-            if !chunk.is_empty() {
-                self.spawn_answers(chunk, body);
-            }
-        }
-    }
-
-    fn spawn_answers(&self, chunk: Vec<Parked>, body: Response) {
-        self.spawn(Box::new(move || {
-            for parked in chunk {
-                (parked.reply)(body.clone());
-            }
-        }));
-    }
-
-    /// Runs `task` on a worker.
-    pub(crate) fn spawn(&self, task: Box<dyn FnOnce() + Send>) {
-        if let Err(e) = self.tasks.send(Some(task)) {
-            // Workers are gone; answer here rather than drop the replies.
-            if let Some(task) = e.into_inner() {
-                task();
-            }
-        }
-    }
-
-    /// Answers the parked replies `take` removes from the registry (deadline passed,
-    /// shutdown, client gone): the timeout body for subscribers, `[]` for streams-API
-    /// consumers. The timeout's stamp is taken first: a batch committed while the replies
-    /// are being removed then gets a later timestamp, so a client resuming from the stamp
-    /// still receives it.
-    pub(crate) fn expire(&self, take: impl FnOnce(&Registry<Parked>) -> Vec<Parked>) {
-        let stamp = self.clock.answer_stamp();
-        let replies = take(&self.registry);
-        if replies.is_empty() {
-            return;
-        }
-        let timeout = longpoll::timeout_response(stamp);
-        let empty = Response::json(200, JSON_UTF8, &b"[]"[..]);
-        let mut replies = replies.into_iter().peekable();
-        while replies.peek().is_some() {
-            let chunk: Vec<Parked> = replies.by_ref().take(ANSWER_CHUNK).collect();
-            let (timeout, empty) = (timeout.clone(), empty.clone());
-            self.spawn(Box::new(move || {
-                for parked in chunk {
-                    let body = match parked.kind {
-                        ParkedKind::LongPoll(_) => timeout.clone(),
-                        ParkedKind::Consumer => empty.clone(),
-                    };
-                    (parked.reply)(body);
-                }
-            }));
         }
     }
 }
@@ -459,24 +312,6 @@ fn method_name(method: &Method) -> &str {
     }
 }
 
-/// Renders events for a parked reply's kind; all replies of one group share the kind.
-fn render_events(kind: &ParkedKind, events: &[Arc<Event>]) -> Response {
-    match kind {
-        ParkedKind::LongPoll(category) => longpoll::events_response(category, events),
-        ParkedKind::Consumer => streams::elements_response(events.iter().map(|e| &*e.data)),
-    }
-}
-
-impl Parked {
-    fn fail(self, status: u16, why: &str) {
-        let response = match self.kind {
-            ParkedKind::LongPoll(_) => longpoll::error_response(status, why),
-            ParkedKind::Consumer => streams::failure(status, why),
-        };
-        (self.reply)(response);
-    }
-}
-
 /// What a long-poll waits for.
 pub(crate) struct Want {
     /// Where to start reading.
@@ -487,53 +322,4 @@ pub(crate) struct Want {
     pub limit: usize,
     /// How long to wait.
     pub timeout: Duration,
-}
-
-/// Why authentication did not pass.
-pub(crate) enum AuthFailure {
-    /// Missing or wrong credentials.
-    Unauthorized,
-    /// Too many failures from this client lately; retry after this long.
-    Throttled(Duration),
-    /// The user table could not be read.
-    Storage,
-}
-
-impl AuthFailure {
-    /// The status and reason to answer with; 401 and 429 carry their headers.
-    pub(crate) fn answer(&self, render: impl FnOnce(u16, &str) -> Response) -> Response {
-        match self {
-            AuthFailure::Unauthorized => render(401, "Unauthorized")
-                .with_header("WWW-Authenticate", "Basic realm=\"eventserver\""),
-            AuthFailure::Throttled(wait) => {
-                let secs = wait.as_secs().max(1);
-                let why = format!("Too Many Requests - too many failed logins, retry in {secs} s");
-                render(429, &why).with_header("Retry-After", secs.to_string())
-            }
-            AuthFailure::Storage => {
-                render(500, "Internal Server Error - could not check credentials")
-            }
-        }
-    }
-}
-
-/// Maps a writer refusal to the log line and short reason clients see.
-pub(crate) fn storage_reason(e: &WriteError) -> &'static str {
-    match e {
-        WriteError::Storage(detail) => {
-            crate::log::error(&format!("write failed: {detail}"));
-            "could not store the event"
-        }
-        WriteError::Busy => "the write queue is full",
-        WriteError::Locked | WriteError::NotFound => "unexpected write outcome",
-    }
-}
-
-/// Answers a job the writer could not take (its queue is full, or it has stopped).
-pub(crate) fn refuse_busy(job: Job) {
-    match job {
-        Job::Append { done, .. } => done(Err(WriteError::Busy)),
-        Job::Ack { done, .. } | Job::Probe(done) => done(Err(WriteError::Busy)),
-        Job::Stop | Job::Retain { .. } => {}
-    }
 }

@@ -1,6 +1,7 @@
-//! The streams API (`/api/v1/streams/<stream>/events…`), as the seed document specifies:
-//! one producer per stream, consumers reading by event name from server-kept offsets,
-//! cumulative ACKs. Every answer is a JSON value with `application/json; charset=utf-8`.
+//! The streams API (`/api/v1/streams/<stream>/events…`): one producer per stream (a second
+//! one is refused with 423), consumers reading by event name from server-kept offsets,
+//! cumulative ACKs. Every answer is a JSON value with `application/json; charset=utf-8`;
+//! failures are JSON strings ([`Failure`] in the streams shape).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,43 +10,19 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::error::{Api, Failure};
 use super::query::{Form, decode};
-use super::{App, Body, JSON_UTF8, Method, Parked, ParkedKind, Reply, Request, Response, Want};
-use crate::auth::Grants;
+use super::{App, Body, JSON_UTF8, Method, Parked, Reply, Request, Response, Want};
 use crate::event::{Event, Start};
 use crate::store::Reader;
-use crate::store::writer::{Job, Payload, WriteError};
+use crate::store::writer::{Done, Job, Payload};
 
 const PREFIX: &str = "/api/v1/streams/";
-
-/// Why a broken body (cut short, badly chunked, framed two ways) is refused.
-const UNREADABLE: &str = "could not read the request body";
 
 /// Longest stream name, in bytes after percent-decoding.
 pub const MAX_STREAM_NAME: usize = 1024;
 /// Longest producer or consumer id, in bytes.
-const MAX_CLIENT_ID: usize = 255;
-
-/// A streams-API failure answer: `"<Status text> - <why>"`.
-pub(crate) fn failure(status: u16, why: &str) -> Response {
-    let text = match status {
-        400 => "Bad Request",
-        404 => "Not Found",
-        413 => "Payload Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    };
-    Response::message(status, &format!("{text} - {why}"))
-}
-
-fn bad_request(why: &str) -> Response {
-    failure(400, why)
-}
-
-/// The user may not do this to this stream.
-fn forbidden() -> Response {
-    Response::message(403, "Forbidden")
-}
+pub(crate) const MAX_CLIENT_ID: usize = 255;
 
 /// An array of stored elements.
 pub(crate) fn elements_response<'a>(elements: impl Iterator<Item = &'a str>) -> Response {
@@ -83,12 +60,17 @@ pub fn check_stream_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `id` may be a producer or consumer id: 1-255 bytes without control characters.
+pub(crate) fn valid_client_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_CLIENT_ID && !id.chars().any(char::is_control)
+}
+
 /// The producer or consumer id from header `header`.
 fn client_id(req: &Request, header: &str) -> Result<String, String> {
     let Some(value) = req.header(header) else {
         return Err(format!("missing {header} header"));
     };
-    if value.is_empty() || value.len() > MAX_CLIENT_ID || value.chars().any(char::is_control) {
+    if !valid_client_id(value) {
         return Err(format!(
             "{header} must be 1-{MAX_CLIENT_ID} bytes without control characters"
         ));
@@ -115,29 +97,123 @@ fn route(path: &str) -> Option<Route<'_>> {
     }
 }
 
-/// Serves a request under `/api/v1/`.
-pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    let grants = match app.authenticate(reader, &req) {
-        Ok(grants) => grants,
-        Err(failure) => return reply(failure.answer(Response::message)),
-    };
-    let response = match (route(&req.path), &req.method) {
-        (None, _) => Response::message(404, "Not Found"),
-        (Some(Route::Events(stream)), Method::Post) => {
-            return append(app, &grants, stream, &req, reply);
-        }
-        (Some(Route::Events(stream)), Method::Get) => {
-            return consume(app, reader, &grants, stream, &req, reply);
-        }
-        (Some(Route::Event(stream, id)), Method::Post) => {
-            return ack(app, &grants, stream, id, &req, reply);
-        }
-        (Some(_), _) => Response::message(405, "Method Not Allowed"),
-    };
-    reply(response)
+/// A streams-API call, parsed, checked and authorised.
+enum Call {
+    /// Append an event to `stream` as `producer`.
+    Append {
+        stream: String,
+        producer: String,
+        name: String,
+        fields: String,
+    },
+    /// Read `consumer`'s next events named `name`, waiting up to `timeout` for some.
+    Consume {
+        stream: String,
+        consumer: String,
+        name: String,
+        limit: usize,
+        timeout: Option<Duration>,
+    },
+    /// Move `consumer`'s offset up to event `id`.
+    Ack {
+        stream: String,
+        consumer: String,
+        id: Uuid,
+    },
 }
 
-/// The top-level members the seed document defines, kept verbatim.
+/// Serves a request under `/api/v1/`.
+pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
+    let call = match parse(app, reader, &req) {
+        Ok(call) => call,
+        Err(failure) => return reply.send(failure.render(Api::Streams)),
+    };
+    match call {
+        Call::Append {
+            stream,
+            producer,
+            name,
+            fields,
+        } => app.runtime.submit(Job::Append {
+            stream,
+            producer: Some(producer),
+            payload: Payload::Element { name, fields },
+            done: Done::new(move |result: Result<Arc<Event>, _>| {
+                reply.send(match result {
+                    Ok(event) => Response::message(200, &event.id.to_string()),
+                    Err(e) => Failure::from(e).render(Api::Streams),
+                })
+            }),
+        }),
+        Call::Consume {
+            stream,
+            consumer,
+            name,
+            limit,
+            timeout,
+        } => {
+            let view = match reader.consume(&stream, &consumer, &name, limit) {
+                Ok(Some(view)) => view,
+                Ok(None) => return reply.send(Failure::NoStream(stream).render(Api::Streams)),
+                Err(e) => {
+                    crate::log::error(&format!("consume read failed: {e}"));
+                    return reply.send(Failure::StreamUnreadable.render(Api::Streams));
+                }
+            };
+            match timeout {
+                Some(timeout) if view.events.is_empty() => {
+                    let want = Want {
+                        start: Start::After(view.hwm),
+                        filter: Some(name),
+                        limit,
+                        timeout,
+                    };
+                    let parked = Parked::http(Api::Streams, &stream, reply, req.remote);
+                    app.runtime.wait(reader, &stream, want, parked);
+                }
+                _ => reply.send(elements_response(view.events.iter().map(String::as_str))),
+            }
+        }
+        Call::Ack {
+            stream,
+            consumer,
+            id,
+        } => app.runtime.submit(Job::Ack {
+            stream,
+            consumer,
+            id,
+            done: Done::new(move |result| {
+                reply.send(match result {
+                    Ok(()) => Response::message(200, "OK"),
+                    Err(e) => Failure::from(e).render(Api::Streams),
+                })
+            }),
+        }),
+    }
+}
+
+/// Authenticates, routes and checks a request, in that order: credentials before anything
+/// else, then the body's size, then its content, then the user's grants.
+fn parse(app: &App, reader: &Reader, req: &Request) -> Result<Call, Failure> {
+    let grants = app.authenticate(reader, req)?;
+    let call = match (route(&req.path), &req.method) {
+        (None, _) => return Err(Failure::NotFound),
+        (Some(Route::Events(stream)), Method::Post) => append(app, stream, req)?,
+        (Some(Route::Events(stream)), Method::Get) => consume(app, stream, req)?,
+        (Some(Route::Event(stream, id)), Method::Post) => ack(app, stream, id, req)?,
+        (Some(_), _) => return Err(Failure::MethodNotAllowed),
+    };
+    let allowed = match &call {
+        Call::Append { stream, .. } => grants.may_produce(stream),
+        Call::Consume { stream, .. } | Call::Ack { stream, .. } => grants.may_consume(stream),
+    };
+    match allowed {
+        true => Ok(call),
+        false => Err(Failure::Forbidden),
+    }
+}
+
+/// The top-level members an event may have, stored verbatim.
 const MEMBERS: [&str; 4] = ["event", "system", "trigger", "payload"];
 
 /// Checks a posted event and renders its stored members; returns the event name too.
@@ -176,172 +252,92 @@ pub fn validate_event(body: &[u8]) -> Result<(String, String), String> {
     Ok((name, fields))
 }
 
-/// The request's body, or the answer for one over the limit or cut short.
-fn body<'r>(app: &App, req: &'r Request) -> Result<&'r [u8], Response> {
+/// The request's body, or why it cannot be read: over the limit, or cut short.
+pub(crate) fn body<'r>(app: &App, req: &'r Request) -> Result<&'r [u8], Failure> {
     match &req.body {
-        Body::TooLarge => Err(failure(
-            413,
-            &format!("limit is {} bytes", app.config.max_body),
-        )),
-        Body::Unreadable => Err(bad_request(UNREADABLE)),
+        Body::TooLarge => Err(Failure::TooLarge(app.config.max_body)),
+        Body::Unreadable => Err(Failure::Unreadable),
         Body::Bytes(body) => Ok(body),
     }
 }
 
-fn append(app: &App, grants: &Grants, raw_stream: &str, req: &Request, reply: Reply) {
-    let body = match body(app, req) {
-        Ok(body) => body,
-        Err(response) => return reply(response),
-    };
-    let checked = stream_name(raw_stream).and_then(|stream| {
-        let producer = client_id(req, "X-Producer-ID")?;
-        let (name, fields) = validate_event(body)?;
-        Ok((stream, producer, name, fields))
-    });
-    let (stream, producer, name, fields) = match checked {
-        Ok(checked) => checked,
-        Err(why) => return reply(bad_request(&why)),
-    };
-    if !grants.may_produce(&stream) {
-        return reply(forbidden());
-    }
-    let job = Job::Append {
-        stream,
-        producer: Some(producer),
-        payload: Payload::Element { name, fields },
-        done: Box::new(move |result: Result<Arc<Event>, WriteError>| {
-            reply(match result {
-                Ok(event) => Response::message(200, &event.id.to_string()),
-                Err(WriteError::Locked) => {
-                    Response::message(423, "Locked - Second writers not allowed")
-                }
-                Err(WriteError::Busy) => failure(503, "the write queue is full"),
-                Err(e) => failure(500, super::storage_reason(&e)),
-            })
-        }),
-    };
-    if let Err(job) = app.submit(job) {
-        super::refuse_busy(job);
-    }
+/// A malformed request.
+fn bad(why: impl Into<std::borrow::Cow<'static, str>>) -> Failure {
+    Failure::BadRequest(why.into())
 }
 
-fn consume(
-    app: &App,
-    reader: &mut Reader,
-    grants: &Grants,
-    raw_stream: &str,
-    req: &Request,
-    reply: Reply,
-) {
+fn append(app: &App, raw_stream: &str, req: &Request) -> Result<Call, Failure> {
+    let body = body(app, req)?;
+    let stream = stream_name(raw_stream).map_err(bad)?;
+    let producer = client_id(req, "X-Producer-ID").map_err(bad)?;
+    let (name, fields) = validate_event(body).map_err(bad)?;
+    Ok(Call::Append {
+        stream,
+        producer,
+        name,
+        fields,
+    })
+}
+
+fn consume(app: &App, raw_stream: &str, req: &Request) -> Result<Call, Failure> {
     let max = app.config.max_limit;
     let max_timeout = app.config.longpoll_max_timeout;
-    let checked = (|| -> Result<_, String> {
-        let stream = stream_name(raw_stream)?;
-        let form = Form::parse(&req.query);
-        if form.malformed {
-            return Err("query string is not valid percent-encoded UTF-8".to_owned());
-        }
-        let name = match form.single("eventName")? {
-            Some(name) if !name.is_empty() => name.to_owned(),
-            _ => return Err("missing or empty 'eventName' parameter".into()),
-        };
-        let limit = form
-            .single("limit")?
-            .and_then(|l| l.parse::<usize>().ok())
-            .filter(|l| (1..=max).contains(l))
-            .ok_or(format!("'limit' must be an integer from 1 to {max}"))?;
-        let timeout = match form.single("timeout")? {
-            None => None,
-            Some(t) => Some(
-                t.parse::<u64>()
-                    .ok()
-                    .filter(|t| (1..=max_timeout).contains(t))
-                    .ok_or(format!(
+    let stream = stream_name(raw_stream).map_err(bad)?;
+    let form = Form::parse(&req.query);
+    if form.malformed {
+        return Err(bad("query string is not valid percent-encoded UTF-8"));
+    }
+    let name = match form.single("eventName").map_err(bad)? {
+        Some(name) if !name.is_empty() => name.to_owned(),
+        _ => return Err(bad("missing or empty 'eventName' parameter")),
+    };
+    let limit = form
+        .single("limit")
+        .map_err(bad)?
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| (1..=max).contains(l))
+        .ok_or_else(|| bad(format!("'limit' must be an integer from 1 to {max}")))?;
+    let timeout = match form.single("timeout").map_err(bad)? {
+        None => None,
+        Some(t) => Some(
+            t.parse::<u64>()
+                .ok()
+                .filter(|t| (1..=max_timeout).contains(t))
+                .map(Duration::from_secs)
+                .ok_or_else(|| {
+                    bad(format!(
                         "'timeout' must be an integer from 1 to {max_timeout}"
-                    ))?,
-            ),
-        };
-        let consumer = client_id(req, "X-Consumer-ID")?;
-        Ok((stream, name, limit, timeout, consumer))
-    })();
-    let (stream, name, limit, timeout, consumer) = match checked {
-        Ok(checked) => checked,
-        Err(why) => return reply(bad_request(&why)),
+                    ))
+                })?,
+        ),
     };
-    if !grants.may_consume(&stream) {
-        return reply(forbidden());
-    }
-    let view = match reader.consume(&stream, &consumer, &name, limit) {
-        Ok(Some(view)) => view,
-        Ok(None) => {
-            let why = format!("stream {stream} does not exist");
-            return reply(failure(404, &why));
-        }
-        Err(e) => {
-            crate::log::error(&format!("consume read failed: {e}"));
-            return reply(failure(500, "could not read the stream"));
-        }
-    };
-    match timeout {
-        Some(secs) if view.events.is_empty() => {
-            let want = Want {
-                start: Start::After(view.hwm),
-                filter: Some(name),
-                limit,
-                timeout: Duration::from_secs(secs),
-            };
-            let parked = Parked {
-                reply,
-                kind: ParkedKind::Consumer,
-                peer: req.remote,
-            };
-            app.wait(reader, &stream, want, parked);
-        }
-        _ => reply(elements_response(view.events.iter().map(String::as_str))),
-    }
-}
-
-fn ack(app: &App, grants: &Grants, raw_stream: &str, raw_id: &str, req: &Request, reply: Reply) {
-    let body = match body(app, req) {
-        Ok(body) => body,
-        Err(response) => return reply(response),
-    };
-    let checked = (|| -> Result<_, String> {
-        let stream = stream_name(raw_stream)?;
-        let id = decode(raw_id, false)
-            .and_then(|id| Uuid::parse_str(&id).ok())
-            .ok_or_else(|| "event id is not a UUID".to_owned())?;
-        let consumer = client_id(req, "X-Consumer-ID")?;
-        let body = std::str::from_utf8(body).map_err(|_| "body is not UTF-8".to_owned())?;
-        let form = Form::parse(body.trim());
-        match form.single("action")? {
-            Some("ACK") => Ok((stream, id, consumer)),
-            Some(_) => Err("unknown 'action'; only action=ACK is supported".into()),
-            None => Err("missing 'action=ACK' in the body".into()),
-        }
-    })();
-    let (stream, id, consumer) = match checked {
-        Ok(checked) => checked,
-        Err(why) => return reply(bad_request(&why)),
-    };
-    if !grants.may_consume(&stream) {
-        return reply(forbidden());
-    }
-    let job = Job::Ack {
+    let consumer = client_id(req, "X-Consumer-ID").map_err(bad)?;
+    Ok(Call::Consume {
         stream,
         consumer,
-        id,
-        done: Box::new(move |result| {
-            reply(match result {
-                Ok(()) => Response::message(200, "OK"),
-                Err(WriteError::NotFound) => Response::message(404, "Not Found"),
-                Err(WriteError::Busy) => failure(503, "the write queue is full"),
-                Err(e) => failure(500, super::storage_reason(&e)),
-            })
+        name,
+        limit,
+        timeout,
+    })
+}
+
+fn ack(app: &App, raw_stream: &str, raw_id: &str, req: &Request) -> Result<Call, Failure> {
+    let body = body(app, req)?;
+    let stream = stream_name(raw_stream).map_err(bad)?;
+    let id = decode(raw_id, false)
+        .and_then(|id| Uuid::parse_str(&id).ok())
+        .ok_or_else(|| bad("event id is not a UUID"))?;
+    let consumer = client_id(req, "X-Consumer-ID").map_err(bad)?;
+    let body = std::str::from_utf8(body).map_err(|_| bad("body is not UTF-8"))?;
+    let form = Form::parse(body.trim());
+    match form.single("action").map_err(bad)? {
+        Some("ACK") => Ok(Call::Ack {
+            stream,
+            consumer,
+            id,
         }),
-    };
-    if let Err(job) = app.submit(job) {
-        super::refuse_busy(job);
+        Some(_) => Err(bad("unknown 'action'; only action=ACK is supported")),
+        None => Err(bad("missing 'action=ACK' in the body")),
     }
 }
 

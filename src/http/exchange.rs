@@ -124,12 +124,12 @@ pub(super) fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Opti
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
         // Refused quickly rather than left to pile up toward the descriptor limit.
-        req.refused = Some("Service Unavailable - too many open connections");
+        req.refused = Some(api::Failure::TooManyConnections);
         return hand_to_api(shared, req, responder);
     }
     if flooding {
         // One connection may not fill the workers' queue for everyone else.
-        req.refused = Some("Service Unavailable - too many pipelined requests on this connection");
+        req.refused = Some(api::Failure::TooManyPipelined);
         return hand_to_api(shared, req, responder);
     }
     if ambiguous {
@@ -181,7 +181,10 @@ fn read_body_then_hand_on(shared: &Arc<Shared>, mut req: api::Request, mut respo
 /// Hands a decoded request on to the API (through the sink), with its responder as the
 /// reply.
 fn hand_to_api(shared: &Shared, req: api::Request, responder: Responder) {
-    (shared.sink)(req, Box::new(move |response| responder.send(response)));
+    (shared.sink)(
+        req,
+        api::Reply::new(move |response| responder.send(response)),
+    );
 }
 
 /// The tiny_http response for `response`; with `close`, one that tells the client the

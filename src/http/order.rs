@@ -233,10 +233,7 @@ impl Responder {
 impl Drop for Responder {
     fn drop(&mut self) {
         if self.rq.is_some() {
-            self.answer(api::Response::message(
-                500,
-                "Internal Server Error - the request was not answered",
-            ));
+            self.answer(api::Failure::NotAnswered.render(api::Api::Streams));
         }
     }
 }

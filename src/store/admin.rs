@@ -182,41 +182,49 @@ pub fn release_stream(db: &Path, name: &str) -> Result<bool, StoreError> {
     Ok(conn.execute("UPDATE streams SET owner = NULL WHERE name = ?1", [name])? > 0)
 }
 
-/// Sets a consumer's offset for one event name (forwards or back); false if the stream does
-/// not exist. The offset is a sequence number from 0 to the stream's newest.
-pub fn reset_consumer(
-    db: &Path,
-    stream: &str,
-    consumer: &str,
-    event_name: &str,
-    offset: u64,
-) -> Result<Result<(), String>, StoreError> {
+/// What [`reset_consumer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reset {
+    /// The offset is set.
+    Done,
+    /// No stream has that name; nothing changed.
+    NoStream,
+    /// The offset is past the stream's newest event (this sequence number); nothing changed.
+    PastNewest(u64),
+}
+
+/// Whose offset: a consumer's, for one event name of one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetOf<'a> {
+    /// Stream name.
+    pub stream: &'a str,
+    /// Consumer id.
+    pub consumer: &'a str,
+    /// The event name the offset is kept for.
+    pub event_name: &'a str,
+}
+
+/// Sets a consumer's offset for one event name (forwards or back). The offset is a sequence
+/// number from 0 to the stream's newest.
+pub fn reset_consumer(db: &Path, of: OffsetOf<'_>, offset: u64) -> Result<Reset, StoreError> {
+    let OffsetOf {
+        stream,
+        consumer,
+        event_name,
+    } = of;
     let conn = super::open_existing(db)?;
-    let found: Option<(i64, i64)> = conn
-        .query_row(
-            "SELECT id, last_seq FROM streams WHERE name = ?1",
-            [stream],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
-    let Some((id, last_seq)) = found else {
-        return Ok(Err(format!("no stream named '{stream}'")));
+    let Some(info) = super::reader::stream_info(&conn, stream)? else {
+        return Ok(Reset::NoStream);
     };
-    if offset > last_seq as u64 {
-        return Ok(Err(format!(
-            "offset {offset} is past the stream's newest event ({last_seq})"
-        )));
+    if offset > info.last_seq {
+        return Ok(Reset::PastNewest(info.last_seq));
     }
     conn.execute(
         "INSERT INTO offsets (stream_id, consumer, name, seq) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = excluded.seq",
-        params![id, consumer, event_name, offset as i64],
+        params![info.id, consumer, event_name, offset as i64],
     )?;
-    Ok(Ok(()))
+    Ok(Reset::Done)
 }
 
 /// Writes a consistent copy of the database to `target` (which must not exist), while the
@@ -225,7 +233,7 @@ pub fn backup(db: &Path, target: &Path) -> Result<(), StoreError> {
     let conn = super::open_existing(db)?;
     let target = target
         .to_str()
-        .ok_or_else(|| StoreError("the backup path is not valid UTF-8".into()))?;
+        .ok_or_else(|| StoreError::NotUtf8(target.to_owned()))?;
     conn.execute("VACUUM INTO ?1", [target])?;
     Ok(())
 }

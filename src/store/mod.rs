@@ -10,7 +10,7 @@ mod reader;
 mod walbuf;
 pub mod writer;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, params};
@@ -19,21 +19,77 @@ use crate::config::SyncMode;
 
 pub use reader::{ConsumeView, Reader, SinceView, StreamInfo, UserRecord};
 
-/// A failure of the database; the message is for logs, never for clients.
+/// A failure of the database; its message is for logs and operators, never for clients.
 #[derive(Debug)]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// SQLite refused or failed an operation.
+    Sqlite(rusqlite::Error),
+    /// An operator command named a database file that does not exist.
+    Missing(PathBuf),
+    /// The file is a database, but not one of eventserver's.
+    Foreign(PathBuf),
+    /// The schema is older than this eventserver's; only the server upgrades it, at start.
+    TooOld {
+        /// The database's schema version.
+        version: usize,
+    },
+    /// The schema is newer than this eventserver knows.
+    TooNew {
+        /// The database's schema version.
+        version: usize,
+    },
+    /// SQLite kept the database out of WAL mode.
+    NotWal(PathBuf),
+    /// A path SQLite must be given as text is not valid UTF-8.
+    NotUtf8(PathBuf),
+    /// Something this code relies on did not hold; the message says what.
+    Invariant(&'static str),
+}
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        let known = MIGRATIONS.len();
+        match self {
+            StoreError::Sqlite(e) => write!(f, "{e}"),
+            StoreError::Missing(path) => write!(
+                f,
+                "no database at {} (check --db / EVENTSERVER_DB)",
+                path.display()
+            ),
+            StoreError::Foreign(path) => {
+                write!(f, "{} is not an eventserver database", path.display())
+            }
+            StoreError::TooOld { version } => write!(
+                f,
+                "the database has schema version {version}, older than this eventserver's \
+                 ({known}): start the server once to upgrade it"
+            ),
+            StoreError::TooNew { version } => write!(
+                f,
+                "the database has schema version {version}, newer than this eventserver \
+                 knows ({known})"
+            ),
+            StoreError::NotWal(path) => {
+                write!(f, "could not switch {} to WAL mode", path.display())
+            }
+            StoreError::NotUtf8(path) => write!(f, "{} is not valid UTF-8", path.display()),
+            StoreError::Invariant(what) => f.write_str(what),
+        }
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Sqlite(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
-        StoreError(e.to_string())
+        StoreError::Sqlite(e)
     }
 }
 
@@ -111,10 +167,7 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let mode = switch_to_wal(&conn)?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError(format!(
-            "could not switch {} to WAL mode",
-            path.display()
-        )));
+        return Err(StoreError::NotWal(path.to_owned()));
     }
     let sync = match sync {
         SyncMode::Full => "FULL",
@@ -155,10 +208,7 @@ fn switch_to_wal(conn: &Connection) -> Result<String, StoreError> {
 /// and a newer binary's command must not change it under an older running server.
 pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
     if !path.is_file() {
-        return Err(StoreError(format!(
-            "no database at {} (check --db / EVENTSERVER_DB)",
-            path.display()
-        )));
+        return Err(StoreError::Missing(path.to_owned()));
     }
     let conn = Connection::open_with_flags(
         path,
@@ -168,25 +218,11 @@ pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
     let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let known = MIGRATIONS.len();
     match version {
-        0 => Err(StoreError(format!(
-            "{} is not an eventserver database",
-            path.display()
-        ))),
-        v if v < known => Err(StoreError(format!(
-            "the database has schema version {v}, older than this eventserver's ({known}): \
-             start the server once to upgrade it"
-        ))),
-        v if v > known => Err(too_new(v)),
+        0 => Err(StoreError::Foreign(path.to_owned())),
+        version if version < known => Err(StoreError::TooOld { version }),
+        version if version > known => Err(StoreError::TooNew { version }),
         _ => Ok(conn),
     }
-}
-
-/// A database this eventserver cannot use: a newer one has changed its schema.
-fn too_new(version: usize) -> StoreError {
-    StoreError(format!(
-        "the database has schema version {version}, newer than this eventserver knows ({})",
-        MIGRATIONS.len()
-    ))
 }
 
 /// Opens a read connection on an existing database.
@@ -207,7 +243,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > MIGRATIONS.len() {
-            return Err(too_new(version));
+            return Err(StoreError::TooNew { version });
         }
         let Some(sql) = MIGRATIONS.get(version) else {
             return Ok(());

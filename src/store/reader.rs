@@ -168,7 +168,11 @@ impl Reader {
     }
 }
 
-fn stream_info(conn: &Connection, stream: &str) -> Result<Option<StreamInfo>, StoreError> {
+/// The catalogue entry of `stream`, if it exists.
+pub(super) fn stream_info(
+    conn: &Connection,
+    stream: &str,
+) -> Result<Option<StreamInfo>, StoreError> {
     Ok(conn
         .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
         .query_row([stream], |r| {

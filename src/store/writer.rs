@@ -37,7 +37,7 @@ pub enum Payload {
 }
 
 /// Why a write was refused or failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WriteError {
     /// The stream belongs to another producer.
     Locked,
@@ -45,12 +45,44 @@ pub enum WriteError {
     NotFound,
     /// The writer's queue is full (or it has stopped); nothing was tried.
     Busy,
-    /// The database failed; the transaction was rolled back.
-    Storage(String),
+    /// The database failed; the transaction was rolled back. Shared by every job of it.
+    Storage(Arc<StoreError>),
 }
 
-/// Called once with the outcome of a job, after its transaction committed or failed.
-pub type Done<T> = Box<dyn FnOnce(Result<T, WriteError>) + Send>;
+/// Who receives a job's outcome: the handler that queued it (which answers its request),
+/// or an in-process caller. Called once, on a worker, after the job's transaction committed
+/// or failed.
+pub struct Done<T>(Box<dyn FnOnce(Result<T, WriteError>) + Send>);
+
+impl<T> Done<T> {
+    /// Hands the outcome to `receive`.
+    pub fn new(receive: impl FnOnce(Result<T, WriteError>) + Send + 'static) -> Done<T> {
+        Done(Box::new(receive))
+    }
+
+    /// Hands over the outcome.
+    pub fn send(self, result: Result<T, WriteError>) {
+        (self.0)(result)
+    }
+}
+
+/// A job's outcome with its receiver, handed from the writer to a worker to deliver.
+pub enum Answer {
+    /// An append's outcome: the committed event.
+    Event(Done<Arc<Event>>, Result<Arc<Event>, WriteError>),
+    /// An ACK's or a heartbeat's outcome.
+    Unit(Done<()>, Result<(), WriteError>),
+}
+
+impl Answer {
+    /// Delivers the outcome to its receiver.
+    pub fn send(self) {
+        match self {
+            Answer::Event(done, result) => done.send(result),
+            Answer::Unit(done, result) => done.send(result),
+        }
+    }
+}
 
 /// A unit of work for the writer.
 pub enum Job {
@@ -106,8 +138,8 @@ pub struct Committed {
     pub took: std::time::Duration,
     /// New events per stream; empty when the transaction failed.
     pub appended: Vec<Appended>,
-    /// Answers to run, one per job, in job order.
-    pub replies: Vec<Box<dyn FnOnce() + Send>>,
+    /// Outcomes to deliver, one per job that has a receiver, in job order.
+    pub replies: Vec<Answer>,
 }
 
 /// Runs the writer until it takes [`Job::Stop`] (or every sender is gone), then returns
@@ -144,7 +176,7 @@ pub fn run(
                 // The cache may hold what the rolled-back transaction did: start afresh.
                 streams.rows.clear();
                 crate::log::error(&format!("commit of {jobs} jobs failed: {e}"));
-                fail(batch, WriteError::Storage(e.0))
+                fail(batch, WriteError::Storage(Arc::new(e)))
             }
         };
         committed.jobs = jobs;
@@ -160,8 +192,12 @@ pub fn run(
 
 /// The result of one job inside a transaction that has not committed yet.
 enum Outcome {
+    /// An append stored this event; the index is its stream's in the batch's `Appended`.
     Appended(usize, Arc<Event>),
-    Acked,
+    /// The job did its work and returns nothing: an ACK moved an offset, a heartbeat was
+    /// written, retention ran, or the stop barrier was reached.
+    Finished,
+    /// The job was refused; the rest of the transaction goes on.
     Refused(WriteError),
 }
 
@@ -257,7 +293,7 @@ fn apply(
                          ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
                     )?
                     .execute([ts as i64])?;
-                    Outcome::Acked
+                    Outcome::Finished
                 }
                 Job::Retain {
                     max_events,
@@ -268,9 +304,9 @@ fn apply(
                         *max_events,
                         max_age_ms.map(|age| ts.saturating_sub(age)),
                     )?;
-                    Outcome::Acked
+                    Outcome::Finished
                 }
-                Job::Stop => Outcome::Acked,
+                Job::Stop => Outcome::Finished,
             };
             outcomes.push(outcome);
         }
@@ -293,19 +329,13 @@ fn load_or_create(
     producer: Option<&str>,
     ts: u64,
 ) -> Result<StreamRow, StoreError> {
-    let found = tx
-        .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
-        .query_row([stream], |r| {
-            Ok(StreamRow {
-                id: r.get(0)?,
-                owner: r.get(1)?,
-                last_seq: r.get::<_, i64>(2)? as u64,
-                appended: None,
-            })
-        })
-        .optional()?;
-    if let Some(row) = found {
-        return Ok(row);
+    if let Some(info) = super::reader::stream_info(tx, stream)? {
+        return Ok(StreamRow {
+            id: info.id,
+            owner: info.owner,
+            last_seq: info.last_seq,
+            appended: None,
+        });
     }
     // A new stream belongs to the producer that wrote it first; the claim is atomic because
     // only this thread writes and it does so inside the transaction.
@@ -376,7 +406,7 @@ fn ack(
          ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = max(seq, excluded.seq)",
     )?
     .execute(params![stream_id, consumer, name, seq])?;
-    Ok(Outcome::Acked)
+    Ok(Outcome::Finished)
 }
 
 /// Builds the stored event: a streams-API element carries its own id and position.
@@ -409,7 +439,7 @@ fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
 
 fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
     let mut appended: Vec<Appended> = Vec::new();
-    let mut replies: Vec<Box<dyn FnOnce() + Send>> = Vec::with_capacity(batch.len());
+    let mut replies: Vec<Answer> = Vec::with_capacity(batch.len());
     for (job, outcome) in batch.into_iter().zip(outcomes) {
         match (job, outcome) {
             (Job::Append { stream, done, .. }, Outcome::Appended(slot, event)) => {
@@ -420,19 +450,21 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
                     });
                 }
                 appended[slot].events.push(event.clone());
-                replies.push(Box::new(move || done(Ok(event))));
+                replies.push(Answer::Event(done, Ok(event)));
             }
-            (job, Outcome::Refused(e)) => replies.extend(reply_err(job, e)),
+            (job, Outcome::Refused(e)) => replies.extend(job.refused(e)),
             (Job::Ack { done, .. } | Job::Probe(done), _) => {
-                replies.push(Box::new(move || done(Ok(()))))
+                replies.push(Answer::Unit(done, Ok(())))
             }
             (Job::Stop | Job::Retain { .. }, _) => {}
-            // Only ACKs and barriers end as `Acked`; answer rather than drop if that changes.
-            (Job::Append { done, .. }, Outcome::Acked) => replies.push(Box::new(move || {
-                done(Err(WriteError::Storage(
-                    "append ended without an event".into(),
-                )))
-            })),
+            // Appends end as `Appended` or `Refused`; answer rather than drop if that changes.
+            (Job::Append { done, .. }, Outcome::Finished) => {
+                let broken = StoreError::Invariant("an append ended without an event");
+                replies.push(Answer::Event(
+                    done,
+                    Err(WriteError::Storage(Arc::new(broken))),
+                ))
+            }
         }
     }
     Committed {
@@ -450,16 +482,19 @@ fn fail(batch: Vec<Job>, error: WriteError) -> Committed {
         appended: Vec::new(),
         replies: batch
             .into_iter()
-            .filter_map(|job| reply_err(job, error.clone()))
+            .filter_map(|job| job.refused(error.clone()))
             .collect(),
     }
 }
 
-fn reply_err(job: Job, error: WriteError) -> Option<Box<dyn FnOnce() + Send>> {
-    match job {
-        Job::Append { done, .. } => Some(Box::new(move || done(Err(error)))),
-        Job::Ack { done, .. } | Job::Probe(done) => Some(Box::new(move || done(Err(error)))),
-        Job::Stop | Job::Retain { .. } => None,
+impl Job {
+    /// The answer refusing this job with `error`; `None` for jobs nobody waits on.
+    pub fn refused(self, error: WriteError) -> Option<Answer> {
+        match self {
+            Job::Append { done, .. } => Some(Answer::Event(done, Err(error))),
+            Job::Ack { done, .. } | Job::Probe(done) => Some(Answer::Unit(done, Err(error))),
+            Job::Stop | Job::Retain { .. } => None,
+        }
     }
 }
 
@@ -472,7 +507,7 @@ mod tests {
             stream: stream.into(),
             producer: None,
             payload: Payload::Data("1".into()),
-            done: Box::new(|_| {}),
+            done: Done::new(|_| {}),
         }
     }
 

@@ -1,0 +1,346 @@
+//! The runtime that answers requests later, apart from the routes that decide what to do:
+//! it owns the writer's queue, the workers' task lane, the timer's poke and the registry of
+//! parked long-polls, and answers what they hand back.
+//!
+//! The path of an append: a handler builds a [`Job`] whose
+//! [`Done`](crate::store::writer::Done) holds the request's [`Reply`], and calls
+//! `Runtime::submit`; the writer commits it and hands the outcomes, each an [`Answer`]
+//! (outcome and its `Done`), to the commit hook `Runtime::committed`, which registers the
+//! new events (waking parked polls) and queues the answers as [`Task`]s for the workers,
+//! which deliver them: `Done` renders the response and `Reply` sends it.
+//!
+//! The path of a long-poll: a handler calls `Runtime::wait` with a [`Parked`] request;
+//! it is answered at once from memory or the store, or parked in the registry until a
+//! commit wakes it (`Runtime::answer`), its deadline passes or its client hangs up
+//! (`Runtime::expire`), or the server stops.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::{Sender, TrySendError};
+
+use super::error::{Api, Failure};
+use super::longpoll::{self, Polled};
+use super::{JSON_UTF8, Reply, Response, Want, streams};
+use crate::clock::Clock;
+use crate::event::Event;
+use crate::longpoll::{Registry, Woken};
+use crate::pool::Task;
+use crate::store::Reader;
+use crate::store::writer::{Answer, Committed, Job, WriteError};
+
+/// A parked long-poll: who waits, and the client's address.
+pub struct Parked {
+    waiter: Waiter,
+    /// The client's address, to release the reply early when the client hangs up.
+    peer: Option<SocketAddr>,
+}
+
+/// Who waits for events, which decides the shape of the answer.
+enum Waiter {
+    /// A golongpoll subscriber of a category, over HTTP.
+    LongPoll(Arc<str>, Reply),
+    /// A streams-API consumer waiting with `timeout`, over HTTP.
+    Consumer(Reply),
+    /// An in-process subscriber of a category ([`crate::ServerHandle::subscribe`]).
+    InProcess(Arc<str>, Sender<Result<Polled, Failure>>),
+}
+
+/// One answer for many parked requests, rendered once in each shape a waiter needs.
+#[derive(Clone, Default)]
+struct Answers {
+    longpoll: Option<Response>,
+    consumer: Option<Response>,
+    in_process: Option<Result<Polled, Failure>>,
+}
+
+/// The channels and state that outlive a handler: whatever answers a request after its
+/// handler returned goes through here.
+pub struct Runtime {
+    /// Jobs for the writer thread (bounded: a full queue answers 503).
+    writer: Sender<Job>,
+    /// Answers for the workers to send, ahead of new requests.
+    tasks: Sender<Task>,
+    /// Pokes the timer thread when a new earliest deadline is parked.
+    timer: Sender<()>,
+    /// Parked long-polls, by category, with their deadlines.
+    pub(crate) registry: Registry<Parked>,
+    /// Stamps the timeout answers.
+    clock: Arc<Clock>,
+    /// Set once shutdown has begun.
+    stopping: AtomicBool,
+}
+
+/// Waiters answered per task, so a large fan-out spreads over the workers.
+const ANSWER_CHUNK: usize = 256;
+
+/// Commit answers queued per task.
+const COMMIT_CHUNK: usize = 64;
+
+impl Runtime {
+    /// A runtime over these channels.
+    pub(crate) fn new(
+        writer: Sender<Job>,
+        tasks: Sender<Task>,
+        timer: Sender<()>,
+        registry: Registry<Parked>,
+        clock: Arc<Clock>,
+    ) -> Runtime {
+        Runtime {
+            writer,
+            tasks,
+            timer,
+            registry,
+            clock,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Marks shutdown as begun: in-process publishes are refused from now on.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Pokes the timer thread (to re-read its deadlines, or to see that it must stop).
+    pub(crate) fn poke_timer(&self) {
+        // Full means a poke is pending already, which is as good.
+        let _ = self.timer.try_send(());
+    }
+
+    /// Queues retention for the writer; a full queue skips it (the next round catches up).
+    pub(crate) fn retain(&self, max_events: Option<u64>, max_age_ms: Option<u64>) {
+        let _ = self.writer.try_send(Job::Retain {
+            max_events,
+            max_age_ms,
+        });
+    }
+
+    /// Queues the writer's stop after everything queued, waiting for room.
+    pub(crate) fn stop_writer(&self) {
+        // A writer that is gone already has stopped; joining it returns at once.
+        let _ = self.writer.send(Job::Stop);
+    }
+
+    /// Queues a writer job. One the writer cannot take (its queue is full, or it has
+    /// stopped) is answered at once with [`WriteError::Busy`].
+    pub(crate) fn submit(&self, job: Job) {
+        let job = match self.writer.try_send(job) {
+            Ok(()) => return,
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
+        };
+        if let Some(answer) = job.refused(WriteError::Busy) {
+            answer.send();
+        }
+    }
+
+    /// Parks `parked` or answers it, for a long-poll on `category`.
+    pub(crate) fn wait(&self, reader: &mut Reader, category: &str, want: Want, parked: Parked) {
+        use crate::longpoll::{Poll, Wait};
+        let Want {
+            start,
+            filter,
+            limit,
+            timeout,
+        } = want;
+        let start = &start;
+        let filter = filter.as_deref();
+        let deadline = Instant::now() + timeout;
+        let wait = |reply| Wait {
+            reply,
+            filter: filter.map(Into::into),
+            limit,
+            deadline,
+        };
+        let mut poll = self.registry.poll(category, start, wait(parked));
+        // The store decides what memory cannot. New commits can race the read; each retry
+        // means another commit landed, and memory answers once it holds them.
+        for _ in 0..8 {
+            let Poll::Unknown(parked) = poll else { break };
+            poll = match reader.since(category, start, filter, limit) {
+                Ok(view) if !view.events.is_empty() => {
+                    let events = view.events.into_iter().map(Arc::new).collect();
+                    Poll::Ready(parked, events)
+                }
+                Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
+                Err(e) => {
+                    crate::log::error(&format!("long-poll read failed: {e}"));
+                    return parked.fail(&Failure::StreamUnreadable);
+                }
+            };
+        }
+        match poll {
+            Poll::Ready(parked, events) => {
+                let answers = Answers::events(std::slice::from_ref(&parked), &events);
+                parked.answer(&answers);
+            }
+            Poll::Parked { earliest } => {
+                if earliest {
+                    let _ = self.timer.try_send(());
+                }
+            }
+            Poll::Full(parked) => parked.fail(&Failure::TooManyParked),
+            Poll::Closed(parked) => self.expire(|_| vec![parked]),
+            Poll::Unknown(parked) => parked.fail(&Failure::ChangingTooFast),
+        }
+    }
+
+    /// Releases the parked replies of clients that hung up (`peers`), answering them as if
+    /// their deadline had passed: they no longer hold a place under the parked-poll cap.
+    pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
+        self.expire(|registry| {
+            let gone =
+                registry.take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
+            if !gone.is_empty() {
+                let n = gone.len();
+                crate::log::debug(&format!("released {n} polls of clients that hung up"));
+            }
+            gone
+        });
+    }
+
+    /// Answers woken waiters, spread over workers.
+    pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
+        for group in woken {
+            let answers = Answers::events(&group.replies, &group.events);
+            self.spawn_answers(group.replies, answers);
+        }
+    }
+
+    /// Answers `replies` with `answers` on workers, [`ANSWER_CHUNK`] replies per task.
+    fn spawn_answers(&self, replies: Vec<Parked>, answers: Answers) {
+        let mut replies = replies.into_iter().peekable();
+        while replies.peek().is_some() {
+            let chunk: Vec<Parked> = replies.by_ref().take(ANSWER_CHUNK).collect();
+            let answers = answers.clone();
+            self.spawn(Box::new(move || {
+                for parked in chunk {
+                    parked.answer(&answers);
+                }
+            }));
+        }
+    }
+
+    /// Sends answers from a worker.
+    pub(crate) fn spawn(&self, answer: Box<dyn FnOnce() + Send>) {
+        if let Err(e) = self.tasks.send(Task::Answer(answer)) {
+            // Workers are gone; answer here rather than drop the replies.
+            if let Task::Answer(answer) = e.into_inner() {
+                answer();
+            }
+        }
+    }
+
+    /// Answers the parked replies `take` removes from the registry (deadline passed,
+    /// shutdown, client gone): the timeout body for subscribers, `[]` for streams-API
+    /// consumers. The timeout's stamp is taken first: a batch committed while the replies
+    /// are being removed then gets a later timestamp, so a client resuming from the stamp
+    /// still receives it.
+    pub(crate) fn expire(&self, take: impl FnOnce(&Registry<Parked>) -> Vec<Parked>) {
+        let stamp = self.clock.answer_stamp();
+        let replies = take(&self.registry);
+        if replies.is_empty() {
+            return;
+        }
+        let answers = Answers {
+            longpoll: Some(longpoll::timeout_response(stamp)),
+            consumer: Some(Response::json(200, JSON_UTF8, &b"[]"[..])),
+            in_process: Some(Ok(Polled::Timeout { timestamp: stamp })),
+        };
+        self.spawn_answers(replies, answers);
+    }
+
+    /// The writer's commit hook: registers the new events, then answers the writers and
+    /// the long-polls the events wake. The registry learns of the events before any writer
+    /// hears of the commit, so a poll sent after a 200 sees them; the writers' answers are
+    /// queued before the waiters' (which may be thousands).
+    pub(crate) fn committed(&self, committed: Committed) {
+        let woken: Vec<_> = committed
+            .appended
+            .iter()
+            .flat_map(|appended| self.registry.publish(&appended.stream, &appended.events))
+            .collect();
+        let mut replies = committed.replies.into_iter().peekable();
+        while replies.peek().is_some() {
+            let chunk: Vec<_> = replies.by_ref().take(COMMIT_CHUNK).collect();
+            self.spawn(Box::new(move || chunk.into_iter().for_each(Answer::send)));
+        }
+        self.answer(woken);
+    }
+}
+
+impl Answers {
+    /// `events` rendered in each shape one of `waiting` needs.
+    fn events(waiting: &[Parked], events: &[Arc<Event>]) -> Answers {
+        let mut answers = Answers::default();
+        for parked in waiting {
+            match &parked.waiter {
+                Waiter::LongPoll(category, _) => {
+                    if answers.longpoll.is_none() {
+                        answers.longpoll = Some(longpoll::events_response(category, events));
+                    }
+                }
+                Waiter::Consumer(_) => {
+                    if answers.consumer.is_none() {
+                        let elements = events.iter().map(|e| &*e.data);
+                        answers.consumer = Some(streams::elements_response(elements));
+                    }
+                }
+                Waiter::InProcess(category, _) => {
+                    if answers.in_process.is_none() {
+                        answers.in_process = Some(longpoll::polled(category, events));
+                    }
+                }
+            }
+        }
+        answers
+    }
+}
+
+impl Parked {
+    /// A request's long-poll, answered through `reply` in `api`'s shape.
+    pub(crate) fn http(api: Api, category: &str, reply: Reply, peer: Option<SocketAddr>) -> Parked {
+        let waiter = match api {
+            Api::LongPoll => Waiter::LongPoll(category.into(), reply),
+            Api::Streams => Waiter::Consumer(reply),
+        };
+        Parked { waiter, peer }
+    }
+
+    /// An in-process subscriber's long-poll on `category`, answered through `tx`.
+    pub(crate) fn in_process(category: &str, tx: Sender<Result<Polled, Failure>>) -> Parked {
+        let waiter = Waiter::InProcess(category.into(), tx);
+        Parked { waiter, peer: None }
+    }
+
+    /// Answers with the answer of this waiter's shape, rendered in `answers`.
+    fn answer(self, answers: &Answers) {
+        const RENDERED: &str = "answers are rendered for every waiter's shape";
+        match self.waiter {
+            Waiter::LongPoll(_, reply) => reply.send(answers.longpoll.clone().expect(RENDERED)),
+            Waiter::Consumer(reply) => reply.send(answers.consumer.clone().expect(RENDERED)),
+            Waiter::InProcess(_, tx) => {
+                // The caller may have stopped waiting; nobody is left to answer.
+                let _ = tx.send(answers.in_process.clone().expect(RENDERED));
+            }
+        }
+    }
+
+    /// Answers with `failure`, in the shape of the API that parked.
+    fn fail(self, failure: &Failure) {
+        match self.waiter {
+            Waiter::LongPoll(_, reply) => reply.send(failure.render(Api::LongPoll)),
+            Waiter::Consumer(reply) => reply.send(failure.render(Api::Streams)),
+            Waiter::InProcess(_, tx) => {
+                let _ = tx.send(Err(failure.clone()));
+            }
+        }
+    }
+}
