@@ -1,5 +1,8 @@
-//! Abusive clients and resource limits (issue 6), and tiny_http's hazards from
-//! `ENGINE-FACTS.md`, each reproduced against eventserver to show it contained.
+//! Abusive clients and resource limits, and the hazards of tiny_http 0.12, each reproduced
+//! against eventserver to show it contained: it has no deadline on reading a request, no
+//! limit on the head's size or on pipelined read-ahead, strands some connections of a
+//! burst, blocks a worker on a request pipelined behind a parked long-poll, and its accept
+//! loop dies when `accept` or a thread spawn fails.
 //!
 //! Most tests talk to a server started in process; those that need a process of their own
 //! (resource limits, memory and descriptor counts) run the real binary on a temporary
@@ -723,7 +726,7 @@ fn a_pipelining_flood_does_not_take_the_server_down() {
 #[ignore = "stock tiny_http 0.12 reads pipelined requests ahead without limit and keeps each \
             until its answer is written, which a client that never reads prevents; eventserver \
             cannot stop the reading short of closing the connection, which tiny_http does not \
-            let it do. ENGINE-FACTS: 400,000 requests = +425 MB in tiny_http alone. Measured \
+            let it do (tiny_http alone grows by about 425 MB for 400,000 of them). Measured \
             here: 100,000 pipelined requests (3.4 MB) grew RSS by 200-250 MiB within 3 s, most \
             of it the 6,000-7,600 threads eventserver spawns for the answers (a bug of its own, \
             see a_pipelining_flood_does_not_take_the_server_down)"]

@@ -1,4 +1,4 @@
-//! Bad input (issue 6): a table of malformed requests, each sent raw on its own connection
+//! Bad input: a table of malformed requests, each sent raw on its own connection
 //! to one server, each expecting a specific answer, and each followed by a check that the
 //! server still serves.
 //!

@@ -1,4 +1,4 @@
-//! Crash durability (issue 6): the real binary is killed with SIGKILL at random moments
+//! Crash durability: the real binary is killed with SIGKILL at random moments
 //! while producers append (streams API) and publish (`/publish`), consumers read and
 //! acknowledge, and long-poll followers resume; it is restarted on the same database each
 //! time. Afterwards, with the server running once more:

@@ -1,4 +1,4 @@
-//! The long-poll API in golongpoll's wire format (issue 3), over real HTTP: subscribe and
+//! The long-poll API in golongpoll's wire format, over real HTTP: subscribe and
 //! publish contracts byte for byte, event selection and paging, parking and timers, and the
 //! one log the streams API shares.
 

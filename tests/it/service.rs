@@ -1,4 +1,4 @@
-//! Running it as a service (issue 4), against the real `eventserver` binary: subcommands,
+//! Running it as a service, against the real `eventserver` binary: subcommands,
 //! every flag/environment pair of `serve`, the first-start admin password, systemd's notify
 //! protocol, watchdog and socket activation, graceful shutdown on SIGTERM, `/healthz` in both
 //! states and a parsed `/metrics` scrape after known traffic.

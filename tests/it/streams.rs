@@ -1,4 +1,4 @@
-//! The streams API (issue 2) over real HTTP: every numbered point of the contract, the
+//! The streams API over real HTTP: every numbered point of the contract, the
 //! producer race, restart, concurrency, and bodies that are huge or arrive slowly.
 
 use std::io::{BufReader, ErrorKind, Write};
