@@ -8,277 +8,28 @@
 //! a test fails ([`Proc`]'s `Drop`), and every wait has a deadline.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::support::{
-    PASSWORD, Req, Resp, USER, authed, basic, clean_env, send, try_send, wait_until,
+    BIN, Finished, PASSWORD, Proc, Req, Resp, SHUTDOWN, START, USER, ack_req, append_ok,
+    append_req, authed, basic, clean, consume_req, db_with_user, event, events_path, eventserver,
+    publish_ok, publish_req, run, send, serve, try_send, wait_until,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
-
-/// How long a server may take to start, and an admin command to finish.
-const START: Duration = Duration::from_secs(10);
-/// How long a graceful shutdown may take ("exit 0 within a few seconds").
-const SHUTDOWN: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------
-
-/// `program` with a clean environment as far as eventserver is concerned.
-fn clean(program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    clean_env(&mut cmd);
-    cmd
-}
-
-/// The eventserver binary with `args` and `envs`.
-fn eventserver(args: &[&str], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = clean(BIN);
-    cmd.args(args);
-    cmd.envs(envs.iter().copied());
-    cmd
-}
-
-/// Collects everything a child writes to one pipe.
-fn collect(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    let reader = thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    (buf, reader)
-}
-
-/// A child process, killed on drop unless it has exited.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
-}
-
-impl Proc {
-    /// Spawns `cmd` with `stdin` (or none) and captured stdout and stderr.
-    fn spawn(mut cmd: Command, stdin: Option<&str>) -> Proc {
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().unwrap();
-            // The child may exit without reading; that is its answer, not a test failure.
-            let _ = pipe.write_all(input.as_bytes());
-        }
-        let (out, r1) = collect(child.stdout.take().unwrap());
-        let (err, r2) = collect(child.stderr.take().unwrap());
-        Proc {
-            child,
-            out,
-            err,
-            readers: vec![r1, r2],
-            exited: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
-    }
-
-    /// The exit status if the child has exited (reaping it).
-    fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-            if self.exited.is_some() {
-                // The pipes close with the process; wait for the last bytes.
-                for reader in self.readers.drain(..) {
-                    let _ = reader.join();
-                }
-            }
-        }
-        self.exited
-    }
-
-    /// Waits for the child to exit, failing the test (and killing it) after `within`.
-    #[track_caller]
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.poll_exit() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} still running after {within:?}; stderr:\n{}",
-                self.pid(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&self) {
-        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a valid pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    }
-
-    /// SIGTERM, then asserts a clean exit (status 0) within [`SHUTDOWN`].
-    #[track_caller]
-    fn stop(&mut self) {
-        self.terminate();
-        let status = self.wait_exit(SHUTDOWN);
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "exit status after SIGTERM; stderr:\n{}",
-            self.stderr()
-        );
-    }
-
-    /// Waits until stderr holds `needle`, failing if the process exits first.
-    #[track_caller]
-    fn wait_stderr(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let err = self.stderr();
-            if err.contains(needle) {
-                return err;
-            }
-            if let Some(status) = self.poll_exit() {
-                let err = self.stderr();
-                assert!(
-                    err.contains(needle),
-                    "exited ({status}) before logging {needle:?}; stderr:\n{err}"
-                );
-                return err;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on stderr within {within:?}; stderr:\n{err}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits until stdout holds `needle` (stdout and stderr are read by different threads,
-    /// so what was printed first may show up last).
-    #[track_caller]
-    fn wait_stdout(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let out = self.stdout();
-            if out.contains(needle) || self.poll_exit().is_some() {
-                return self.stdout();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on stdout within {within:?}; stdout:\n{out}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// The address from the `listening on ADDR` start-up line.
-    #[track_caller]
-    fn listening(&mut self) -> SocketAddr {
-        let err = self.wait_stderr("listening on ", START);
-        let rest = &err[err.find("listening on ").unwrap() + "listening on ".len()..];
-        let addr = rest.split_whitespace().next().unwrap_or_default();
-        addr.parse()
-            .unwrap_or_else(|_| panic!("bad address {addr:?} in log:\n{err}"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A finished command.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    #[track_caller]
-    fn ok(self) -> Finished {
-        assert!(
-            self.status.success(),
-            "command failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// Asserts exit status `code` and that stderr mentions `needle`.
-    #[track_caller]
-    fn fails(self, code: i32, needle: &str) -> Finished {
-        assert_eq!(
-            self.status.code(),
-            Some(code),
-            "exit status; stdout:\n{}\nstderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-        assert!(
-            self.stderr.contains(needle),
-            "stderr should mention {needle:?}:\n{}",
-            self.stderr
-        );
-        self
-    }
-}
-
-/// Runs the binary to completion (within [`START`]).
-#[track_caller]
-fn run(args: &[&str], envs: &[(&str, &str)], stdin: Option<&str>) -> Finished {
-    let mut p = Proc::spawn(eventserver(args, envs), stdin);
-    let status = p.wait_exit(START);
-    Finished {
-        status,
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-    }
-}
 
 /// Runs an admin command on `db`.
 #[track_caller]
@@ -286,30 +37,6 @@ fn admin(db: &Path, args: &[&str]) -> Finished {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--db", db.to_str().unwrap()]);
     run(&all, &[], None)
-}
-
-/// `serve --db DB --listen 127.0.0.1:0 EXTRA…` with `envs`, once it listens.
-#[track_caller]
-fn serve(db: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Proc, SocketAddr) {
-    let mut args = vec![
-        "serve",
-        "--db",
-        db.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(eventserver(&args, envs), None);
-    let addr = p.listening();
-    (p, addr)
-}
-
-/// A temporary directory with a database path in it; the database has the test user.
-fn db_with_user() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("events.db");
-    eventserver::admin::add_user(&db, USER, PASSWORD).expect("add user");
-    (dir, db)
 }
 
 /// A port that was free a moment ago.
@@ -325,40 +52,21 @@ fn free_port() -> u16 {
 // HTTP
 // ---------------------------------------------------------------------------------------
 
-fn events_path(stream: &str) -> String {
-    format!("/api/v1/streams/{stream}/events")
-}
-
 /// Appends an event named `name` to `stream` as `producer`.
 fn append(addr: SocketAddr, stream: &str, producer: &str, name: &str) -> Resp {
-    send(
-        addr,
-        authed(addr, "POST", &events_path(stream))
-            .header("X-Producer-ID", producer)
-            .json(&json!({ "event": { "name": name } })),
-    )
-}
-
-/// Appends and returns the new event's id.
-#[track_caller]
-fn append_ok(addr: SocketAddr, stream: &str, producer: &str, name: &str) -> String {
-    let resp = append(addr, stream, producer, name);
-    assert_eq!(resp.status, 200, "append: {}", resp.text());
-    resp.json().as_str().expect("an id").to_owned()
+    append_req(addr, stream, producer, &event(name)).send()
 }
 
 /// Reads `name` events of `stream` after `consumer`'s offset.
 #[track_caller]
 fn consume(addr: SocketAddr, stream: &str, consumer: &str, name: &str) -> Vec<Value> {
-    let resp = send(
+    let resp = consume_req(
         addr,
-        authed(
-            addr,
-            "GET",
-            &format!("{}?eventName={name}&limit=100", events_path(stream)),
-        )
-        .header("X-Consumer-ID", consumer),
-    );
+        stream,
+        consumer,
+        &format!("eventName={name}&limit=100"),
+    )
+    .send();
     assert_eq!(resp.status, 200, "consume: {}", resp.text());
     resp.json().as_array().expect("an array").clone()
 }
@@ -372,25 +80,9 @@ fn sequences(elements: &[Value]) -> Vec<u64> {
 
 #[track_caller]
 fn ack(addr: SocketAddr, stream: &str, consumer: &str, id: &str) {
-    let resp = send(
-        addr,
-        authed(addr, "POST", &format!("{}/{id}", events_path(stream)))
-            .header("X-Consumer-ID", consumer)
-            .body("action=ACK"),
-    );
+    let resp = ack_req(addr, stream, id, consumer).send();
     assert_eq!(resp.status, 200, "ack: {}", resp.text());
     assert_eq!(resp.json(), json!("OK"));
-}
-
-fn publish_req(addr: SocketAddr, category: &str, data: &Value) -> Req {
-    authed(addr, "POST", "/publish").json(&json!({ "category": category, "data": data }))
-}
-
-#[track_caller]
-fn publish_ok(addr: SocketAddr, category: &str, data: &Value) {
-    let resp = send(addr, publish_req(addr, category, data));
-    assert_eq!(resp.status, 200, "publish: {}", resp.text());
-    assert_eq!(resp.text(), r#"{"success": true}"#);
 }
 
 /// The events of a long-poll answer (empty for a timeout answer).
@@ -713,9 +405,9 @@ fn stream_list_show_release_and_consumer_reset() {
     let (mut server, addr) = serve(&db, &[], &[]);
 
     let placed: Vec<String> = (0..3)
-        .map(|_| append_ok(addr, "orders", "p1", "OrderPlaced"))
+        .map(|_| append_ok(addr, "orders", "p1", &event("OrderPlaced")))
         .collect();
-    append_ok(addr, "orders", "p1", "OrderShipped");
+    append_ok(addr, "orders", "p1", &event("OrderShipped"));
     publish_ok(addr, "news", &json!({"headline": "hi"}));
     assert_eq!(
         sequences(&consume(addr, "orders", "billing", "OrderPlaced")),
@@ -762,7 +454,7 @@ fn stream_list_show_release_and_consumer_reset() {
     assert_eq!(append(addr, "orders", "p2", "OrderPlaced").status, 423);
     let released = admin(&db, &["stream", "release", "orders"]).ok();
     assert!(released.stdout.contains("released stream 'orders'"));
-    let p2 = append_ok(addr, "orders", "p2", "OrderPlaced");
+    let p2 = append_ok(addr, "orders", "p2", &event("OrderPlaced"));
     assert_eq!(append(addr, "orders", "p1", "OrderPlaced").status, 423);
     let show = admin(&db, &["stream", "show", "orders"]).ok().stdout;
     assert_eq!(field(&show, "owner"), "p2");
@@ -836,7 +528,7 @@ fn backup_while_serving_is_a_usable_copy() {
     let (dir, db) = db_with_user();
     let (mut server, addr) = serve(&db, &[], &[]);
     for _ in 0..3 {
-        append_ok(addr, "orders", "p1", "OrderPlaced");
+        append_ok(addr, "orders", "p1", &event("OrderPlaced"));
     }
     publish_ok(addr, "news", &json!(1));
     publish_ok(addr, "news", &json!(2));
@@ -1365,7 +1057,7 @@ fn max_limit_and_longpoll_limits_from_variables_and_flags() {
         // Seed events once; later servers see them too.
         if consume_status(addr, 1) == 404 {
             for _ in 0..4 {
-                append_ok(addr, "s", "p", "E");
+                append_ok(addr, "s", "p", &event("E"));
             }
         }
         assert_eq!(consume_status(addr, max_limit), 200);
@@ -1547,7 +1239,7 @@ fn public_subscribe_and_publish_from_variables_and_flags() {
             Req::new(
                 addr,
                 "GET",
-                &format!("/events?category={category}&timeout=5&since_time=0"),
+                format!("/events?category={category}&timeout=5&since_time=0"),
             ),
         )
     };
@@ -2094,7 +1786,7 @@ fn metrics_count_known_traffic() {
     let (mut server, addr) = serve(&db, &[], &[]);
 
     let ids: Vec<String> = (0..N)
-        .map(|_| append_ok(addr, "m-orders", "p", "Placed"))
+        .map(|_| append_ok(addr, "m-orders", "p", &event("Placed")))
         .collect();
     for i in 0..M {
         publish_ok(addr, "m-news", &json!(i));
@@ -2107,7 +1799,7 @@ fn metrics_count_known_traffic() {
         Req::new(
             addr,
             "GET",
-            &format!("{}?eventName=Placed&limit=1", events_path("m-orders")),
+            format!("{}?eventName=Placed&limit=1", events_path("m-orders")),
         )
         .header("X-Consumer-ID", "c1"),
     );
