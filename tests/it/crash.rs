@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{PASSWORD, Proc, Req, Resp, USER, run, serve, try_send};
+use crate::support::{
+    PASSWORD, Proc, Req, Resp, USER, append_req, publish_req, run, serve, try_send,
+};
 
 /// SIGKILLs while the clients run (one more follows, with the clients stopped, to compare
 /// the long-poll view before and after a restart).
@@ -566,42 +568,27 @@ impl WriterLog {
     }
 }
 
-/// Appends `{"p":p,"n":n,"pad":…}` events named `E` to `s-<p>`, one at a time.
-fn produce(cluster: &Cluster, p: usize, created: &AtomicBool) -> WriterLog {
-    let (stream, producer) = (stream_name(p), producer_name(p));
-    let path = format!("/api/v1/streams/{stream}/events");
+/// Sends `request(addr, n)` for n = 1, 2, … one at a time to whichever server is up, until
+/// the clients stop; `answered` files each 200.
+fn write(
+    cluster: &Cluster,
+    who: &str,
+    request: impl Fn(SocketAddr, u64) -> Req,
+    mut answered: impl FnMut(u64, &Resp, &mut WriterLog),
+) -> WriterLog {
     let mut log = WriterLog::default();
     let mut n = 0;
     let mut failed = None;
     while let Some((addr, generation)) = cluster.target(failed.take()) {
         n += 1;
-        let body = json!({"event": {"name": NAME}, "payload": {"p": p, "n": n, "pad": pad(p, n)}});
-        let req = Req::new(addr, "POST", &path)
-            .auth(USER, PASSWORD)
-            .header("X-Producer-ID", &producer)
-            .json(&body);
-        match exchange(addr, &req) {
+        match exchange(addr, &request(addr, n)) {
             None => {
                 log.unknown.insert(n);
                 failed = Some(generation);
             }
-            Some(resp) if resp.status == 200 => {
-                match serde_json::from_slice::<String>(&resp.body) {
-                    Ok(id) => {
-                        log.acked.push((n, Some(id)));
-                        created.store(true, Ordering::SeqCst);
-                    }
-                    Err(_) => {
-                        cluster.problem(
-                            "unexpected answer",
-                            format!("{producer}: append {n} answered 200 {:?}", resp.text()),
-                        );
-                        log.unknown.insert(n);
-                    }
-                }
-            }
+            Some(resp) if resp.status == 200 => answered(n, &resp, &mut log),
             Some(resp) => {
-                log.refuse(cluster, &producer, n, &resp);
+                log.refuse(cluster, who, n, &resp);
                 failed = Some(generation);
             }
         }
@@ -609,42 +596,48 @@ fn produce(cluster: &Cluster, p: usize, created: &AtomicBool) -> WriterLog {
     log
 }
 
+/// Appends `{"p":p,"n":n,"pad":…}` events named `E` to `s-<p>`, one at a time.
+fn produce(cluster: &Cluster, p: usize, created: &AtomicBool) -> WriterLog {
+    let (stream, producer) = (stream_name(p), producer_name(p));
+    let request = |addr, n| {
+        let body = json!({"event": {"name": NAME}, "payload": {"p": p, "n": n, "pad": pad(p, n)}});
+        append_req(addr, &stream, &producer, &body)
+    };
+    write(
+        cluster,
+        &producer,
+        request,
+        |n, resp, log| match serde_json::from_slice::<String>(&resp.body) {
+            Ok(id) => {
+                log.acked.push((n, Some(id)));
+                created.store(true, Ordering::SeqCst);
+            }
+            Err(_) => {
+                cluster.problem(
+                    "unexpected answer",
+                    format!("{producer}: append {n} answered 200 {:?}", resp.text()),
+                );
+                log.unknown.insert(n);
+            }
+        },
+    )
+}
+
 /// Publishes `{"k":k,"n":n,"pad":…}` to `pub-<k>`, one at a time.
 fn publish(cluster: &Cluster, k: usize) -> WriterLog {
     let category = category_name(k);
     let who = format!("publisher {k}");
-    let mut log = WriterLog::default();
-    let mut n = 0;
-    let mut failed = None;
-    while let Some((addr, generation)) = cluster.target(failed.take()) {
-        n += 1;
-        let body = json!({"category": category, "data": {"k": k, "n": n, "pad": pad(k, n)}});
-        let req = Req::new(addr, "POST", "/publish")
-            .auth(USER, PASSWORD)
-            .json(&body);
-        match exchange(addr, &req) {
-            None => {
-                log.unknown.insert(n);
-                failed = Some(generation);
-            }
-            Some(resp) if resp.status == 200 => {
-                if serde_json::from_slice::<Value>(&resp.body).ok()
-                    != Some(json!({"success": true}))
-                {
-                    cluster.problem(
-                        "unexpected answer",
-                        format!("{who}: publish {n} answered 200 {:?}", resp.text()),
-                    );
-                }
-                log.acked.push((n, None));
-            }
-            Some(resp) => {
-                log.refuse(cluster, &who, n, &resp);
-                failed = Some(generation);
-            }
+    let request =
+        |addr, n| publish_req(addr, &category, &json!({"k": k, "n": n, "pad": pad(k, n)}));
+    write(cluster, &who, request, |n, resp, log| {
+        if serde_json::from_slice::<Value>(&resp.body).ok() != Some(json!({"success": true})) {
+            cluster.problem(
+                "unexpected answer",
+                format!("{who}: publish {n} answered 200 {:?}", resp.text()),
+            );
         }
-    }
-    log
+        log.acked.push((n, None));
+    })
 }
 
 /// What one consumer saw.

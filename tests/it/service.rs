@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::support::{
     BIN, Finished, PASSWORD, Proc, Req, Resp, SHUTDOWN, START, USER, ack_req, append_ok,
     append_req, authed, basic, clean, consume_req, db_with_user, event, events_path, eventserver,
-    publish_ok, publish_req, run, send, serve, try_send, wait_until,
+    publish_ok, publish_req, run, send, serve, serve_args, subscribe_req, try_send, wait_until,
 };
 
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
@@ -231,13 +231,7 @@ fn serve_notified(dir: &Path, db: &Path, envs: &[(&str, &str)]) -> (Proc, Notify
     let notify = Notify::bind(&path);
     let mut all = vec![("NOTIFY_SOCKET", path.to_str().unwrap())];
     all.extend_from_slice(envs);
-    let args = [
-        "serve",
-        "--db",
-        db.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(db, &[]);
     (Proc::spawn(eventserver(&args, &all), None), notify)
 }
 
@@ -462,28 +456,18 @@ fn stream_list_show_release_and_consumer_reset() {
     admin(&db, &["stream", "release", "nope"]).fails(1, "no stream named 'nope'");
 
     // consumer reset: back, forward, and for a consumer never seen before.
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "0"],
-    )
-    .ok();
+    let reset =
+        |stream, consumer, name, to| admin(&db, &["consumer", "reset", stream, consumer, name, to]);
+    reset("orders", "billing", "OrderPlaced", "0").ok();
     assert_eq!(
         sequences(&consume(addr, "orders", "billing", "OrderPlaced")),
         [1, 2, 3, 5]
     );
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "3"],
-    )
-    .ok();
+    reset("orders", "billing", "OrderPlaced", "3").ok();
     let after = consume(addr, "orders", "billing", "OrderPlaced");
     assert_eq!(sequences(&after), [5]);
     assert_eq!(after[0]["eventId"], json!(p2));
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "fresh", "OrderShipped", "3"],
-    )
-    .ok();
+    reset("orders", "fresh", "OrderShipped", "3").ok();
     assert_eq!(
         sequences(&consume(addr, "orders", "fresh", "OrderShipped")),
         [4]
@@ -499,21 +483,9 @@ fn stream_list_show_release_and_consumer_reset() {
         "{show}"
     );
     // Refusals name the problem and change nothing.
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "6"],
-    )
-    .fails(2, "past the stream's newest event");
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "x"],
-    )
-    .fails(2, "invalid offset");
-    admin(
-        &db,
-        &["consumer", "reset", "nope", "billing", "OrderPlaced", "0"],
-    )
-    .fails(2, "no stream named 'nope'");
+    reset("orders", "billing", "OrderPlaced", "6").fails(2, "past the stream's newest event");
+    reset("orders", "billing", "OrderPlaced", "x").fails(2, "invalid offset");
+    reset("nope", "billing", "OrderPlaced", "0").fails(2, "no stream named 'nope'");
     admin(&db, &["consumer", "reset", "orders", "billing"]).fails(2, "usage");
     assert_eq!(
         sequences(&consume(addr, "orders", "billing", "OrderPlaced")),
@@ -936,17 +908,19 @@ fn database_from_variable_flag_state_directory_and_working_directory() {
     );
 }
 
+/// The variables `workers_queue_sync_and_max_parked_from_variables_and_flags` sets.
+const WORKERS_AND_LIMITS_ENV: [(&str, &str); 5] = [
+    ("EVENTSERVER_WORKERS", "3"),
+    ("EVENTSERVER_SYNC", "normal"),
+    ("EVENTSERVER_MAX_PARKED", "7"),
+    ("EVENTSERVER_MAX_BODY", "4096"),
+    ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "50"),
+];
+
 #[test]
 fn workers_queue_sync_and_max_parked_from_variables_and_flags() {
     let (_dir, db) = db_with_user();
-    let envs = [
-        ("EVENTSERVER_WORKERS", "3"),
-        ("EVENTSERVER_SYNC", "normal"),
-        ("EVENTSERVER_MAX_PARKED", "7"),
-        ("EVENTSERVER_MAX_BODY", "4096"),
-        ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "50"),
-    ];
-    let (mut p, addr) = serve(&db, &[], &envs);
+    let (mut p, addr) = serve(&db, &[], &WORKERS_AND_LIMITS_ENV);
     let log = p.stderr();
     for logged in [
         " workers=3 queue=16384 ",
@@ -972,7 +946,7 @@ fn workers_queue_sync_and_max_parked_from_variables_and_flags() {
     let (mut p, _) = serve(
         &db,
         &["--workers=5", "--sync=full", "--max-parked=9"],
-        &envs,
+        &WORKERS_AND_LIMITS_ENV,
     );
     let log = p.stderr();
     for logged in [
@@ -1044,16 +1018,18 @@ fn max_body_from_variable_and_flag() {
     p.stop();
 }
 
+/// The variables `max_limit_and_longpoll_limits_from_variables_and_flags` sets.
+const READ_LIMITS_ENV: [(&str, &str); 3] = [
+    ("EVENTSERVER_MAX_LIMIT", "5"),
+    ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "5"),
+    ("EVENTSERVER_LONGPOLL_MAX_BATCH", "2"),
+];
+
 #[test]
 fn max_limit_and_longpoll_limits_from_variables_and_flags() {
     let (_dir, db) = db_with_user();
-    let envs = [
-        ("EVENTSERVER_MAX_LIMIT", "5"),
-        ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "5"),
-        ("EVENTSERVER_LONGPOLL_MAX_BATCH", "2"),
-    ];
     let check = |flags: &[&str], max_limit: usize, max_timeout: u64, batch: usize| {
-        let (mut p, addr) = serve(&db, flags, &envs);
+        let (mut p, addr) = serve(&db, flags, &READ_LIMITS_ENV);
         // Seed events once; later servers see them too.
         if consume_status(addr, 1) == 404 {
             for _ in 0..4 {
@@ -1061,15 +1037,13 @@ fn max_limit_and_longpoll_limits_from_variables_and_flags() {
             }
         }
         assert_eq!(consume_status(addr, max_limit), 200);
-        let over = send(
+        let over = consume_req(
             addr,
-            authed(
-                addr,
-                "GET",
-                &format!("{}?eventName=E&limit={}", events_path("s"), max_limit + 1),
-            )
-            .header("X-Consumer-ID", "c"),
-        );
+            "s",
+            "c",
+            &format!("eventName=E&limit={}", max_limit + 1),
+        )
+        .send();
         assert_eq!(over.status, 400);
         assert_eq!(
             over.json(),
@@ -1078,14 +1052,7 @@ fn max_limit_and_longpoll_limits_from_variables_and_flags() {
             ))
         );
         // The subscribe error names the configured maximum.
-        let over = send(
-            addr,
-            authed(
-                addr,
-                "GET",
-                &format!("/events?category=s&timeout={}", max_timeout + 1),
-            ),
-        );
+        let over = subscribe_req(addr, &format!("category=s&timeout={}", max_timeout + 1)).send();
         assert_eq!(over.status, 200);
         assert_eq!(
             over.json(),
@@ -1094,28 +1061,18 @@ fn max_limit_and_longpoll_limits_from_variables_and_flags() {
             })
         );
         // One answer holds at most the batch size.
-        let page = send(
+        let page = subscribe_req(
             addr,
-            authed(
-                addr,
-                "GET",
-                &format!("/events?category=s&timeout={max_timeout}&since_time=0"),
-            ),
-        );
+            &format!("category=s&timeout={max_timeout}&since_time=0"),
+        )
+        .send();
         assert_eq!(poll_events(&page).len(), batch);
         p.stop();
     };
     fn consume_status(addr: SocketAddr, limit: usize) -> u16 {
-        send(
-            addr,
-            authed(
-                addr,
-                "GET",
-                &format!("{}?eventName=E&limit={limit}", events_path("s")),
-            )
-            .header("X-Consumer-ID", "c"),
-        )
-        .status
+        consume_req(addr, "s", "c", &format!("eventName=E&limit={limit}"))
+            .send()
+            .status
     }
     check(&[], 5, 5, 2);
     check(
@@ -1138,11 +1095,7 @@ fn max_parked_from_variable() {
     let (_dir, db) = db_with_user();
     let (mut p, addr) = serve(&db, &[], &[("EVENTSERVER_MAX_PARKED", "1")]);
     let poll = |category: &str| {
-        let req = authed(
-            addr,
-            "GET",
-            &format!("/events?category={category}&timeout=30"),
-        );
+        let req = subscribe_req(addr, &format!("category={category}&timeout=30"));
         thread::spawn(move || try_send(addr, &req, Duration::from_secs(30)))
     };
     let first = poll("a");
@@ -1161,13 +1114,13 @@ fn max_parked_from_variable() {
 
 #[test]
 fn events_and_publish_paths_from_variables_and_flags() {
-    let (_dir, db) = db_with_user();
-    let envs = [
+    const PATHS_ENV: [(&str, &str); 2] = [
         ("EVENTSERVER_EVENTS_PATH", "/sub"),
         ("EVENTSERVER_PUBLISH_PATH", "/pub"),
     ];
+    let (_dir, db) = db_with_user();
     let check = |flags: &[&str], sub: &str, publ: &str| {
-        let (mut p, addr) = serve(&db, flags, &envs);
+        let (mut p, addr) = serve(&db, flags, &PATHS_ENV);
         let category = format!("c{}", publ.replace('/', "-"));
         let body = json!({"category": category, "data": {"via": publ}});
         let resp = send(addr, authed(addr, "POST", publ).json(&body));
@@ -1226,13 +1179,15 @@ fn metrics_auth_from_variable_and_flag() {
     p.stop();
 }
 
+/// The variables `public_subscribe_and_publish_from_variables_and_flags` sets.
+const PUBLIC_ENV: [(&str, &str); 2] = [
+    ("EVENTSERVER_PUBLIC_SUBSCRIBE", "news, pub-*"),
+    ("EVENTSERVER_PUBLIC_PUBLISH", "open-*"),
+];
+
 #[test]
 fn public_subscribe_and_publish_from_variables_and_flags() {
     let (_dir, db) = db_with_user();
-    let envs = [
-        ("EVENTSERVER_PUBLIC_SUBSCRIBE", "news, pub-*"),
-        ("EVENTSERVER_PUBLIC_PUBLISH", "open-*"),
-    ];
     let anon_sub = |addr, category: &str| {
         send(
             addr,
@@ -1250,7 +1205,7 @@ fn public_subscribe_and_publish_from_variables_and_flags() {
         )
     };
 
-    let (mut p, addr) = serve(&db, &[], &envs);
+    let (mut p, addr) = serve(&db, &[], &PUBLIC_ENV);
     for category in ["news", "pub-1", "private", "open-1"] {
         publish_ok(addr, category, &json!(category));
     }
@@ -1267,7 +1222,7 @@ fn public_subscribe_and_publish_from_variables_and_flags() {
     let (mut p, addr) = serve(
         &db,
         &["--public-subscribe", "private", "--public-publish", "news"],
-        &envs,
+        &PUBLIC_ENV,
     );
     assert_eq!(anon_sub(addr, "news").status, 401);
     assert_eq!(poll_events(&anon_sub(addr, "private")).len(), 1);
@@ -1480,13 +1435,7 @@ fn notify_socket_in_the_abstract_namespace() {
         seen: Vec::new(),
     };
     let at = format!("@{name}");
-    let args = [
-        "serve",
-        "--db",
-        db.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(&db, &[]);
     let mut p = Proc::spawn(eventserver(&args, &[("NOTIFY_SOCKET", at.as_str())]), None);
     notify.expect("READY=1", START);
     p.terminate();
@@ -1616,11 +1565,7 @@ fn sigterm_answers_parked_polls_and_keeps_every_acknowledged_publish() {
     // Parked polls: some on a category nobody publishes to (answered only by shutdown),
     // some on the category being published to (events or shutdown).
     let poll = |category: &str| {
-        let req = authed(
-            addr,
-            "GET",
-            &format!("/events?category={category}&timeout=100"),
-        );
+        let req = subscribe_req(addr, &format!("category={category}&timeout=100"));
         thread::spawn(move || try_send(addr, &req, Duration::from_secs(30)))
     };
     let idle: Vec<_> = (0..4).map(|_| poll("idle")).collect();
@@ -1693,14 +1638,7 @@ fn sigterm_answers_parked_polls_and_keeps_every_acknowledged_publish() {
     let mut seen = HashSet::new();
     let mut query = "since_time=0".to_owned();
     while seen.len() < stored {
-        let page = send(
-            addr,
-            authed(
-                addr,
-                "GET",
-                &format!("/events?category=pubs&timeout=5&{query}"),
-            ),
-        );
+        let page = subscribe_req(addr, &format!("category=pubs&timeout=5&{query}")).send();
         let events = poll_events(&page);
         assert!(
             !events.is_empty(),
@@ -1806,7 +1744,7 @@ fn metrics_count_known_traffic() {
     assert_eq!(denied.status, 401);
     assert_eq!(send(addr, Req::new(addr, "GET", "/metrics")).status, 401);
     let parked = {
-        let req = authed(addr, "GET", "/events?category=m-idle&timeout=30");
+        let req = subscribe_req(addr, "category=m-idle&timeout=30");
         thread::spawn(move || try_send(addr, &req, Duration::from_secs(30)))
     };
 

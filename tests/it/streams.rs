@@ -35,16 +35,34 @@ fn expect(resp: &Resp, status: u16, text: &str) {
 /// Asserts a 400 `"Bad Request - <why>"` with a non-empty reason.
 #[track_caller]
 fn expect_bad_request(resp: &Resp, case: &str) {
-    assert_eq!(resp.status, 400, "{case}: status; body {}", resp.text());
+    expect_reason(resp, 400, "Bad Request - ", case);
+}
+
+/// Asserts `status` and a JSON string `"<prefix><why>"` with a non-empty reason; the string.
+#[track_caller]
+fn expect_reason(resp: &Resp, status: u16, prefix: &str, case: &str) -> String {
+    assert_eq!(resp.status, status, "{case}: status; body {}", resp.text());
     expect_json_type(resp);
     let body = resp.json();
     let text = body
         .as_str()
         .unwrap_or_else(|| panic!("{case}: body is not a JSON string: {body}"));
     let why = text
-        .strip_prefix("Bad Request - ")
-        .unwrap_or_else(|| panic!("{case}: body {text:?} lacks 'Bad Request - '"));
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("{case}: body {text:?} lacks {prefix:?}"));
     assert!(!why.trim().is_empty(), "{case}: empty reason");
+    text.to_owned()
+}
+
+/// Asserts that `req` gets 400 without an `X-Consumer-ID`, with an empty one, one over 255
+/// bytes, and `control` (which holds a control character).
+#[track_caller]
+fn expect_consumer_id_checked(req: &Req, control: &str) {
+    expect_bad_request(&req.send(), "X-Consumer-ID missing");
+    let with = |consumer: &str| req.clone().header("X-Consumer-ID", consumer).send();
+    expect_bad_request(&with(""), "X-Consumer-ID empty");
+    expect_bad_request(&with(&"c".repeat(256)), "X-Consumer-ID 256 bytes");
+    expect_bad_request(&with(control), "X-Consumer-ID control");
 }
 
 #[track_caller]
@@ -333,67 +351,42 @@ fn authentication_comes_before_validation_existence_and_ownership() {
     let id = append_ok(&server, "mine", "owner", &event("E"));
 
     // No credentials: 401, whatever else is wrong.
+    let as_producer = |stream: &str, producer: &str| {
+        server
+            .anon("POST", &events_path(stream))
+            .header("X-Producer-ID", producer)
+    };
+    let as_consumer =
+        |method: &str, path: &str| server.anon(method, path).header("X-Consumer-ID", "c");
+    let too_large = ev_with("E", json!("x".repeat(2000)));
+    let read_missing = format!("{}?eventName=E&limit=1", events_path("nowhere"));
     let cases: Vec<(&str, Req)> = vec![
-        (
-            "body not JSON",
-            server
-                .anon("POST", &events_path("fresh"))
-                .header("X-Producer-ID", "p")
-                .body("not json"),
-        ),
+        ("body not JSON", as_producer("fresh", "p").body("not json")),
         (
             "missing producer id",
             server.anon("POST", &events_path("fresh")).json(&event("E")),
         ),
         (
             "bad stream name",
-            server
-                .anon("POST", &events_path("bad%00name"))
-                .header("X-Producer-ID", "p")
-                .json(&event("E")),
+            as_producer("bad%00name", "p").json(&event("E")),
         ),
-        (
-            "body too large",
-            server
-                .anon("POST", &events_path("fresh"))
-                .header("X-Producer-ID", "p")
-                .json(&ev_with("E", json!("x".repeat(2000)))),
-        ),
+        ("body too large", as_producer("fresh", "p").json(&too_large)),
         (
             "second producer",
-            server
-                .anon("POST", &events_path("mine"))
-                .header("X-Producer-ID", "intruder")
-                .json(&event("E")),
+            as_producer("mine", "intruder").json(&event("E")),
         ),
-        (
-            "GET of a missing stream",
-            server
-                .anon(
-                    "GET",
-                    &format!("{}?eventName=E&limit=1", events_path("nowhere")),
-                )
-                .header("X-Consumer-ID", "c"),
-        ),
+        ("GET of a missing stream", as_consumer("GET", &read_missing)),
         (
             "GET without parameters",
-            server
-                .anon("GET", &events_path("mine"))
-                .header("X-Consumer-ID", "c"),
+            as_consumer("GET", &events_path("mine")),
         ),
         (
             "ACK of a malformed id",
-            server
-                .anon("POST", &event_path("mine", "not-a-uuid"))
-                .header("X-Consumer-ID", "c")
-                .body("action=ACK"),
+            as_consumer("POST", &event_path("mine", "not-a-uuid")).body("action=ACK"),
         ),
         (
             "ACK on a missing stream",
-            server
-                .anon("POST", &event_path("nowhere", &id))
-                .header("X-Consumer-ID", "c")
-                .body("action=ACK"),
+            as_consumer("POST", &event_path("nowhere", &id)).body("action=ACK"),
         ),
         (
             "wrong method",
@@ -481,63 +474,24 @@ fn malformed_events_get_400_and_store_and_claim_nothing() {
         ("name number", br#"{"event":{"name":5}}"#.to_vec()),
         ("name array", br#"{"event":{"name":["E"]}}"#.to_vec()),
         ("name object", br#"{"event":{"name":{"n":"E"}}}"#.to_vec()),
-        (
-            "version 0",
-            br#"{"event":{"name":"E","version":0}}"#.to_vec(),
-        ),
-        (
-            "version -1",
-            br#"{"event":{"name":"E","version":-1}}"#.to_vec(),
-        ),
-        (
-            "version 1.5",
-            br#"{"event":{"name":"E","version":1.5}}"#.to_vec(),
-        ),
-        (
-            "version \"1\"",
-            br#"{"event":{"name":"E","version":"1"}}"#.to_vec(),
-        ),
-        (
-            "version null",
-            br#"{"event":{"name":"E","version":null}}"#.to_vec(),
-        ),
-        (
-            "version true",
-            br#"{"event":{"name":"E","version":true}}"#.to_vec(),
-        ),
-        (
-            "system null",
-            br#"{"event":{"name":"E"},"system":null}"#.to_vec(),
-        ),
-        (
-            "system string",
-            br#"{"event":{"name":"E"},"system":"s"}"#.to_vec(),
-        ),
-        (
-            "system array",
-            br#"{"event":{"name":"E"},"system":[]}"#.to_vec(),
-        ),
-        (
-            "system number",
-            br#"{"event":{"name":"E"},"system":1}"#.to_vec(),
-        ),
-        (
-            "trigger null",
-            br#"{"event":{"name":"E"},"trigger":null}"#.to_vec(),
-        ),
-        (
-            "trigger string",
-            br#"{"event":{"name":"E"},"trigger":"t"}"#.to_vec(),
-        ),
-        (
-            "trigger array",
-            br#"{"event":{"name":"E"},"trigger":[{}]}"#.to_vec(),
-        ),
-        (
-            "trigger bool",
-            br#"{"event":{"name":"E"},"trigger":false}"#.to_vec(),
-        ),
     ];
+    let mut bodies: Vec<(String, Vec<u8>)> = bodies
+        .into_iter()
+        .map(|(case, body)| (case.to_owned(), body))
+        .collect();
+    for version in ["0", "-1", "1.5", "\"1\"", "null", "true"] {
+        let body = format!(r#"{{"event":{{"name":"E","version":{version}}}}}"#);
+        bodies.push((format!("version {version}"), body.into_bytes()));
+    }
+    let members = ["system", "trigger"];
+    let wrong = ["null", "\"s\"", "[]", "[{}]", "1", "false"];
+    for (member, value) in members
+        .iter()
+        .flat_map(|m| wrong.iter().map(move |v| (m, v)))
+    {
+        let body = format!(r#"{{"event":{{"name":"E"}},"{member}":{value}}}"#);
+        bodies.push((format!("{member} {value}"), body.into_bytes()));
+    }
     for (case, body) in &bodies {
         for (stream, producer) in [("fresh", "newcomer"), ("existing", "owner")] {
             let resp = server
@@ -998,23 +952,8 @@ fn get_rejects_bad_parameters() {
     for (case, query) in bad {
         expect_bad_request(&get(&server, "params", "c", query), case);
     }
-    let no_consumer = |consumer: Option<&str>| {
-        let mut req = server.req(
-            "GET",
-            &format!("{}?eventName=E&limit=10", events_path("params")),
-        );
-        if let Some(c) = consumer {
-            req = req.header("X-Consumer-ID", c);
-        }
-        req.send()
-    };
-    expect_bad_request(&no_consumer(None), "X-Consumer-ID missing");
-    expect_bad_request(&no_consumer(Some("")), "X-Consumer-ID empty");
-    expect_bad_request(
-        &no_consumer(Some(&"c".repeat(256))),
-        "X-Consumer-ID 256 bytes",
-    );
-    expect_bad_request(&no_consumer(Some("con\u{1}sumer")), "X-Consumer-ID control");
+    let read = format!("{}?eventName=E&limit=10", events_path("params"));
+    expect_consumer_id_checked(&server.req("GET", &read), "con\u{1}sumer");
 
     // The edges that are allowed.
     assert_eq!(
@@ -1177,20 +1116,8 @@ fn ack_rejects_bad_requests() {
     ] {
         expect_bad_request(&ack(&server, s, raw_id, "c"), &format!("event id {case}"));
     }
-    let no_consumer = |consumer: Option<&str>| {
-        let mut req = server.req("POST", &event_path(s, &id)).body("action=ACK");
-        if let Some(c) = consumer {
-            req = req.header("X-Consumer-ID", c);
-        }
-        req.send()
-    };
-    expect_bad_request(&no_consumer(None), "X-Consumer-ID missing");
-    expect_bad_request(&no_consumer(Some("")), "X-Consumer-ID empty");
-    expect_bad_request(
-        &no_consumer(Some(&"c".repeat(256))),
-        "X-Consumer-ID 256 bytes",
-    );
-    expect_bad_request(&no_consumer(Some("a\u{2}b")), "X-Consumer-ID control");
+    let ack = server.req("POST", &event_path(s, &id)).body("action=ACK");
+    expect_consumer_id_checked(&ack, "a\u{2}b");
     // None of these moved anything.
     assert_eq!(ids(&get_ok(&server, s, "c", "E", 10)), [id.as_str()]);
 }
@@ -1265,16 +1192,7 @@ fn storage_failures_answer_500_without_internals() {
         ("ack", ack(&server, "doomed", &id, "c")),
     ];
     for (case, resp) in &answers {
-        assert_eq!(resp.status, 500, "{case}: {}", resp.text());
-        expect_json_type(resp);
-        let body = resp.json();
-        let text = body
-            .as_str()
-            .unwrap_or_else(|| panic!("{case}: not a string: {body}"));
-        let why = text
-            .strip_prefix("Internal Server Error - ")
-            .unwrap_or_else(|| panic!("{case}: {text:?}"));
-        assert!(!why.trim().is_empty(), "{case}: empty reason");
+        let text = expect_reason(resp, 500, "Internal Server Error - ", case);
         let lower = text.to_lowercase();
         for secret in ["sql", "table", "no such", "offsets", "events.db", "/tmp"] {
             assert!(
@@ -1723,13 +1641,7 @@ fn slow_bodies_do_not_stop_other_clients() {
 #[test]
 fn ack_accepts_a_percent_encoded_braced_event_id() {
     let server = TestServer::start();
-    let resp = server
-        .req("POST", "/api/v1/streams/braced/events")
-        .header("X-Producer-ID", "p")
-        .json(&serde_json::json!({"event": {"name": "E"}}))
-        .send();
-    assert_eq!(resp.status, 200);
-    let id: String = serde_json::from_slice(&resp.body).unwrap();
+    let id = append_ok(&server, "braced", "p", &event("E"));
     let ack = server
         .req("POST", &format!("/api/v1/streams/braced/events/%7B{id}%7D"))
         .header("X-Consumer-ID", "c")

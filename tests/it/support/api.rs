@@ -117,3 +117,13 @@ pub fn expect_json_type(resp: &Resp) {
         resp.text()
     );
 }
+
+/// Asserts that the body is a JSON string starting with `prefix`.
+#[track_caller]
+pub fn expect_text_starting(resp: &Resp, prefix: &str) {
+    assert!(
+        resp.json().as_str().is_some_and(|t| t.starts_with(prefix)),
+        "expected a JSON string starting {prefix:?}: {}",
+        resp.text()
+    );
+}

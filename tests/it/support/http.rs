@@ -143,12 +143,13 @@ pub struct Resp {
 }
 
 impl Resp {
-    /// The first header called `name`.
+    /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        let (_, value) = self
+            .headers
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))?;
+        Some(value)
     }
 
     /// The body as text.
