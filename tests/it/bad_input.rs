@@ -257,6 +257,14 @@ fn append(stream: &str) -> Req {
         .header("Content-Type", "application/json")
 }
 
+/// An append of a valid event to stream `bad` that declares `length` as its length.
+fn declaring(length: impl AsRef<[u8]>) -> Req {
+    append("bad")
+        .header("Content-Length", length)
+        .no_length()
+        .body(valid_event())
+}
+
 fn valid_event() -> Vec<u8> {
     br#"{"event":{"name":"a"}}"#.to_vec()
 }
@@ -304,6 +312,12 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Runs a table of malformed writes: [`run_table`], then [`assert_nothing_stored`].
+fn run_write_table(server: &TestServer, cases: Vec<Case>) {
+    run_table(server, cases);
+    assert_nothing_stored(server);
+}
+
 /// After a table: stream `bad` was never created, by any case.
 fn assert_nothing_stored(server: &TestServer) {
     let resp = server
@@ -338,38 +352,30 @@ fn assert_nothing_stored(server: &TestServer) {
 #[test]
 fn malformed_request_lines_and_headers() {
     let server = start();
-    let cases = vec![
-        raw_case(
-            "a word and nothing else",
-            "GARBAGE\r\n\r\n",
-            Expect::Status(400),
-        ),
-        raw_case(
-            "no HTTP version",
-            "GET /healthz\r\n\r\n",
-            Expect::Status(400),
-        ),
-        raw_case(
-            "an unknown HTTP version",
-            "GET /healthz HTTP/9.9\r\n\r\n",
-            Expect::Status(400),
-        ),
-        raw_case(
+    // tiny_http answers a request line or header it cannot parse with an empty 400.
+    let unparsable = [
+        ("a word and nothing else", "GARBAGE\r\n\r\n"),
+        ("no HTTP version", "GET /healthz\r\n\r\n"),
+        ("an unknown HTTP version", "GET /healthz HTTP/9.9\r\n\r\n"),
+        (
             "two spaces in the request line",
             "GET  /healthz HTTP/1.1\r\n\r\n",
-            Expect::Status(400),
         ),
-        raw_case("an empty request line", "\r\n\r\n", Expect::Status(400)),
-        raw_case(
+        ("an empty request line", "\r\n\r\n"),
+        (
             "a header line without a colon",
             "GET /healthz HTTP/1.1\r\nNoColonHere\r\n\r\n",
-            Expect::Status(400),
         ),
-        raw_case(
+        (
             "a header name with a space",
             "GET /healthz HTTP/1.1\r\nBad Name: x\r\n\r\n",
-            Expect::Status(400),
         ),
+    ];
+    let mut cases: Vec<Case> = unparsable
+        .into_iter()
+        .map(|(name, head)| raw_case(name, head, Expect::Status(400)))
+        .collect();
+    cases.extend([
         // The path reaches the router; it is no route.
         case(
             "a NUL byte in the path",
@@ -418,7 +424,7 @@ fn malformed_request_lines_and_headers() {
             &Req::raw("GET", "/healthz").header("Expect", "coffee"),
             Expect::Status(417),
         ),
-    ];
+    ]);
     run_table(&server, cases);
 }
 
@@ -426,7 +432,7 @@ fn malformed_request_lines_and_headers() {
 fn bodies_over_the_limit_and_lying_lengths() {
     let server = start();
     let over = vec![b' '; BODY_LIMIT + 1];
-    let cases = vec![
+    let mut cases = vec![
         case(
             "a streams-API body one byte over the limit",
             &append("bad").body(over.clone()),
@@ -445,80 +451,21 @@ fn bodies_over_the_limit_and_lying_lengths() {
             UNAUTHORIZED,
         ),
         case(
-            "a declared 100 GB body (never read)",
-            &append("bad")
-                .header("Content-Length", "100000000000")
-                .no_length()
-                .body(valid_event()),
-            Expect::Text(413, "Payload Too Large - "),
-        ),
-        case(
             "a declared 2^64 - 1 byte body",
-            &append("bad")
-                .header("Content-Length", u64::MAX.to_string())
-                .no_length()
-                .body(valid_event()),
+            &declaring(u64::MAX.to_string()),
             Expect::Text(413, "Payload Too Large - "),
-        ),
-        // A length that does not parse is no length: the body is empty.
-        case(
-            "a negative Content-Length",
-            &append("bad")
-                .header("Content-Length", "-22")
-                .no_length()
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a non-numeric Content-Length",
-            &append("bad")
-                .header("Content-Length", "twenty-two")
-                .no_length()
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "an exponent Content-Length",
-            &append("bad")
-                .header("Content-Length", "2.2e1")
-                .no_length()
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a Content-Length overflowing 64 bits",
-            &append("bad")
-                .header("Content-Length", "18446744073709551638")
-                .no_length()
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a Content-Length shorter than the body",
-            &append("bad")
-                .header("Content-Length", "12")
-                .no_length()
-                .body(valid_event()),
-            BAD_REQUEST,
         ),
         // RFC 9112 §6.3: differing Content-Length fields are an unrecoverable error.
         case(
             "two Content-Length headers that disagree",
-            &append("bad")
-                .header("Content-Length", "22")
-                .header("Content-Length", "12")
-                .no_length()
-                .body(valid_event()),
+            &declaring("22").header("Content-Length", "12"),
             BAD_REQUEST,
         ),
         // A body shorter than declared, then the end of the stream: tiny_http reads short
         // bodies (up to 1 KiB) itself and closes without an answer.
         case(
             "a short body under 1 KiB, then the client closes",
-            &append("bad")
-                .header("Content-Length", "100")
-                .no_length()
-                .body(valid_event()),
+            &declaring("100"),
             Expect::Closed,
         )
         .half_close(),
@@ -526,10 +473,7 @@ fn bodies_over_the_limit_and_lying_lengths() {
         // must not pass for the whole body.
         case(
             "a short body over 1 KiB, then the client closes",
-            &append("bad")
-                .header("Content-Length", "5000")
-                .no_length()
-                .body(valid_event()),
+            &declaring("5000"),
             BAD_REQUEST,
         )
         .half_close(),
@@ -544,25 +488,36 @@ fn bodies_over_the_limit_and_lying_lengths() {
         // The same with the connection held open: cut after the read timeout.
         case(
             "a short body under 1 KiB, connection held",
-            &append("bad")
-                .header("Content-Length", "100")
-                .no_length()
-                .body(valid_event()),
+            &declaring("100"),
             Expect::Closed,
         )
         .slow(),
         case(
             "a short body over 1 KiB, connection held",
-            &append("bad")
-                .header("Content-Length", "5000")
-                .no_length()
-                .body(valid_event()),
+            &declaring("5000"),
             Expect::Text(400, "Bad Request - could not read the request body"),
         )
         .slow(),
     ];
-    run_table(&server, cases);
-    assert_nothing_stored(&server);
+    let declared = "a declared 100 GB body (never read)";
+    cases.push(case(
+        declared,
+        &declaring("100000000000"),
+        Expect::Text(413, "Payload Too Large - "),
+    ));
+    // A length that does not parse is no length: the body is empty.
+    let unparsed = [
+        ("a negative Content-Length", "-22"),
+        ("a non-numeric Content-Length", "twenty-two"),
+        ("an exponent Content-Length", "2.2e1"),
+        (
+            "a Content-Length overflowing 64 bits",
+            "18446744073709551638",
+        ),
+        ("a Content-Length shorter than the body", "12"),
+    ];
+    cases.extend(unparsed.map(|(name, length)| case(name, &declaring(length), BAD_REQUEST)));
+    run_write_table(&server, cases);
 }
 
 #[test]
@@ -582,50 +537,45 @@ fn broken_chunked_bodies() {
         over.extend_from_slice(b"\r\n");
     }
     over.extend_from_slice(b"0\r\n\r\n");
-    let mut cases = vec![
-        raw_case(
-            "a chunk size that is not hex",
-            chunked(b"zz\r\n{}\r\n0\r\n\r\n"),
-            Expect::Text(400, "Bad Request - could not read the request body"),
-        ),
-        raw_case(
+    const UNREADABLE: Expect = Expect::Text(400, "Bad Request - could not read the request body");
+    let broken: [(&str, &[u8]); 5] = [
+        ("a chunk size that is not hex", b"zz\r\n{}\r\n0\r\n\r\n"),
+        (
             "a negative chunk size",
-            chunked(b"-16\r\n{\"event\":{\"name\":\"a\"}}\r\n0\r\n\r\n"),
-            Expect::Text(400, "Bad Request - could not read the request body"),
+            b"-16\r\n{\"event\":{\"name\":\"a\"}}\r\n0\r\n\r\n",
         ),
-        raw_case(
+        (
             "a chunk size overflowing 64 bits",
-            chunked(b"1ffffffffffffffff\r\n{}\r\n0\r\n\r\n"),
-            Expect::Text(400, "Bad Request - could not read the request body"),
+            b"1ffffffffffffffff\r\n{}\r\n0\r\n\r\n",
         ),
-        raw_case(
-            "an empty chunk-size line",
-            chunked(b"\r\n{}\r\n0\r\n\r\n"),
-            Expect::Text(400, "Bad Request - could not read the request body"),
-        ),
-        raw_case(
-            "chunk data without its CRLF",
-            chunked(b"2\r\n{}0\r\n\r\n"),
-            Expect::Text(400, "Bad Request - could not read the request body"),
-        ),
-        raw_case(
-            "a chunk longer than what is sent, connection held",
-            chunked(b"ffff\r\n{\"event\":{\"name\":\"a\"}}"),
-            Expect::Text(400, "Bad Request - could not read the request body"),
-        )
-        .slow(),
-        raw_case(
-            "a body without its last chunk, connection held",
-            chunked(&good[..good.len() - 5]),
-            Expect::Text(400, "Bad Request - could not read the request body"),
-        )
-        .slow(),
-        raw_case(
-            "chunks adding up to more than the limit",
-            chunked(&over),
-            Expect::Text(413, "Payload Too Large - limit is 1048576 bytes"),
-        ),
+        ("an empty chunk-size line", b"\r\n{}\r\n0\r\n\r\n"),
+        ("chunk data without its CRLF", b"2\r\n{}0\r\n\r\n"),
     ];
+    let mut cases: Vec<Case> = broken
+        .into_iter()
+        .map(|(name, chunks)| raw_case(name, chunked(chunks), UNREADABLE))
+        .collect();
+    // Bodies that stop short while the connection stays open are cut after the read timeout.
+    let held: [(&str, &[u8]); 2] = [
+        (
+            "a chunk longer than what is sent",
+            b"ffff\r\n{\"event\":{\"name\":\"a\"}}",
+        ),
+        ("a body without its last chunk", &good[..good.len() - 5]),
+    ];
+    cases.extend(held.into_iter().map(|(name, chunks)| {
+        raw_case(
+            format!("{name}, connection held"),
+            chunked(chunks),
+            UNREADABLE,
+        )
+        .slow()
+    }));
+    cases.push(raw_case(
+        "chunks adding up to more than the limit",
+        chunked(&over),
+        Expect::Text(413, "Payload Too Large - limit is 1048576 bytes"),
+    ));
     // Publish answers in golongpoll's shape: a body that cannot be read is not JSON.
     for (what, chunks) in [
         ("not hex", &b"zz\r\n{}\r\n0\r\n\r\n"[..]),
@@ -653,8 +603,7 @@ fn broken_chunked_bodies() {
         )
         .slow(),
     );
-    run_table(&server, cases);
-    assert_nothing_stored(&server);
+    run_write_table(&server, cases);
     // The same framing with a good body is accepted: the rows above failed for their errors.
     let outcome = outcome(server.addr, chunked(&good), false);
     check(&Expect::Status(200), &outcome).unwrap();
@@ -680,37 +629,35 @@ fn a_chunked_body_cut_short_by_the_client_is_not_stored() {
 fn invalid_utf8_and_control_characters() {
     let server = start();
     append_ok(&server, "s", "p", &event("a"));
-    let mut cases = vec![
-        case(
-            "a percent-encoded byte that is not UTF-8 in a stream name",
-            &append("bad%ff").body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a truncated UTF-8 sequence in a stream name",
-            &append("bad%C3%28").body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "an encoded surrogate in a stream name",
-            &append("bad%ED%A0%80").body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a malformed escape in a stream name",
-            &append("bad%zz").body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "an escape cut short at the end of a stream name",
-            &append("bad%4").body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a stream name of 1025 bytes",
-            &append(&"b".repeat(1025)).body(valid_event()),
-            BAD_REQUEST,
-        ),
+    let stream_names = [
+        ("a percent-encoded byte that is not UTF-8", "bad%ff"),
+        ("a truncated UTF-8 sequence", "bad%C3%28"),
+        ("an encoded surrogate", "bad%ED%A0%80"),
+        ("a malformed escape", "bad%zz"),
+        ("an escape cut short at the end", "bad%4"),
+        ("1025 bytes", &"b".repeat(1025)),
+    ];
+    let mut cases: Vec<Case> = stream_names
+        .into_iter()
+        .map(|(what, stream)| {
+            let name = format!("{what} in a stream name");
+            case(name, &append(stream).body(valid_event()), BAD_REQUEST)
+        })
+        .collect();
+    let producer_ids = [
+        ("with a tab", "a\tb".to_owned()),
+        ("with a DEL", "a\x7fb".to_owned()),
+        ("empty", String::new()),
+        ("of 256 bytes", "p".repeat(256)),
+    ];
+    cases.extend(producer_ids.into_iter().map(|(what, id)| {
+        let request = Req::raw("POST", "/api/v1/streams/bad/events")
+            .auth(USER, PASSWORD)
+            .header("X-Producer-ID", id)
+            .body(valid_event());
+        case(format!("a producer id {what}"), &request, BAD_REQUEST)
+    }));
+    cases.extend([
         case(
             "a percent-encoded non-UTF-8 eventName",
             &consume("eventName=%ff&limit=1"),
@@ -759,42 +706,10 @@ fn invalid_utf8_and_control_characters() {
             BAD_REQUEST,
         ),
         case(
-            "a producer id with a tab",
-            &Req::raw("POST", "/api/v1/streams/bad/events")
-                .auth(USER, PASSWORD)
-                .header("X-Producer-ID", "a\tb")
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a producer id with a DEL",
-            &Req::raw("POST", "/api/v1/streams/bad/events")
-                .auth(USER, PASSWORD)
-                .header("X-Producer-ID", "a\x7fb")
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
             "a consumer id with a control character",
             &Req::raw("GET", "/api/v1/streams/s/events?eventName=a&limit=1")
                 .auth(USER, PASSWORD)
                 .header("X-Consumer-ID", "c\x01"),
-            BAD_REQUEST,
-        ),
-        case(
-            "an empty producer id",
-            &Req::raw("POST", "/api/v1/streams/bad/events")
-                .auth(USER, PASSWORD)
-                .header("X-Producer-ID", "")
-                .body(valid_event()),
-            BAD_REQUEST,
-        ),
-        case(
-            "a producer id of 256 bytes",
-            &Req::raw("POST", "/api/v1/streams/bad/events")
-                .auth(USER, PASSWORD)
-                .header("X-Producer-ID", "p".repeat(256))
-                .body(valid_event()),
             BAD_REQUEST,
         ),
         case(
@@ -821,7 +736,7 @@ fn invalid_utf8_and_control_characters() {
                 "Invalid 'X-Producer-ID' header, must be 1-255 bytes without control characters.",
             ),
         ),
-    ];
+    ]);
     // Every encoded control character (C0, DEL, C1) in a stream name and a category.
     for control in [
         "%00", "%01", "%09", "%0A", "%0D", "%1B", "%1F", "%7F", "%C2%80", "%C2%85", "%C2%9F",
@@ -847,8 +762,7 @@ fn invalid_utf8_and_control_characters() {
             BAD_CATEGORY,
         ));
     }
-    run_table(&server, cases);
-    assert_nothing_stored(&server);
+    run_write_table(&server, cases);
 }
 
 #[test]
@@ -1045,8 +959,7 @@ fn deep_and_huge_json() {
             BAD_REQUEST,
         ),
     ];
-    run_table(&server, cases);
-    assert_nothing_stored(&server);
+    run_write_table(&server, cases);
 }
 
 /// Huge valid strings under the limit are stored and come back exactly as posted.
@@ -1301,8 +1214,7 @@ fn basic_auth_headers_that_are_not_credentials() {
         &consume("eventName=a&limit=1"),
         Expect::Status(200),
     ));
-    run_table(&server, cases);
-    assert_nothing_stored(&server);
+    run_write_table(&server, cases);
 }
 
 /// A sanity check of the harness itself: a row that expects the wrong thing fails.
