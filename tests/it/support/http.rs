@@ -137,8 +137,11 @@ impl Req {
 /// A response as received.
 #[derive(Debug, Clone)]
 pub struct Resp {
+    /// The status code.
     pub status: u16,
+    /// The headers, in the order received.
     pub headers: Vec<(String, String)>,
+    /// The body, unchunked.
     pub body: Vec<u8>,
 }
 

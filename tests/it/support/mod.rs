@@ -23,8 +23,11 @@ pub const PASSWORD: &str = "correct horse";
 
 /// A running server on a temporary database.
 pub struct TestServer {
+    /// The running server; `None` only while it restarts.
     pub handle: Option<ServerHandle>,
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Its database, in the temporary directory.
     pub db: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -64,6 +67,7 @@ impl TestServer {
         self.addr = addr;
     }
 
+    /// The running server, for what tests read in process (parked polls, publishing).
     pub fn handle(&self) -> &ServerHandle {
         self.handle.as_ref().expect("server is running")
     }
