@@ -355,4 +355,28 @@ mod tests {
             assert_eq!(auth.check(&bad, loopback, lookup), Ok(Checked::Invalid));
         }
     }
+
+    proptest::proptest! {
+        // Each case hashes and verifies with argon2 (tens of milliseconds each); failures
+        // print their minimal input, with no regression files beside the sources.
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 8,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+
+        /// The password comes back too: the credential verifies against the password's hash.
+        #[test]
+        fn basic_passwords_come_back(user in "[^:]{1,8}", password in proptest::arbitrary::any::<String>()) {
+            let creds = parse_basic(&basic(&format!("{user}:{password}"))).expect("valid header");
+            let auth = Authenticator::new(Duration::from_secs(60), 0, false);
+            let hash = hash_password(&password);
+            let stored = || Some(Stored { hash: hash.clone(), grants: Grants::new("*", "*") });
+            let checked = auth.check(&creds, None, |_| Ok::<_, ()>(stored())).unwrap();
+            proptest::prop_assert!(matches!(checked, Checked::Valid(_)), "the password did not come back");
+            let wrong = parse_basic(&basic(&format!("{user}:{password}x"))).expect("valid header");
+            let checked = auth.check(&wrong, None, |_| Ok::<_, ()>(stored())).unwrap();
+            proptest::prop_assert_eq!(checked, Checked::Invalid, "another password passed");
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Crash durability (issue 6): the real binary is killed with SIGKILL at random moments
+//! Crash durability: the real binary is killed with SIGKILL at random moments
 //! while producers append (streams API) and publish (`/publish`), consumers read and
 //! acknowledge, and long-poll followers resume; it is restarted on the same database each
 //! time. Afterwards, with the server running once more:
@@ -28,22 +28,18 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Req, Resp, clean_env};
-
-const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
-const USER: &str = "crash";
-const PASSWORD: &str = "crash test password";
+use crate::support::{
+    PASSWORD, Proc, Req, Resp, USER, append_req, publish_req, run, serve, try_send,
+};
 
 /// SIGKILLs while the clients run (one more follows, with the clients stopped, to compare
 /// the long-poll view before and after a restart).
@@ -61,8 +57,6 @@ const FOLLOWED: [&str; 2] = ["pub-0", "s-1"];
 /// The only event name producers use.
 const NAME: &str = "E";
 
-/// Start-up (exec, WAL recovery, bind) must finish within this.
-const START: Duration = Duration::from_secs(20);
 /// Graceful shutdown must finish within this.
 const SHUTDOWN: Duration = Duration::from_secs(20);
 /// Connect, write and read timeout of every request; far above any answer's latency.
@@ -86,12 +80,12 @@ fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("events.db");
     add_user(&db);
-    let log = Arc::new(Mutex::new(Vec::new()));
+    let mut log = Vec::new();
 
     let cluster = Arc::new(Cluster::default());
     let _stop_clients = StopOnDrop(cluster.clone());
-    let mut server = ServerProc::start(&db, 0, &log);
-    cluster.up(server.addr);
+    let (mut server, mut addr) = start(&db);
+    cluster.up(addr);
 
     let created: Arc<Vec<AtomicBool>> =
         Arc::new((0..STREAMS).map(|_| AtomicBool::new(false)).collect());
@@ -130,9 +124,8 @@ fn acknowledged_writes_survive_sigkill() {
         );
         thread::sleep(delay);
         cluster.down();
-        server.kill9();
-        server = ServerProc::start(&db, run, &log);
-        cluster.up(server.addr);
+        addr = restart(&mut server, run, &db, &mut log);
+        cluster.up(addr);
     }
 
     // Let the clients finish their current requests; the server stays up.
@@ -152,10 +145,9 @@ fn acknowledged_writes_survive_sigkill() {
         .collect();
 
     // The long-poll view before and after one more restart, with nothing written between.
-    let before = read_categories(server.addr, &categories);
-    server.kill9();
-    server = ServerProc::start(&db, KILLS + 1, &log);
-    let after = read_categories(server.addr, &categories);
+    let before = read_categories(addr, &categories);
+    addr = restart(&mut server, KILLS + 1, &db, &mut log);
+    let after = read_categories(addr, &categories);
     for (category, (b, a)) in categories.iter().zip(before.iter().zip(&after)) {
         if b != a {
             let first = b.iter().zip(a).position(|(x, y)| x != y);
@@ -170,7 +162,7 @@ fn acknowledged_writes_survive_sigkill() {
     // Streams: read with a fresh consumer, then check against what the clients saw.
     let mut stats = Stats::default();
     for p in 0..STREAMS {
-        let elements = read_stream(server.addr, &stream_name(p), "verify", &mut problems);
+        let elements = read_stream(addr, &stream_name(p), "verify", &mut problems);
         let observed = consumers
             .iter()
             .filter(|c| c.stream == p)
@@ -232,17 +224,17 @@ fn acknowledged_writes_survive_sigkill() {
         stats.acks_ok += c.acks_ok;
         stats.restart_checks += c.restart_checks;
         let resp = send(
-            server.addr,
+            addr,
             &Req::new(
-                server.addr,
+                addr,
                 "GET",
-                &format!(
+                format!(
                     "/api/v1/streams/{}/events?eventName={NAME}&limit=1",
                     stream_name(c.stream)
                 ),
             )
             .auth(USER, PASSWORD)
-            .header("X-Consumer-ID", &consumer_name(c.index)),
+            .header("X-Consumer-ID", consumer_name(c.index)),
         );
         assert_eq!(
             resp.status,
@@ -267,10 +259,11 @@ fn acknowledged_writes_survive_sigkill() {
         }
     }
 
-    server.terminate();
+    server.stop_within(SHUTDOWN);
+    keep_log(&server, KILLS + 1, &mut log);
     check_database(&db, &mut problems);
 
-    let server_log = lock(&log).join("\n");
+    let server_log = log.join("\n");
     eprintln!(
         "crash test: {KILLS} kills while the clients ran ({chaos:?}), 1 more with them stopped ({:?} in total); appends {} acknowledged, {} unanswered ({} of them stored), {} refused; \
          publishes {} acknowledged, {} unanswered ({} stored), {} refused; {} ACKs answered 200, {} offset checks right after a restart, \
@@ -379,118 +372,34 @@ fn pad(who: usize, n: u64) -> String {
 
 /// Adds the test user with the binary's own `user add` (password on stdin).
 fn add_user(db: &Path) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["user", "add", USER, "--db"]).arg(db);
-    clean_env(&mut cmd);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn user add");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().expect("user add");
-    assert!(
-        out.status.success(),
-        "user add failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let db = db.to_str().expect("a UTF-8 database path");
+    run(
+        &["user", "add", USER, "--db", db],
+        &[],
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .ok();
 }
 
-/// `eventserver serve` on the test database; killed and reaped on drop.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-    exited: Option<ExitStatus>,
+/// `eventserver serve` on the test database, logging at INFO, once it listens.
+fn start(db: &Path) -> (Proc, SocketAddr) {
+    serve(db, &[], &[("EVENTSERVER_LOG", "info")])
 }
 
-impl ServerProc {
-    /// Starts the server and waits (at most [`START`]) for its `listening on ADDR` line.
-    /// Lines other than per-request INFO lines go to `log`, tagged with `run`.
-    fn start(db: &Path, run: usize, log: &Arc<Mutex<Vec<String>>>) -> ServerProc {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--db"])
-            .arg(db);
-        clean_env(&mut cmd);
-        cmd.env("EVENTSERVER_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn eventserver serve");
-        let stderr = child.stderr.take().unwrap();
-        let mut proc = ServerProc {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            exited: None,
-        };
-        let (tx, rx) = mpsc::channel();
-        let sink = log.clone();
-        thread::spawn(move || {
-            // Drains stderr until the process dies, so that logging never blocks it.
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some((_, rest)) = line.split_once("listening on ") {
-                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                if !line.starts_with("INFO") {
-                    lock(&sink).push(format!("[run {run}] {line}"));
-                }
-            }
-        });
-        let addr = rx.recv_timeout(START).unwrap_or_else(|e| {
-            panic!(
-                "run {run}: no 'listening on' line within {START:?} ({e}); log:\n{}",
-                lock(log).join("\n")
-            )
-        });
-        proc.addr = addr
-            .parse()
-            .unwrap_or_else(|_| panic!("bad address {addr:?}"));
-        proc
-    }
-
-    fn signal(&self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a valid pid");
-        rustix::process::kill_process(pid, signal).expect("kill");
-    }
-
-    /// SIGKILL, then reap.
-    fn kill9(&mut self) {
-        self.signal(rustix::process::Signal::KILL);
-        self.exited = Some(self.child.wait().expect("wait for the killed server"));
-    }
-
-    /// SIGTERM, then a clean exit within [`SHUTDOWN`].
-    fn terminate(&mut self) {
-        self.signal(rustix::process::Signal::TERM);
-        let deadline = Instant::now() + SHUTDOWN;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within {SHUTDOWN:?} of SIGTERM"
-            );
-            thread::sleep(Duration::from_millis(10));
-        };
-        self.exited = Some(status);
-        assert!(status.success(), "exit status after SIGTERM: {status}");
-    }
+/// SIGKILLs `server` (run `run - 1`), files what it logged and starts run `run` on `db`.
+fn restart(server: &mut Proc, run: usize, db: &Path, log: &mut Vec<String>) -> SocketAddr {
+    server.kill9();
+    keep_log(server, run - 1, log);
+    let (next, addr) = start(db);
+    *server = next;
+    addr
 }
 
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Files the lines `server` (run `run`) logged besides per-request INFO lines.
+fn keep_log(server: &Proc, run: usize, log: &mut Vec<String>) {
+    let stderr = server.stderr();
+    let kept = stderr.lines().filter(|line| !line.starts_with("INFO"));
+    log.extend(kept.map(|line| format!("[run {run}] {line}")));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -604,46 +513,7 @@ impl Rng {
 /// Sends `req` and reads the whole response, or `None` if there was none (refused, reset,
 /// cut short: the server died).
 fn exchange(addr: SocketAddr, req: &Req) -> Option<Resp> {
-    let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT).ok()?;
-    stream.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
-    stream.set_write_timeout(Some(IO_TIMEOUT)).ok()?;
-    stream.write_all(&req.bytes()).ok()?;
-    read_whole_response(&mut BufReader::new(stream))
-}
-
-/// A response with a complete header section and exactly `Content-Length` body bytes.
-fn read_whole_response(reader: &mut impl BufRead) -> Option<Resp> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).ok()? == 0 {
-        return None;
-    }
-    let status = line.split_whitespace().nth(1)?.parse().ok()?;
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).ok()? == 0 || !line.ends_with("\r\n") {
-            return None; // cut inside the header section
-        }
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() {
-            break;
-        }
-        let (name, value) = trimmed.split_once(':')?;
-        headers.push((name.trim().to_owned(), value.trim().to_owned()));
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))?
-        .1
-        .parse()
-        .ok()?;
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).ok()?;
-    Some(Resp {
-        status,
-        headers,
-        body,
-    })
+    try_send(addr, req, IO_TIMEOUT).ok()
 }
 
 /// For the checks after the chaos: the server is up, so an answer is required. Every
@@ -698,42 +568,27 @@ impl WriterLog {
     }
 }
 
-/// Appends `{"p":p,"n":n,"pad":…}` events named `E` to `s-<p>`, one at a time.
-fn produce(cluster: &Cluster, p: usize, created: &AtomicBool) -> WriterLog {
-    let (stream, producer) = (stream_name(p), producer_name(p));
-    let path = format!("/api/v1/streams/{stream}/events");
+/// Sends `request(addr, n)` for n = 1, 2, … one at a time to whichever server is up, until
+/// the clients stop; `answered` files each 200.
+fn write(
+    cluster: &Cluster,
+    who: &str,
+    request: impl Fn(SocketAddr, u64) -> Req,
+    mut answered: impl FnMut(u64, &Resp, &mut WriterLog),
+) -> WriterLog {
     let mut log = WriterLog::default();
     let mut n = 0;
     let mut failed = None;
     while let Some((addr, generation)) = cluster.target(failed.take()) {
         n += 1;
-        let body = json!({"event": {"name": NAME}, "payload": {"p": p, "n": n, "pad": pad(p, n)}});
-        let req = Req::new(addr, "POST", &path)
-            .auth(USER, PASSWORD)
-            .header("X-Producer-ID", &producer)
-            .json(&body);
-        match exchange(addr, &req) {
+        match exchange(addr, &request(addr, n)) {
             None => {
                 log.unknown.insert(n);
                 failed = Some(generation);
             }
-            Some(resp) if resp.status == 200 => {
-                match serde_json::from_slice::<String>(&resp.body) {
-                    Ok(id) => {
-                        log.acked.push((n, Some(id)));
-                        created.store(true, Ordering::SeqCst);
-                    }
-                    Err(_) => {
-                        cluster.problem(
-                            "unexpected answer",
-                            format!("{producer}: append {n} answered 200 {:?}", resp.text()),
-                        );
-                        log.unknown.insert(n);
-                    }
-                }
-            }
+            Some(resp) if resp.status == 200 => answered(n, &resp, &mut log),
             Some(resp) => {
-                log.refuse(cluster, &producer, n, &resp);
+                log.refuse(cluster, who, n, &resp);
                 failed = Some(generation);
             }
         }
@@ -741,42 +596,48 @@ fn produce(cluster: &Cluster, p: usize, created: &AtomicBool) -> WriterLog {
     log
 }
 
+/// Appends `{"p":p,"n":n,"pad":…}` events named `E` to `s-<p>`, one at a time.
+fn produce(cluster: &Cluster, p: usize, created: &AtomicBool) -> WriterLog {
+    let (stream, producer) = (stream_name(p), producer_name(p));
+    let request = |addr, n| {
+        let body = json!({"event": {"name": NAME}, "payload": {"p": p, "n": n, "pad": pad(p, n)}});
+        append_req(addr, &stream, &producer, &body)
+    };
+    write(
+        cluster,
+        &producer,
+        request,
+        |n, resp, log| match serde_json::from_slice::<String>(&resp.body) {
+            Ok(id) => {
+                log.acked.push((n, Some(id)));
+                created.store(true, Ordering::SeqCst);
+            }
+            Err(_) => {
+                cluster.problem(
+                    "unexpected answer",
+                    format!("{producer}: append {n} answered 200 {:?}", resp.text()),
+                );
+                log.unknown.insert(n);
+            }
+        },
+    )
+}
+
 /// Publishes `{"k":k,"n":n,"pad":…}` to `pub-<k>`, one at a time.
 fn publish(cluster: &Cluster, k: usize) -> WriterLog {
     let category = category_name(k);
     let who = format!("publisher {k}");
-    let mut log = WriterLog::default();
-    let mut n = 0;
-    let mut failed = None;
-    while let Some((addr, generation)) = cluster.target(failed.take()) {
-        n += 1;
-        let body = json!({"category": category, "data": {"k": k, "n": n, "pad": pad(k, n)}});
-        let req = Req::new(addr, "POST", "/publish")
-            .auth(USER, PASSWORD)
-            .json(&body);
-        match exchange(addr, &req) {
-            None => {
-                log.unknown.insert(n);
-                failed = Some(generation);
-            }
-            Some(resp) if resp.status == 200 => {
-                if serde_json::from_slice::<Value>(&resp.body).ok()
-                    != Some(json!({"success": true}))
-                {
-                    cluster.problem(
-                        "unexpected answer",
-                        format!("{who}: publish {n} answered 200 {:?}", resp.text()),
-                    );
-                }
-                log.acked.push((n, None));
-            }
-            Some(resp) => {
-                log.refuse(cluster, &who, n, &resp);
-                failed = Some(generation);
-            }
+    let request =
+        |addr, n| publish_req(addr, &category, &json!({"k": k, "n": n, "pad": pad(k, n)}));
+    write(cluster, &who, request, |n, resp, log| {
+        if serde_json::from_slice::<Value>(&resp.body).ok() != Some(json!({"success": true})) {
+            cluster.problem(
+                "unexpected answer",
+                format!("{who}: publish {n} answered 200 {:?}", resp.text()),
+            );
         }
-    }
-    log
+        log.acked.push((n, None));
+    })
 }
 
 /// What one consumer saw.
@@ -821,7 +682,7 @@ fn consume(
         let req = Req::new(
             addr,
             "GET",
-            &format!("/api/v1/streams/{stream}/events?eventName={NAME}&limit=50&timeout=1"),
+            format!("/api/v1/streams/{stream}/events?eventName={NAME}&limit=50&timeout=1"),
         )
         .auth(USER, PASSWORD)
         .header("X-Consumer-ID", &consumer);
@@ -909,7 +770,7 @@ fn consume(
         let req = Req::new(
             addr,
             "POST",
-            &format!("/api/v1/streams/{stream}/events/{id}"),
+            format!("/api/v1/streams/{stream}/events/{id}"),
         )
         .auth(USER, PASSWORD)
         .header("X-Consumer-ID", &consumer)
@@ -1072,7 +933,7 @@ fn read_categories(addr: SocketAddr, categories: &[String]) -> Vec<Vec<Polled>> 
                 s.spawn(move || {
                     let mut all: Vec<Polled> = Vec::new();
                     loop {
-                        let req = Req::new(addr, "GET", &poll_path(category, all.last()))
+                        let req = Req::new(addr, "GET", poll_path(category, all.last()))
                             .auth(USER, PASSWORD);
                         let events = parse_poll(category, &send(addr, &req))
                             .unwrap_or_else(|e| panic!("reading {category} by long-poll: {e}"));
@@ -1107,7 +968,7 @@ fn read_stream(
             &Req::new(
                 addr,
                 "GET",
-                &format!("/api/v1/streams/{stream}/events?eventName={NAME}&limit=1000"),
+                format!("/api/v1/streams/{stream}/events?eventName={NAME}&limit=1000"),
             )
             .auth(USER, PASSWORD)
             .header("X-Consumer-ID", consumer),
@@ -1136,7 +997,7 @@ fn read_stream(
             &Req::new(
                 addr,
                 "POST",
-                &format!("/api/v1/streams/{stream}/events/{id}"),
+                format!("/api/v1/streams/{stream}/events/{id}"),
             )
             .auth(USER, PASSWORD)
             .header("X-Consumer-ID", consumer)

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use crate::support::{TestServer, wait_until};
+use crate::support::{TestServer, append_ok, consume_req, event, wait_until};
 
+/// Every `E` event of `stream` (at most 100) after consumer `c`'s offset.
 fn elements(server: &TestServer, stream: &str) -> Vec<serde_json::Value> {
-    let path = format!("/api/v1/streams/{stream}/events?eventName=E&limit=100");
-    let resp = server.req("GET", &path).header("X-Consumer-ID", "c").send();
+    let resp = consume_req(server, stream, "c", "eventName=E&limit=100").send();
     assert_eq!(resp.status, 200, "{}", resp.text());
     resp.json().as_array().cloned().expect("an array")
 }
@@ -16,12 +16,8 @@ fn retain_events_keeps_the_newest_per_stream() {
     let mut server = TestServer::start();
     for stream in ["r1", "r2"] {
         for i in 0..10 {
-            let resp = server
-                .req("POST", &format!("/api/v1/streams/{stream}/events"))
-                .header("X-Producer-ID", "p")
-                .json(&serde_json::json!({"event": {"name": "E"}, "payload": i}))
-                .send();
-            assert_eq!(resp.status, 200, "{}", resp.text());
+            let body = serde_json::json!({"event": {"name": "E"}, "payload": i});
+            append_ok(&server, stream, "p", &body);
         }
     }
     assert_eq!(elements(&server, "r1").len(), 10);
@@ -38,12 +34,7 @@ fn retain_events_keeps_the_newest_per_stream() {
         assert_eq!(seqs, vec![8, 9, 10]);
         assert_eq!(kept[0]["payload"], 7);
     }
-    let resp = server
-        .req("POST", "/api/v1/streams/r1/events")
-        .header("X-Producer-ID", "p")
-        .json(&serde_json::json!({"event": {"name": "E"}}))
-        .send();
-    assert_eq!(resp.status, 200);
+    append_ok(&server, "r1", "p", &event("E"));
     let last = elements(&server, "r1").last().cloned().unwrap();
     assert_eq!(
         last["sequence"], 11,

@@ -1,4 +1,4 @@
-//! Running it as a service (issue 4), against the real `eventserver` binary: subcommands,
+//! Running it as a service, against the real `eventserver` binary: subcommands,
 //! every flag/environment pair of `serve`, the first-start admin password, systemd's notify
 //! protocol, watchdog and socket activation, graceful shutdown on SIGTERM, `/healthz` in both
 //! states and a parsed `/metrics` scrape after known traffic.
@@ -8,277 +8,28 @@
 //! a test fails ([`Proc`]'s `Drop`), and every wait has a deadline.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::support::{
-    PASSWORD, Req, Resp, USER, authed, basic, clean_env, send, try_send, wait_until,
+    BIN, Finished, PASSWORD, Proc, Req, Resp, SHUTDOWN, START, USER, ack_req, append_ok,
+    append_req, authed, basic, clean, consume_req, db_with_user, event, events_path, eventserver,
+    publish_ok, publish_req, run, send, serve, serve_args, subscribe_req, try_send, wait_until,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_eventserver");
 const SOCKET_ACTIVATE: &str = "/usr/bin/systemd-socket-activate";
-
-/// How long a server may take to start, and an admin command to finish.
-const START: Duration = Duration::from_secs(10);
-/// How long a graceful shutdown may take ("exit 0 within a few seconds").
-const SHUTDOWN: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------
-
-/// `program` with a clean environment as far as eventserver is concerned.
-fn clean(program: &str) -> Command {
-    let mut cmd = Command::new(program);
-    clean_env(&mut cmd);
-    cmd
-}
-
-/// The eventserver binary with `args` and `envs`.
-fn eventserver(args: &[&str], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = clean(BIN);
-    cmd.args(args);
-    cmd.envs(envs.iter().copied());
-    cmd
-}
-
-/// Collects everything a child writes to one pipe.
-fn collect(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, JoinHandle<()>) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    let reader = thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    (buf, reader)
-}
-
-/// A child process, killed on drop unless it has exited.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-    readers: Vec<JoinHandle<()>>,
-    exited: Option<ExitStatus>,
-}
-
-impl Proc {
-    /// Spawns `cmd` with `stdin` (or none) and captured stdout and stderr.
-    fn spawn(mut cmd: Command, stdin: Option<&str>) -> Proc {
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().unwrap();
-            // The child may exit without reading; that is its answer, not a test failure.
-            let _ = pipe.write_all(input.as_bytes());
-        }
-        let (out, r1) = collect(child.stdout.take().unwrap());
-        let (err, r2) = collect(child.stderr.take().unwrap());
-        Proc {
-            child,
-            out,
-            err,
-            readers: vec![r1, r2],
-            exited: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stdout(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
-    }
-
-    /// The exit status if the child has exited (reaping it).
-    fn poll_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait");
-            if self.exited.is_some() {
-                // The pipes close with the process; wait for the last bytes.
-                for reader in self.readers.drain(..) {
-                    let _ = reader.join();
-                }
-            }
-        }
-        self.exited
-    }
-
-    /// Waits for the child to exit, failing the test (and killing it) after `within`.
-    #[track_caller]
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.poll_exit() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} still running after {within:?}; stderr:\n{}",
-                self.pid(),
-                self.stderr()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&self) {
-        let pid = rustix::process::Pid::from_raw(self.pid() as i32).expect("a valid pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    }
-
-    /// SIGTERM, then asserts a clean exit (status 0) within [`SHUTDOWN`].
-    #[track_caller]
-    fn stop(&mut self) {
-        self.terminate();
-        let status = self.wait_exit(SHUTDOWN);
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "exit status after SIGTERM; stderr:\n{}",
-            self.stderr()
-        );
-    }
-
-    /// Waits until stderr holds `needle`, failing if the process exits first.
-    #[track_caller]
-    fn wait_stderr(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let err = self.stderr();
-            if err.contains(needle) {
-                return err;
-            }
-            if let Some(status) = self.poll_exit() {
-                let err = self.stderr();
-                assert!(
-                    err.contains(needle),
-                    "exited ({status}) before logging {needle:?}; stderr:\n{err}"
-                );
-                return err;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on stderr within {within:?}; stderr:\n{err}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits until stdout holds `needle` (stdout and stderr are read by different threads,
-    /// so what was printed first may show up last).
-    #[track_caller]
-    fn wait_stdout(&mut self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let out = self.stdout();
-            if out.contains(needle) || self.poll_exit().is_some() {
-                return self.stdout();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} on stdout within {within:?}; stdout:\n{out}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// The address from the `listening on ADDR` start-up line.
-    #[track_caller]
-    fn listening(&mut self) -> SocketAddr {
-        let err = self.wait_stderr("listening on ", START);
-        let rest = &err[err.find("listening on ").unwrap() + "listening on ".len()..];
-        let addr = rest.split_whitespace().next().unwrap_or_default();
-        addr.parse()
-            .unwrap_or_else(|_| panic!("bad address {addr:?} in log:\n{err}"))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A finished command.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Finished {
-    #[track_caller]
-    fn ok(self) -> Finished {
-        assert!(
-            self.status.success(),
-            "command failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// Asserts exit status `code` and that stderr mentions `needle`.
-    #[track_caller]
-    fn fails(self, code: i32, needle: &str) -> Finished {
-        assert_eq!(
-            self.status.code(),
-            Some(code),
-            "exit status; stdout:\n{}\nstderr:\n{}",
-            self.stdout,
-            self.stderr
-        );
-        assert!(
-            self.stderr.contains(needle),
-            "stderr should mention {needle:?}:\n{}",
-            self.stderr
-        );
-        self
-    }
-}
-
-/// Runs the binary to completion (within [`START`]).
-#[track_caller]
-fn run(args: &[&str], envs: &[(&str, &str)], stdin: Option<&str>) -> Finished {
-    let mut p = Proc::spawn(eventserver(args, envs), stdin);
-    let status = p.wait_exit(START);
-    Finished {
-        status,
-        stdout: p.stdout(),
-        stderr: p.stderr(),
-    }
-}
 
 /// Runs an admin command on `db`.
 #[track_caller]
@@ -286,30 +37,6 @@ fn admin(db: &Path, args: &[&str]) -> Finished {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--db", db.to_str().unwrap()]);
     run(&all, &[], None)
-}
-
-/// `serve --db DB --listen 127.0.0.1:0 EXTRA…` with `envs`, once it listens.
-#[track_caller]
-fn serve(db: &Path, extra: &[&str], envs: &[(&str, &str)]) -> (Proc, SocketAddr) {
-    let mut args = vec![
-        "serve",
-        "--db",
-        db.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let mut p = Proc::spawn(eventserver(&args, envs), None);
-    let addr = p.listening();
-    (p, addr)
-}
-
-/// A temporary directory with a database path in it; the database has the test user.
-fn db_with_user() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("events.db");
-    eventserver::admin::add_user(&db, USER, PASSWORD).expect("add user");
-    (dir, db)
 }
 
 /// A port that was free a moment ago.
@@ -325,40 +52,21 @@ fn free_port() -> u16 {
 // HTTP
 // ---------------------------------------------------------------------------------------
 
-fn events_path(stream: &str) -> String {
-    format!("/api/v1/streams/{stream}/events")
-}
-
 /// Appends an event named `name` to `stream` as `producer`.
 fn append(addr: SocketAddr, stream: &str, producer: &str, name: &str) -> Resp {
-    send(
-        addr,
-        authed(addr, "POST", &events_path(stream))
-            .header("X-Producer-ID", producer)
-            .json(&json!({ "event": { "name": name } })),
-    )
-}
-
-/// Appends and returns the new event's id.
-#[track_caller]
-fn append_ok(addr: SocketAddr, stream: &str, producer: &str, name: &str) -> String {
-    let resp = append(addr, stream, producer, name);
-    assert_eq!(resp.status, 200, "append: {}", resp.text());
-    resp.json().as_str().expect("an id").to_owned()
+    append_req(addr, stream, producer, &event(name)).send()
 }
 
 /// Reads `name` events of `stream` after `consumer`'s offset.
 #[track_caller]
 fn consume(addr: SocketAddr, stream: &str, consumer: &str, name: &str) -> Vec<Value> {
-    let resp = send(
+    let resp = consume_req(
         addr,
-        authed(
-            addr,
-            "GET",
-            &format!("{}?eventName={name}&limit=100", events_path(stream)),
-        )
-        .header("X-Consumer-ID", consumer),
-    );
+        stream,
+        consumer,
+        &format!("eventName={name}&limit=100"),
+    )
+    .send();
     assert_eq!(resp.status, 200, "consume: {}", resp.text());
     resp.json().as_array().expect("an array").clone()
 }
@@ -372,25 +80,9 @@ fn sequences(elements: &[Value]) -> Vec<u64> {
 
 #[track_caller]
 fn ack(addr: SocketAddr, stream: &str, consumer: &str, id: &str) {
-    let resp = send(
-        addr,
-        authed(addr, "POST", &format!("{}/{id}", events_path(stream)))
-            .header("X-Consumer-ID", consumer)
-            .body("action=ACK"),
-    );
+    let resp = ack_req(addr, stream, id, consumer).send();
     assert_eq!(resp.status, 200, "ack: {}", resp.text());
     assert_eq!(resp.json(), json!("OK"));
-}
-
-fn publish_req(addr: SocketAddr, category: &str, data: &Value) -> Req {
-    authed(addr, "POST", "/publish").json(&json!({ "category": category, "data": data }))
-}
-
-#[track_caller]
-fn publish_ok(addr: SocketAddr, category: &str, data: &Value) {
-    let resp = send(addr, publish_req(addr, category, data));
-    assert_eq!(resp.status, 200, "publish: {}", resp.text());
-    assert_eq!(resp.text(), r#"{"success": true}"#);
 }
 
 /// The events of a long-poll answer (empty for a timeout answer).
@@ -539,13 +231,7 @@ fn serve_notified(dir: &Path, db: &Path, envs: &[(&str, &str)]) -> (Proc, Notify
     let notify = Notify::bind(&path);
     let mut all = vec![("NOTIFY_SOCKET", path.to_str().unwrap())];
     all.extend_from_slice(envs);
-    let args = [
-        "serve",
-        "--db",
-        db.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(db, &[]);
     (Proc::spawn(eventserver(&args, &all), None), notify)
 }
 
@@ -713,9 +399,9 @@ fn stream_list_show_release_and_consumer_reset() {
     let (mut server, addr) = serve(&db, &[], &[]);
 
     let placed: Vec<String> = (0..3)
-        .map(|_| append_ok(addr, "orders", "p1", "OrderPlaced"))
+        .map(|_| append_ok(addr, "orders", "p1", &event("OrderPlaced")))
         .collect();
-    append_ok(addr, "orders", "p1", "OrderShipped");
+    append_ok(addr, "orders", "p1", &event("OrderShipped"));
     publish_ok(addr, "news", &json!({"headline": "hi"}));
     assert_eq!(
         sequences(&consume(addr, "orders", "billing", "OrderPlaced")),
@@ -762,7 +448,7 @@ fn stream_list_show_release_and_consumer_reset() {
     assert_eq!(append(addr, "orders", "p2", "OrderPlaced").status, 423);
     let released = admin(&db, &["stream", "release", "orders"]).ok();
     assert!(released.stdout.contains("released stream 'orders'"));
-    let p2 = append_ok(addr, "orders", "p2", "OrderPlaced");
+    let p2 = append_ok(addr, "orders", "p2", &event("OrderPlaced"));
     assert_eq!(append(addr, "orders", "p1", "OrderPlaced").status, 423);
     let show = admin(&db, &["stream", "show", "orders"]).ok().stdout;
     assert_eq!(field(&show, "owner"), "p2");
@@ -770,28 +456,18 @@ fn stream_list_show_release_and_consumer_reset() {
     admin(&db, &["stream", "release", "nope"]).fails(1, "no stream named 'nope'");
 
     // consumer reset: back, forward, and for a consumer never seen before.
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "0"],
-    )
-    .ok();
+    let reset =
+        |stream, consumer, name, to| admin(&db, &["consumer", "reset", stream, consumer, name, to]);
+    reset("orders", "billing", "OrderPlaced", "0").ok();
     assert_eq!(
         sequences(&consume(addr, "orders", "billing", "OrderPlaced")),
         [1, 2, 3, 5]
     );
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "3"],
-    )
-    .ok();
+    reset("orders", "billing", "OrderPlaced", "3").ok();
     let after = consume(addr, "orders", "billing", "OrderPlaced");
     assert_eq!(sequences(&after), [5]);
     assert_eq!(after[0]["eventId"], json!(p2));
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "fresh", "OrderShipped", "3"],
-    )
-    .ok();
+    reset("orders", "fresh", "OrderShipped", "3").ok();
     assert_eq!(
         sequences(&consume(addr, "orders", "fresh", "OrderShipped")),
         [4]
@@ -807,21 +483,9 @@ fn stream_list_show_release_and_consumer_reset() {
         "{show}"
     );
     // Refusals name the problem and change nothing.
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "6"],
-    )
-    .fails(2, "past the stream's newest event");
-    admin(
-        &db,
-        &["consumer", "reset", "orders", "billing", "OrderPlaced", "x"],
-    )
-    .fails(2, "invalid offset");
-    admin(
-        &db,
-        &["consumer", "reset", "nope", "billing", "OrderPlaced", "0"],
-    )
-    .fails(2, "no stream named 'nope'");
+    reset("orders", "billing", "OrderPlaced", "6").fails(2, "past the stream's newest event");
+    reset("orders", "billing", "OrderPlaced", "x").fails(2, "invalid offset");
+    reset("nope", "billing", "OrderPlaced", "0").fails(2, "no stream named 'nope'");
     admin(&db, &["consumer", "reset", "orders", "billing"]).fails(2, "usage");
     assert_eq!(
         sequences(&consume(addr, "orders", "billing", "OrderPlaced")),
@@ -836,7 +500,7 @@ fn backup_while_serving_is_a_usable_copy() {
     let (dir, db) = db_with_user();
     let (mut server, addr) = serve(&db, &[], &[]);
     for _ in 0..3 {
-        append_ok(addr, "orders", "p1", "OrderPlaced");
+        append_ok(addr, "orders", "p1", &event("OrderPlaced"));
     }
     publish_ok(addr, "news", &json!(1));
     publish_ok(addr, "news", &json!(2));
@@ -1244,17 +908,19 @@ fn database_from_variable_flag_state_directory_and_working_directory() {
     );
 }
 
+/// The variables `workers_queue_sync_and_max_parked_from_variables_and_flags` sets.
+const WORKERS_AND_LIMITS_ENV: [(&str, &str); 5] = [
+    ("EVENTSERVER_WORKERS", "3"),
+    ("EVENTSERVER_SYNC", "normal"),
+    ("EVENTSERVER_MAX_PARKED", "7"),
+    ("EVENTSERVER_MAX_BODY", "4096"),
+    ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "50"),
+];
+
 #[test]
 fn workers_queue_sync_and_max_parked_from_variables_and_flags() {
     let (_dir, db) = db_with_user();
-    let envs = [
-        ("EVENTSERVER_WORKERS", "3"),
-        ("EVENTSERVER_SYNC", "normal"),
-        ("EVENTSERVER_MAX_PARKED", "7"),
-        ("EVENTSERVER_MAX_BODY", "4096"),
-        ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "50"),
-    ];
-    let (mut p, addr) = serve(&db, &[], &envs);
+    let (mut p, addr) = serve(&db, &[], &WORKERS_AND_LIMITS_ENV);
     let log = p.stderr();
     for logged in [
         " workers=3 queue=16384 ",
@@ -1280,7 +946,7 @@ fn workers_queue_sync_and_max_parked_from_variables_and_flags() {
     let (mut p, _) = serve(
         &db,
         &["--workers=5", "--sync=full", "--max-parked=9"],
-        &envs,
+        &WORKERS_AND_LIMITS_ENV,
     );
     let log = p.stderr();
     for logged in [
@@ -1352,32 +1018,32 @@ fn max_body_from_variable_and_flag() {
     p.stop();
 }
 
+/// The variables `max_limit_and_longpoll_limits_from_variables_and_flags` sets.
+const READ_LIMITS_ENV: [(&str, &str); 3] = [
+    ("EVENTSERVER_MAX_LIMIT", "5"),
+    ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "5"),
+    ("EVENTSERVER_LONGPOLL_MAX_BATCH", "2"),
+];
+
 #[test]
 fn max_limit_and_longpoll_limits_from_variables_and_flags() {
     let (_dir, db) = db_with_user();
-    let envs = [
-        ("EVENTSERVER_MAX_LIMIT", "5"),
-        ("EVENTSERVER_LONGPOLL_MAX_TIMEOUT", "5"),
-        ("EVENTSERVER_LONGPOLL_MAX_BATCH", "2"),
-    ];
     let check = |flags: &[&str], max_limit: usize, max_timeout: u64, batch: usize| {
-        let (mut p, addr) = serve(&db, flags, &envs);
+        let (mut p, addr) = serve(&db, flags, &READ_LIMITS_ENV);
         // Seed events once; later servers see them too.
         if consume_status(addr, 1) == 404 {
             for _ in 0..4 {
-                append_ok(addr, "s", "p", "E");
+                append_ok(addr, "s", "p", &event("E"));
             }
         }
         assert_eq!(consume_status(addr, max_limit), 200);
-        let over = send(
+        let over = consume_req(
             addr,
-            authed(
-                addr,
-                "GET",
-                &format!("{}?eventName=E&limit={}", events_path("s"), max_limit + 1),
-            )
-            .header("X-Consumer-ID", "c"),
-        );
+            "s",
+            "c",
+            &format!("eventName=E&limit={}", max_limit + 1),
+        )
+        .send();
         assert_eq!(over.status, 400);
         assert_eq!(
             over.json(),
@@ -1386,14 +1052,7 @@ fn max_limit_and_longpoll_limits_from_variables_and_flags() {
             ))
         );
         // The subscribe error names the configured maximum.
-        let over = send(
-            addr,
-            authed(
-                addr,
-                "GET",
-                &format!("/events?category=s&timeout={}", max_timeout + 1),
-            ),
-        );
+        let over = subscribe_req(addr, &format!("category=s&timeout={}", max_timeout + 1)).send();
         assert_eq!(over.status, 200);
         assert_eq!(
             over.json(),
@@ -1402,28 +1061,18 @@ fn max_limit_and_longpoll_limits_from_variables_and_flags() {
             })
         );
         // One answer holds at most the batch size.
-        let page = send(
+        let page = subscribe_req(
             addr,
-            authed(
-                addr,
-                "GET",
-                &format!("/events?category=s&timeout={max_timeout}&since_time=0"),
-            ),
-        );
+            &format!("category=s&timeout={max_timeout}&since_time=0"),
+        )
+        .send();
         assert_eq!(poll_events(&page).len(), batch);
         p.stop();
     };
     fn consume_status(addr: SocketAddr, limit: usize) -> u16 {
-        send(
-            addr,
-            authed(
-                addr,
-                "GET",
-                &format!("{}?eventName=E&limit={limit}", events_path("s")),
-            )
-            .header("X-Consumer-ID", "c"),
-        )
-        .status
+        consume_req(addr, "s", "c", &format!("eventName=E&limit={limit}"))
+            .send()
+            .status
     }
     check(&[], 5, 5, 2);
     check(
@@ -1446,11 +1095,7 @@ fn max_parked_from_variable() {
     let (_dir, db) = db_with_user();
     let (mut p, addr) = serve(&db, &[], &[("EVENTSERVER_MAX_PARKED", "1")]);
     let poll = |category: &str| {
-        let req = authed(
-            addr,
-            "GET",
-            &format!("/events?category={category}&timeout=30"),
-        );
+        let req = subscribe_req(addr, &format!("category={category}&timeout=30"));
         thread::spawn(move || try_send(addr, &req, Duration::from_secs(30)))
     };
     let first = poll("a");
@@ -1469,13 +1114,13 @@ fn max_parked_from_variable() {
 
 #[test]
 fn events_and_publish_paths_from_variables_and_flags() {
-    let (_dir, db) = db_with_user();
-    let envs = [
+    const PATHS_ENV: [(&str, &str); 2] = [
         ("EVENTSERVER_EVENTS_PATH", "/sub"),
         ("EVENTSERVER_PUBLISH_PATH", "/pub"),
     ];
+    let (_dir, db) = db_with_user();
     let check = |flags: &[&str], sub: &str, publ: &str| {
-        let (mut p, addr) = serve(&db, flags, &envs);
+        let (mut p, addr) = serve(&db, flags, &PATHS_ENV);
         let category = format!("c{}", publ.replace('/', "-"));
         let body = json!({"category": category, "data": {"via": publ}});
         let resp = send(addr, authed(addr, "POST", publ).json(&body));
@@ -1534,20 +1179,22 @@ fn metrics_auth_from_variable_and_flag() {
     p.stop();
 }
 
+/// The variables `public_subscribe_and_publish_from_variables_and_flags` sets.
+const PUBLIC_ENV: [(&str, &str); 2] = [
+    ("EVENTSERVER_PUBLIC_SUBSCRIBE", "news, pub-*"),
+    ("EVENTSERVER_PUBLIC_PUBLISH", "open-*"),
+];
+
 #[test]
 fn public_subscribe_and_publish_from_variables_and_flags() {
     let (_dir, db) = db_with_user();
-    let envs = [
-        ("EVENTSERVER_PUBLIC_SUBSCRIBE", "news, pub-*"),
-        ("EVENTSERVER_PUBLIC_PUBLISH", "open-*"),
-    ];
     let anon_sub = |addr, category: &str| {
         send(
             addr,
             Req::new(
                 addr,
                 "GET",
-                &format!("/events?category={category}&timeout=5&since_time=0"),
+                format!("/events?category={category}&timeout=5&since_time=0"),
             ),
         )
     };
@@ -1558,7 +1205,7 @@ fn public_subscribe_and_publish_from_variables_and_flags() {
         )
     };
 
-    let (mut p, addr) = serve(&db, &[], &envs);
+    let (mut p, addr) = serve(&db, &[], &PUBLIC_ENV);
     for category in ["news", "pub-1", "private", "open-1"] {
         publish_ok(addr, category, &json!(category));
     }
@@ -1575,7 +1222,7 @@ fn public_subscribe_and_publish_from_variables_and_flags() {
     let (mut p, addr) = serve(
         &db,
         &["--public-subscribe", "private", "--public-publish", "news"],
-        &envs,
+        &PUBLIC_ENV,
     );
     assert_eq!(anon_sub(addr, "news").status, 401);
     assert_eq!(poll_events(&anon_sub(addr, "private")).len(), 1);
@@ -1788,13 +1435,7 @@ fn notify_socket_in_the_abstract_namespace() {
         seen: Vec::new(),
     };
     let at = format!("@{name}");
-    let args = [
-        "serve",
-        "--db",
-        db.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
+    let args = serve_args(&db, &[]);
     let mut p = Proc::spawn(eventserver(&args, &[("NOTIFY_SOCKET", at.as_str())]), None);
     notify.expect("READY=1", START);
     p.terminate();
@@ -1924,11 +1565,7 @@ fn sigterm_answers_parked_polls_and_keeps_every_acknowledged_publish() {
     // Parked polls: some on a category nobody publishes to (answered only by shutdown),
     // some on the category being published to (events or shutdown).
     let poll = |category: &str| {
-        let req = authed(
-            addr,
-            "GET",
-            &format!("/events?category={category}&timeout=100"),
-        );
+        let req = subscribe_req(addr, &format!("category={category}&timeout=100"));
         thread::spawn(move || try_send(addr, &req, Duration::from_secs(30)))
     };
     let idle: Vec<_> = (0..4).map(|_| poll("idle")).collect();
@@ -2001,14 +1638,7 @@ fn sigterm_answers_parked_polls_and_keeps_every_acknowledged_publish() {
     let mut seen = HashSet::new();
     let mut query = "since_time=0".to_owned();
     while seen.len() < stored {
-        let page = send(
-            addr,
-            authed(
-                addr,
-                "GET",
-                &format!("/events?category=pubs&timeout=5&{query}"),
-            ),
-        );
+        let page = subscribe_req(addr, &format!("category=pubs&timeout=5&{query}")).send();
         let events = poll_events(&page);
         assert!(
             !events.is_empty(),
@@ -2094,7 +1724,7 @@ fn metrics_count_known_traffic() {
     let (mut server, addr) = serve(&db, &[], &[]);
 
     let ids: Vec<String> = (0..N)
-        .map(|_| append_ok(addr, "m-orders", "p", "Placed"))
+        .map(|_| append_ok(addr, "m-orders", "p", &event("Placed")))
         .collect();
     for i in 0..M {
         publish_ok(addr, "m-news", &json!(i));
@@ -2107,14 +1737,14 @@ fn metrics_count_known_traffic() {
         Req::new(
             addr,
             "GET",
-            &format!("{}?eventName=Placed&limit=1", events_path("m-orders")),
+            format!("{}?eventName=Placed&limit=1", events_path("m-orders")),
         )
         .header("X-Consumer-ID", "c1"),
     );
     assert_eq!(denied.status, 401);
     assert_eq!(send(addr, Req::new(addr, "GET", "/metrics")).status, 401);
     let parked = {
-        let req = authed(addr, "GET", "/events?category=m-idle&timeout=30");
+        let req = subscribe_req(addr, "category=m-idle&timeout=30");
         thread::spawn(move || try_send(addr, &req, Duration::from_secs(30)))
     };
 
