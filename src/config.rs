@@ -87,9 +87,6 @@ pub struct Config {
     pub public_subscribe: Vec<String>,
     /// Categories whose `/publish` needs no auth (patterns, `*` matches anything).
     pub public_publish: Vec<String>,
-    /// Test hook: `GET /.eventserver-panic` makes its handler panic (default off).
-    #[doc(hidden)]
-    pub panic_route: bool,
 }
 
 impl Config {
@@ -123,7 +120,6 @@ impl Config {
             metrics_auth: true,
             public_subscribe: Vec::new(),
             public_publish: Vec::new(),
-            panic_route: false,
         }
     }
 

@@ -627,12 +627,11 @@ fn unbounded_pipelining_keeps_memory_bounded() {
 
 /// A handler that panics answers 500, and the pool never shrinks: ten panics with two
 /// workers, then ordinary requests, two parked long-polls and a third request all work.
+/// The panicking route exists only in builds with the `test-panic-route` feature, which
+/// the tests' dev-dependency on this crate turns on.
 #[test]
 fn a_panicking_handler_answers_500_and_the_pool_never_shrinks() {
-    let server = TestServer::start_with(|c| {
-        c.panic_route = true;
-        c.workers = 2;
-    });
+    let server = TestServer::start_with(|c| c.workers = 2);
     let addr = server.addr;
     let panics: Vec<JoinHandle<Resp>> = (0..10)
         .map(|_| thread::spawn(move || send(addr, Req::new(addr, "GET", "/.eventserver-panic"))))
