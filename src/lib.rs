@@ -5,27 +5,46 @@
 //! offsets, cumulative ACKs) and golongpoll's long-poll API (`/events`, `/publish`). A
 //! category and a stream are the same thing.
 //!
+//! # Public API
+//!
+//! What embedders, the `eventserver` binary and the benches use; everything else is private,
+//! so the compiler holds the map below.
+//!
+//! - [`Server`] starts a server from a [`Config`]; the [`ServerHandle`] it returns offers
+//!   in-process [`publish`](ServerHandle::publish) and
+//!   [`subscribe`](ServerHandle::subscribe) ([`Start`], [`Polled`], [`Received`]) and a
+//!   graceful shutdown. Failures are an [`Error`]; one refused in process carries the
+//!   API's [`Failure`].
+//! - [`settings`]: the table of `serve`'s settings (flags, environment, defaults, rules).
+//! - [`service`]: running as a daemon (thread stacks, open-files limit, signals, systemd).
+//! - [`admin`]: the operator commands on a database file (users, streams, backup).
+//! - [`log`]: the one-line-per-event logger. [`check`]: every parser of client input, for
+//!   property tests and fuzzing.
+//!
 //! # Architecture
 //!
 //! Layers; a module uses only modules below it, and each foreign crate has one owner.
 //!
 //! | layer | module | role | may not |
 //! |---|---|---|---|
-//! | 4 | `main.rs` | argv/env → [`Config`], signals, exit codes | reach past the public API |
-//! | 3 | [`server`] | wiring and shutdown order; spawns threads (with `pool`, `http`) | hold request logic |
-//! | 2 | [`http`] | the only module naming tiny_http; body limits; answering | know routes |
-//! | 1 | [`api`] | routes, validation, each API's error contract | name tiny_http or rusqlite |
-//! | 0 | [`store`] | the only module naming rusqlite: schema, writer, readers | know HTTP |
-//! | 0 | [`longpoll`] | parked replies per category, deadlines; no I/O, no threads | block |
-//! | 0 | [`auth`], [`clock`], [`config`], [`event`], [`metrics`], [`pool`], [`log`], [`sys`], [`error`], [`settings`], [`service`] | | |
+//! | 4 | `main.rs` | argv/env → [`Config`] through [`settings`], exit codes | reach past the public API (enforced: it is another crate) |
+//! | 3 | `server` | wiring and shutdown order; spawns threads (with `pool`, `http`) | hold request logic |
+//! | 2 | `http/` | the only module naming tiny_http: decoding and answering (`exchange`), per-connection answer order (`order`), accept loops and their replacement (`engine`), the prober (`prober`) | know routes |
+//! | 1 | `api/` | routes and handlers (`mod`, `streams`, `longpoll`), which lane a request waits in (`admission`), the failure catalogue rendered per API (`error`), the runtime that answers later (`runtime`) | name tiny_http or rusqlite |
+//! | 0 | `store/` | the only module naming rusqlite: schema, writer (group commit), readers | know HTTP |
+//! | 0 | `longpoll` | parked replies per category, deadlines; no I/O, no threads | block |
+//! | 0 | `auth`, `clock`, `config`, `event`, `metrics`, `pool`, `lock`, `sys`, `error`, [`log`], [`settings`], [`service`], [`admin`] | | |
 //!
-//! Request path: tiny_http's accept loop → [`http`] decodes the request (reading any large
-//! body on its own short-lived thread) → a bounded queue, writes and reads apart and writes
-//! first (full: 503) → a worker runs
-//! [`api`] with its own read connection → writes go to the single writer thread, which
-//! commits whatever is queued in one transaction and only then answers (group commit).
-//! Long-polls park in [`longpoll::Registry`]; a commit wakes them with events from memory,
-//! the timer thread answers them at their deadline.
+//! The path of a request, by the names that carry it: tiny_http's accept loop → `http`
+//! decodes it (reading any large body on its own short-lived thread) and hands it with its
+//! `api::Reply` to the server's `http::Front` → `api::admission` picks its lane, writes
+//! before reads, or refuses it (503) → a worker (`pool`) runs the handler in `api` with its
+//! own read connection → a write becomes a `store::writer::Job` for the single writer
+//! thread, which commits whatever is queued in one transaction and hands each outcome back
+//! as an `Answer` → `api::runtime` wakes the long-polls the commit concerns and queues the
+//! answers as `pool::Task`s → a worker sends each through its `Reply`. A long-poll parks in
+//! `longpoll::Registry` until a commit wakes it from memory or the timer thread answers it
+//! at its deadline.
 //!
 //! # Invariants
 //!
@@ -40,7 +59,7 @@
 //! - Cursors are sequence numbers; `since_time`/`last_id` are resolved to one.
 //! - Everything is bounded by [`Config`]: queues, bodies, parked requests, batch sizes.
 //! - No unsafe code outside `store::walbuf` (a SQLite VFS that batches WAL writes) and one
-//!   adoption of systemd's socket in [`sys`].
+//!   adoption of systemd's socket in `sys`.
 //!
 //! # Embedding
 //!
@@ -75,25 +94,28 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
-pub mod api;
-pub mod auth;
-pub mod clock;
-pub mod config;
-pub mod error;
-pub mod event;
-pub mod http;
+mod api;
+mod auth;
+mod clock;
+mod config;
+mod error;
+mod event;
+mod http;
 mod lock;
 pub mod log;
-pub mod longpoll;
-pub mod metrics;
-pub mod pool;
-pub mod server;
+mod longpoll;
+mod metrics;
+mod pool;
+mod server;
 pub mod service;
 pub mod settings;
-pub mod store;
-pub mod sys;
+mod store;
+mod sys;
 
+pub use api::Failure;
+pub use api::check;
+pub use api::longpoll::{Polled, Received};
 pub use config::{Config, SyncMode};
 pub use error::Error;
 pub use event::Start;
-pub use server::{Polled, Received, Server, ServerHandle};
+pub use server::{Server, ServerHandle};

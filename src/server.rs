@@ -125,48 +125,23 @@ impl Server {
                 .spawn(move || run_timer(&app, &timer_rx))?
         };
 
-        let accepting = Arc::new(RwLock::new(Some([writes_tx, reads_tx])));
-        let sink = {
-            let (accepting, app) = (accepting.clone(), app.clone());
-            Arc::new(move |req: api::Request, reply: api::Reply| {
-                let Some((lane, incoming)) = app.admit(req, reply) else {
-                    return;
-                };
-                let guard = crate::lock::read(&accepting);
-                let refused = match guard.as_ref() {
-                    Some(lanes) => lanes[lane as usize]
-                        .try_send(incoming)
-                        .err()
-                        .map(|e| e.into_inner()),
-                    None => Some(incoming),
-                };
-                drop(guard);
-                if let Some(incoming) = refused {
-                    app.refuse(incoming, &api::Failure::ServerBusy);
-                }
-            })
-        };
+        let lanes = Arc::new(Lanes {
+            app: app.clone(),
+            open: RwLock::new(Some([writes_tx, reads_tx])),
+        });
         let limits = crate::http::Limits {
             max_body: app.config.max_body,
             read_timeout: app.config.read_timeout,
             max_connections: app.config.max_connections,
             uncapped: api::HEALTH_PATHS,
         };
-        let gone = {
-            let app = app.clone();
-            Arc::new(move |find: &dyn Fn() -> HashSet<SocketAddr>| {
-                if app.runtime.registry.parked() > 0 {
-                    app.runtime.release_gone(&find());
-                }
-            })
-        };
-        let http = HttpServer::start(listener, limits, sink, gone)?;
+        let http = HttpServer::start(listener, limits, lanes.clone())?;
         Ok(ServerHandle {
             addr: http.addr(),
             app,
             running: Mutex::new(Some(Running {
                 http,
-                accepting,
+                lanes,
                 pool,
                 done: done_rx,
                 writer,
@@ -175,6 +150,42 @@ impl Server {
             })),
             stopped: (Mutex::new(false), Condvar::new()),
         })
+    }
+}
+
+/// The front door the HTTP layer hands requests to: admission by the API, then the lane's
+/// queue for the workers (full, or closed at shutdown: 503).
+struct Lanes {
+    app: Arc<App>,
+    /// The request queues (writes, then reads); `None` once the server stops accepting.
+    open: RwLock<Option<[Sender<Incoming>; 2]>>,
+}
+
+impl crate::http::Front for Lanes {
+    fn take(&self, request: api::Request, reply: api::Reply) {
+        let Some((lane, incoming)) = self.app.admit(request, reply) else {
+            return;
+        };
+        let open = crate::lock::read(&self.open);
+        let refused = match open.as_ref() {
+            Some(lanes) => lanes[lane as usize]
+                .try_send(incoming)
+                .err()
+                .map(|e| e.into_inner()),
+            None => Some(incoming),
+        };
+        drop(open);
+        if let Some(incoming) = refused {
+            self.app.refuse(incoming, &api::Failure::ServerBusy);
+        }
+    }
+
+    fn holding(&self) -> bool {
+        self.app.runtime.registry.parked() > 0
+    }
+
+    fn hung_up(&self, peers: &HashSet<SocketAddr>) {
+        self.app.runtime.release_gone(peers);
     }
 }
 
@@ -224,7 +235,7 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
     }
 }
 
-pub use crate::api::longpoll::{Polled, Received};
+use crate::api::longpoll::Polled;
 
 /// A running server. `shutdown` and `join` take `&self`, so one thread can wait while
 /// another (a signal handler, say) stops it.
@@ -238,8 +249,8 @@ pub struct ServerHandle {
 /// The parts that shutdown takes apart, in order.
 struct Running {
     http: HttpServer,
-    /// The request queues (writes, then reads); `None` once the server stops accepting.
-    accepting: Arc<RwLock<Option<[Sender<Incoming>; 2]>>>,
+    /// The request queues, closed when the server stops accepting.
+    lanes: Arc<Lanes>,
     pool: Pool,
     done: Receiver<()>,
     writer: JoinHandle<()>,
@@ -309,7 +320,7 @@ impl ServerHandle {
     /// of a thread it joined, after joining them all.
     fn stop(&self, running: Running) -> Option<Box<dyn std::any::Any + Send>> {
         running.http.stop();
-        *crate::lock::write(&running.accepting) = None;
+        *crate::lock::write(&running.lanes.open) = None;
         self.app.runtime.stop();
         self.app.runtime.expire(Registry::close);
         for _ in 0..self.app.config.workers {

@@ -19,7 +19,7 @@ pub mod streams;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use admission::{Incoming, Lane};
+pub use admission::Incoming;
 pub use error::{Api, Failure};
 pub use runtime::{Parked, Runtime};
 

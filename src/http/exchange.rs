@@ -178,13 +178,10 @@ fn read_body_then_hand_on(shared: &Arc<Shared>, mut req: api::Request, mut respo
     hand_to_api(shared, req, responder);
 }
 
-/// Hands a decoded request on to the API (through the sink), with its responder as the
-/// reply.
+/// Hands a decoded request on to the server's front door, with its responder as the reply.
 fn hand_to_api(shared: &Shared, req: api::Request, responder: Responder) {
-    (shared.sink)(
-        req,
-        api::Reply::new(move |response| responder.send(response)),
-    );
+    let reply = api::Reply::new(move |response| responder.send(response));
+    shared.front.take(req, reply);
 }
 
 /// The tiny_http response for `response`; with `close`, one that tells the client the

@@ -114,17 +114,25 @@ use std::time::Duration;
 use socket2::{Domain, Socket, Type};
 
 use crate::api;
+use crate::lock::lock;
 use engine::{Engine, Successor};
 use order::{Answer, AnswerOrder};
 
-/// Receives every decoded request with the means to answer it, on the thread that decoded
-/// it: refused requests ([`api::Request::refused`]) must be answered at once, not queued.
-pub type Sink = Arc<dyn Fn(api::Request, api::Reply) + Send + Sync>;
+/// What the HTTP layer hands its requests to: the server's front door. Its methods run on
+/// the HTTP layer's own threads, so none may block.
+pub trait Front: Send + Sync + 'static {
+    /// Takes a decoded request with the means to answer it, on the thread that decoded it.
+    /// Requests refused here ([`api::Request::refused`]) must be answered at once, not
+    /// queued.
+    fn take(&self, request: api::Request, reply: api::Reply);
 
-/// Asked every few seconds to let go of requests whose client hung up; the argument finds
-/// those clients' addresses (it reads the kernel's socket tables: call it only when some
-/// request is being held).
-pub type Gone = Arc<dyn Fn(&dyn Fn() -> HashSet<SocketAddr>) + Send + Sync>;
+    /// Whether any request is being held unanswered (parked): only then is it worth reading
+    /// the kernel's socket tables for clients that hung up.
+    fn holding(&self) -> bool;
+
+    /// Lets go of the held requests of clients at `peers`, which hung up.
+    fn hung_up(&self, peers: &HashSet<SocketAddr>);
+}
 
 /// How long a write to a client may block before the connection is given up.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,8 +170,7 @@ struct Shared {
     /// Where the prober connects to reach us: the bound address, or loopback when bound to
     /// every interface.
     self_addr: SocketAddr,
-    sink: Sink,
-    gone: Gone,
+    front: Arc<dyn Front>,
     max_body: usize,
     read_timeout: Duration,
     stopping: AtomicBool,
@@ -222,13 +229,12 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Starts accepting on `listener`, handing every request to `sink`. Connections that
+    /// Starts accepting on `listener`, handing every request to `front`. Connections that
     /// send nothing for `read_timeout` are cut.
     pub fn start(
         listener: TcpListener,
         limits: Limits,
-        sink: Sink,
-        gone: Gone,
+        front: Arc<dyn Front>,
     ) -> io::Result<HttpServer> {
         let Limits {
             max_body,
@@ -250,8 +256,7 @@ impl HttpServer {
         let shared = Arc::new(Shared {
             listener,
             self_addr,
-            sink,
-            gone,
+            front,
             max_body,
             read_timeout,
             stopping: AtomicBool::new(false),
@@ -324,10 +329,6 @@ fn spawn_small(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<Join
         .name(name.into())
         .stack_size(SMALL_STACK)
         .spawn(f)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// tiny_http 0.12 behaviours the layer relies on that no test in `tests/it` shows alone.

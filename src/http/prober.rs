@@ -86,9 +86,9 @@ pub(super) fn run(shared: &Arc<Shared>) {
             let _ = TcpStream::connect_timeout(&shared.self_addr, PATIENCE);
         }
         tick += 1;
-        if tick % HANGUP_TICKS == 0 {
-            let port = shared.self_addr.port();
-            (shared.gone)(&|| crate::sys::closed_by_peer(port));
+        if tick % HANGUP_TICKS == 0 && shared.front.holding() {
+            let peers = crate::sys::closed_by_peer(shared.self_addr.port());
+            shared.front.hung_up(&peers);
         }
         if tick % PROBE_TICKS != 0 {
             continue;

@@ -17,7 +17,7 @@ use rusqlite::{Connection, OpenFlags, params};
 
 use crate::config::SyncMode;
 
-pub use reader::{ConsumeView, Reader, SinceView, StreamInfo, UserRecord};
+pub use reader::Reader;
 
 /// A failure of the database; its message is for logs and operators, never for clients.
 #[derive(Debug)]

@@ -1,12 +1,12 @@
 //! Property tests of every parser and validator that sees client input, through
-//! the public facade `eventserver::api::check`: no input makes one panic, and valid inputs
+//! the public facade `eventserver::check`: no input makes one panic, and valid inputs
 //! round-trip. Also runs the fuzz target's seed corpus (`tests/fuzz/corpus/request/`) once,
 //! so CI exercises it on the stable toolchain without cargo-fuzz.
 
 use std::path::PathBuf;
 
 use eventserver::Start;
-use eventserver::api::check::{
+use eventserver::check::{
     Form, check_publish, check_stream_name, decode, exercise, glob_match, parse_basic, stream_name,
     subscribe_params, validate_event,
 };

@@ -1,6 +1,6 @@
 //! Fuzz target: every parser and validator that sees client input (percent-decoding, query
 //! forms, stream names, event bodies, publish bodies, subscribe parameters, Basic auth,
-//! glob patterns), through `eventserver::api::check::exercise`. None may panic.
+//! glob patterns), through `eventserver::check::exercise`. None may panic.
 //!
 //! Run it (libFuzzer needs a nightly compiler for its sanitizer flags):
 //!
@@ -22,5 +22,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    eventserver::api::check::exercise(data);
+    eventserver::check::exercise(data);
 });
