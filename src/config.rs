@@ -125,8 +125,8 @@ impl Config {
 
     /// Checks every setting against its rule in [`crate::settings::SETTINGS`], naming the
     /// first that is wrong by its flag.
-    pub fn validate(&self) -> Result<(), String> {
-        crate::settings::check(self).map_err(|invalid| invalid.to_string())
+    pub fn validate(&self) -> Result<(), crate::settings::Invalid> {
+        crate::settings::check(self)
     }
 
     /// The connection cap that suits `max_parked` parked polls (the default of

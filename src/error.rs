@@ -2,14 +2,15 @@
 
 use crate::admin::Refusal;
 use crate::api::Failure;
+use crate::settings::Invalid;
 use crate::store::StoreError;
 
 /// Why the server could not start, an admin command failed, or an in-process call was
 /// refused.
 #[derive(Debug)]
 pub enum Error {
-    /// A setting is invalid; the message names it.
-    Config(String),
+    /// A setting is invalid; it names the flag or variable.
+    Config(Invalid),
     /// An operator command's argument was refused; nothing changed.
     Admin(Refusal),
     /// The network or a thread could not be set up.
@@ -36,7 +37,8 @@ impl std::fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Config(_) | Error::Admin(_) => None,
+            Error::Config(invalid) => Some(invalid),
+            Error::Admin(_) => None,
             Error::Io(e) => Some(e),
             Error::Store(e) => Some(e),
             Error::Refused(failure) => Some(failure),
@@ -53,6 +55,12 @@ impl From<std::io::Error> for Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
         Error::Store(e)
+    }
+}
+
+impl From<Invalid> for Error {
+    fn from(invalid: Invalid) -> Error {
+        Error::Config(invalid)
     }
 }
 

@@ -62,7 +62,7 @@ enum Failure {
 impl From<eventserver::Error> for Failure {
     fn from(e: eventserver::Error) -> Failure {
         match e {
-            eventserver::Error::Config(m) => Failure::Usage(m),
+            eventserver::Error::Config(invalid) => Failure::Usage(invalid.to_string()),
             eventserver::Error::Admin(refusal) => Failure::Usage(refusal.to_string()),
             other => Failure::Runtime(other.to_string()),
         }

@@ -154,7 +154,7 @@ pub fn usage() -> String {
 /// `EVENTSERVER_*` variables. An invalid value is an [`Error::Config`] naming the flag or
 /// the variable it came from.
 pub fn config(flags: &[(String, String)]) -> Result<Config, Error> {
-    Given::from_env(flags).config().map_err(Error::Config)
+    Ok(Given::from_env(flags).config()?)
 }
 
 /// The database file `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
@@ -209,54 +209,89 @@ impl<'a> Given<'a> {
         (self.env)(&var).map(|v| (var, v))
     }
 
-    fn config(&self) -> Result<Config, String> {
+    fn config(&self) -> Result<Config, Invalid> {
         let mut config = Config::new(default_db());
         for setting in SETTINGS {
             if let Some((source, text)) = self.value(setting.name) {
                 (setting.field.set)(&mut config)
                     .set(&text)
-                    .map_err(|more| format!("invalid value {text:?} for {source}{more}"))?;
+                    .map_err(|more| Invalid {
+                        source: source.clone(),
+                        why: Why::Unparsable { value: text, more },
+                    })?;
             }
         }
         // The default connection cap follows the parked-poll cap it makes room for.
         if self.value("max-connections").is_none() {
             config.max_connections = Config::connections_for(config.max_parked);
         }
-        check(&config).map_err(|invalid| match self.value(invalid.setting) {
-            Some((source, _)) => format!("{source} {}", invalid.why),
-            None => invalid.to_string(),
+        check(&config).map_err(|mut invalid| {
+            // Named as given: a value from the environment by its variable.
+            let name = invalid.source.trim_start_matches('-').to_owned();
+            if let Some((source, _)) = self.value(&name) {
+                invalid.source = source;
+            }
+            invalid
         })?;
         Ok(config)
     }
 }
 
-/// A setting that breaks its rule: which one (its name), and why.
-pub(crate) struct Invalid {
-    setting: &'static str,
-    why: String,
+/// A setting that was refused: where its value came from, and why. Its message is the one
+/// `eventserver` prints, e.g. `EVENTSERVER_WORKERS must be at least 1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// The flag (`--workers`) or, for a value taken from the environment, the variable
+    /// (`EVENTSERVER_WORKERS`); the flag for a field an embedder set in code.
+    pub source: String,
+    /// What is wrong with it.
+    pub why: Why,
+}
+
+/// What is wrong with a setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    /// Its text does not parse as the setting's type.
+    Unparsable {
+        /// The text given.
+        value: String,
+        /// What to add to the message (e.g. `": use full or normal"`), often nothing.
+        more: &'static str,
+    },
+    /// It parses, but breaks the setting's rule (the text says which, e.g.
+    /// `must be at least 1`).
+    Rule(String),
 }
 
 impl std::fmt::Display for Invalid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "--{} {}", self.setting, self.why)
+        match &self.why {
+            Why::Unparsable { value, more } => {
+                write!(f, "invalid value {value:?} for {}{more}", self.source)
+            }
+            Why::Rule(rule) => write!(f, "{} {rule}", self.source),
+        }
     }
 }
 
+impl std::error::Error for Invalid {}
+
 /// Checks every setting against its rule, then the one rule between two settings.
 pub(crate) fn check(config: &Config) -> Result<(), Invalid> {
+    let broken = |name: &str, rule: String| Invalid {
+        source: format!("--{name}"),
+        why: Why::Rule(rule),
+    };
     for setting in SETTINGS {
-        if let Some(why) = setting.rule.broken_by((setting.field.get)(config)) {
-            return Err(Invalid {
-                setting: setting.name,
-                why,
-            });
+        if let Some(rule) = setting.rule.broken_by((setting.field.get)(config)) {
+            return Err(broken(setting.name, rule));
         }
     }
     if config.events_path == config.publish_path {
-        return Err(Invalid {
-            setting: "events-path",
-            why: "and --publish-path must differ".into(),
-        });
+        return Err(broken(
+            "events-path",
+            "and --publish-path must differ".into(),
+        ));
     }
     Ok(())
 }
@@ -434,7 +469,7 @@ mod tests {
     use super::*;
 
     /// `flags` as the command line gives them, over the variables in `env`.
-    fn config(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, String> {
+    fn config(flags: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Config, Invalid> {
         let flags: Vec<(String, String)> = flags
             .iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
@@ -519,7 +554,7 @@ mod tests {
                 "EVENTSERVER_EVENTS_PATH and --publish-path must differ"),
         ];
         for (flags, env, message) in cases {
-            assert_eq!(config(flags, env).unwrap_err(), message);
+            assert_eq!(config(flags, env).unwrap_err().to_string(), message);
         }
     }
 
@@ -536,17 +571,18 @@ mod tests {
     fn validate_names_the_flag_of_a_field_out_of_bounds() {
         let mut c = Config::new("x.db");
         c.max_body = 0;
-        assert_eq!(c.validate(), Err("--max-body must be at least 1".into()));
+        let message = |c: &Config| c.validate().map_err(|e| e.to_string());
+        assert_eq!(message(&c), Err("--max-body must be at least 1".into()));
         let mut c = Config::new("x.db");
         c.longpoll_max_timeout = 86_401;
         assert_eq!(
-            c.validate(),
+            message(&c),
             Err("--longpoll-max-timeout must be 1-86400 seconds".into())
         );
         c.longpoll_max_timeout = 110;
         c.retain_age = Some(Duration::ZERO);
         assert_eq!(
-            c.validate(),
+            message(&c),
             Err("--retain-secs must be at least 1 (leave it unset to keep everything)".into())
         );
     }
