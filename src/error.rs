@@ -38,7 +38,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Config(invalid) => Some(invalid),
-            Error::Admin(_) => None,
+            Error::Admin(refusal) => Some(refusal),
             Error::Io(e) => Some(e),
             Error::Store(e) => Some(e),
             Error::Refused(failure) => Some(failure),

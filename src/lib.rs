@@ -33,7 +33,8 @@
 //! | 1 | `api/` | routes and handlers (`mod`, `streams`, `longpoll`), which lane a request waits in (`admission`), the failure catalogue rendered per API (`error`), the runtime that answers later (`runtime`) | name tiny_http or rusqlite |
 //! | 0 | `store/` | the only module naming rusqlite: schema, writer (group commit), readers | know HTTP |
 //! | 0 | `longpoll` | parked replies per category, deadlines; no I/O, no threads | block |
-//! | 0 | `auth`, `clock`, `config`, `event`, `metrics`, `pool`, `lock`, `sys`, `error`, [`log`], [`settings`], [`service`], [`admin`] | | |
+//! | 0 | `auth`, `clock`, `config`, `event`, `metrics`, `pool`, `lock`, `sys`, [`log`], [`settings`], [`service`], [`admin`] | | |
+//! | – | `error` | the public [`Error`], joining each layer's own (it names `api::Failure` and `admin::Refusal`) | be used by a lower layer |
 //!
 //! The path of a request, by the names that carry it: tiny_http's accept loop → `http`
 //! decodes it (reading any large body on its own short-lived thread) and hands it with its

@@ -198,10 +198,11 @@ fn serve(args: &[String]) -> Result<(), Failure> {
             read_timeout.as_secs()
         ));
     }
-    service::ready(server.addr());
+    let watchdog = service::ready(server.addr());
     if let Some(signal) = signals.wait() {
         log::info(&format!("signal {signal} received; shutting down"));
     }
+    drop(watchdog);
     service::stopping();
     server.shutdown();
     log::info("shutdown complete");

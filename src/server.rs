@@ -1,4 +1,5 @@
-//! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns threads.
+//! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns the server's
+//! threads; `service` adds the systemd watchdog's for the binary.
 //!
 //! Threads: the HTTP accept loop(s), `workers` workers, one writer, one timer.
 //! Shutdown order, each step waiting for the one before:
@@ -18,6 +19,7 @@ use uuid::Uuid;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
+use crate::api::longpoll::Polled;
 use crate::api::{self, App, Incoming, Runtime};
 use crate::auth::Authenticator;
 use crate::clock::Clock;
@@ -235,8 +237,6 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
     }
 }
 
-use crate::api::longpoll::Polled;
-
 /// A running server. `shutdown` and `join` take `&self`, so one thread can wait while
 /// another (a signal handler, say) stops it.
 pub struct ServerHandle {
@@ -291,6 +291,12 @@ impl ServerHandle {
     /// Stops the server gracefully: in-flight requests finish, parked long-polls are
     /// answered, everything queued for the writer is committed and the database is
     /// checkpointed. Returns when all of that is done; later calls return at once.
+    ///
+    /// # Panics
+    ///
+    /// Once everything is stopped, with the panic of a server thread that panicked outside
+    /// a handler (a handler's panic is answered 500 and its worker goes on): that is a bug
+    /// to surface, not to swallow. Not while the calling thread is already unwinding.
     pub fn shutdown(&self) {
         let running = crate::lock::lock(&self.running).take();
         if let Some(running) = running {

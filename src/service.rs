@@ -5,7 +5,10 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::thread::JoinHandle;
 use std::time::Duration;
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use crate::log;
 
@@ -61,10 +64,24 @@ pub fn systemd_listener() -> io::Result<Option<TcpListener>> {
 
 /// Tells systemd (under `Type=notify`) that the server at `addr` is ready, and starts the
 /// watchdog if systemd asked for one; does nothing when systemd does not supervise us.
-pub fn ready(addr: SocketAddr) {
+/// The watchdog pings until the returned [`Watchdog`] is dropped.
+pub fn ready(addr: SocketAddr) -> Watchdog {
     crate::sys::notify(&format!("READY=1\nSTATUS=serving on {addr}"));
-    if let Some(interval) = crate::sys::watchdog_interval() {
-        start_watchdog(addr, interval);
+    Watchdog(crate::sys::watchdog_interval().and_then(|interval| start_watchdog(addr, interval)))
+}
+
+/// The watchdog's thread, stopped and joined when this is dropped (before shutdown, whose
+/// failing health checks would otherwise be logged as such).
+pub struct Watchdog(Option<(Sender<()>, JoinHandle<()>)>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.0.take() {
+            drop(stop);
+            if thread.join().is_err() {
+                log::error("the watchdog thread panicked");
+            }
+        }
     }
 }
 
@@ -97,7 +114,7 @@ impl StopSignals {
 /// Pings systemd's watchdog while the server answers its own health check: a dead accept
 /// loop, stuck workers or an unwritable database all stop the pings and systemd restarts
 /// the service.
-fn start_watchdog(addr: SocketAddr, interval: Duration) {
+fn start_watchdog(addr: SocketAddr, interval: Duration) -> Option<(Sender<()>, JoinHandle<()>)> {
     let mut target = addr;
     if target.ip().is_unspecified() {
         target.set_ip(match addr {
@@ -107,6 +124,7 @@ fn start_watchdog(addr: SocketAddr, interval: Duration) {
     }
     // Three checks per interval, so one slow check does not miss a ping.
     let period = interval / 3;
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
     let spawned = std::thread::Builder::new()
         .name("watchdog".into())
         .stack_size(256 << 10)
@@ -117,11 +135,17 @@ fn start_watchdog(addr: SocketAddr, interval: Duration) {
                 } else {
                     log::warn("the health self-check failed; not pinging the watchdog");
                 }
-                std::thread::sleep(period);
+                if stopped.recv_timeout(period) != Err(RecvTimeoutError::Timeout) {
+                    return;
+                }
             }
         });
-    if let Err(e) = spawned {
-        log::error(&format!("cannot start the watchdog thread: {e}"));
+    match spawned {
+        Ok(thread) => Some((stop, thread)),
+        Err(e) => {
+            log::error(&format!("cannot start the watchdog thread: {e}"));
+            None
+        }
     }
 }
 

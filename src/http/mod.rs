@@ -119,7 +119,8 @@ use engine::{Engine, Successor};
 use order::{Answer, AnswerOrder};
 
 /// What the HTTP layer hands its requests to: the server's front door. Its methods run on
-/// the HTTP layer's own threads, so none may block.
+/// the HTTP layer's own threads, so none may wait for other work (a queue, a lock held
+/// across I/O, the database); writing a refusal to its client is all they may block on.
 pub trait Front: Send + Sync + 'static {
     /// Takes a decoded request with the means to answer it, on the thread that decoded it.
     /// Requests refused here ([`api::Request::refused`]) must be answered at once, not
