@@ -4,6 +4,7 @@
 mod abuse;
 mod bad_input;
 mod crash;
+mod embedded;
 mod longpoll;
 mod props;
 mod retention;
