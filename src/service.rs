@@ -115,13 +115,7 @@ impl StopSignals {
 /// loop, stuck workers or an unwritable database all stop the pings and systemd restarts
 /// the service.
 fn start_watchdog(addr: SocketAddr, interval: Duration) -> Option<(Sender<()>, JoinHandle<()>)> {
-    let mut target = addr;
-    if target.ip().is_unspecified() {
-        target.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
+    let target = crate::http::reachable(addr);
     // Three checks per interval, so one slow check does not miss a ping.
     let period = interval / 3;
     let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
@@ -153,15 +147,5 @@ fn start_watchdog(addr: SocketAddr, interval: Duration) -> Option<(Sender<()>, J
 /// purpose: the check passes only if the accept loop, a worker and a database write all
 /// work.
 fn healthy(addr: SocketAddr, timeout: Duration) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(timeout));
-    let _ = stream.set_write_timeout(Some(timeout));
-    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    let mut head = [0u8; 12];
-    stream.write_all(request).is_ok()
-        && stream.read_exact(&mut head).is_ok()
-        && head.starts_with(b"HTTP/1.1 200")
+    crate::http::ask_self(addr, "/healthz", timeout).is_ok_and(|head| head == *b"HTTP/1.1 200")
 }

@@ -246,13 +246,7 @@ impl HttpServer {
         let addr = listener.local_addr()?;
         let listener_fd = listener.as_raw_fd();
         socket2::SockRef::from(&listener).set_read_timeout(Some(read_timeout))?;
-        let mut self_addr = addr;
-        if self_addr.ip().is_unspecified() {
-            self_addr.set_ip(match addr {
-                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
-        }
+        let self_addr = reachable(addr);
         let (stop_prober, stopped) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             listener,
@@ -330,6 +324,34 @@ fn spawn_small(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<Join
         .name(name.into())
         .stack_size(SMALL_STACK)
         .spawn(f)
+}
+
+/// Where this process reaches a server listening on `addr`: over loopback when it listens
+/// on every address.
+pub(crate) fn reachable(addr: SocketAddr) -> SocketAddr {
+    let mut reachable = addr;
+    if addr.ip().is_unspecified() {
+        reachable.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    reachable
+}
+
+/// Sends `GET path` on a fresh connection to `addr` (our own server) and returns the
+/// answer's first 12 bytes (`HTTP/1.1 200`), each step within `patience`. For the server's
+/// checks of itself: the prober's probe requests and the systemd watchdog's health check.
+pub(crate) fn ask_self(addr: SocketAddr, path: &str, patience: Duration) -> io::Result<[u8; 12]> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, patience)?;
+    stream.set_read_timeout(Some(patience))?;
+    stream.set_write_timeout(Some(patience))?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    Ok(head)
 }
 
 /// tiny_http 0.12 behaviours the layer relies on that no test in `tests/it` shows alone.

@@ -18,7 +18,6 @@
 //!   our connections in `CLOSE_WAIT`, and releases their polls
 //!   (`longpoll::a_poll_whose_client_hangs_up_is_released`).
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -119,14 +118,6 @@ pub(super) fn run(shared: &Arc<Shared>) {
 /// Sends a probe request; whether it is answered within [`PATIENCE`].
 fn probe(shared: &Shared) -> bool {
     let before = shared.probes_answered.load(Ordering::SeqCst);
-    let Ok(mut stream) = TcpStream::connect_timeout(&shared.self_addr, PATIENCE) else {
-        return false;
-    };
-    let request = format!("GET {PROBE_PATH} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).is_err() {
-        return false;
-    }
-    let _ = stream.set_read_timeout(Some(PATIENCE));
-    let mut byte = [0u8; 1];
-    stream.read_exact(&mut byte).is_ok() || shared.probes_answered.load(Ordering::SeqCst) > before
+    super::ask_self(shared.self_addr, PROBE_PATH, PATIENCE).is_ok()
+        || shared.probes_answered.load(Ordering::SeqCst) > before
 }
