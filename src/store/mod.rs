@@ -59,6 +59,8 @@ pub enum StoreError {
     NotWal(PathBuf),
     /// A path SQLite must be given as text is not valid UTF-8.
     NotUtf8(PathBuf),
+    /// A file beside the database (a backup) could not be written, synced or moved.
+    File(PathBuf, std::io::Error),
     /// Something this code relies on did not hold; the message says what.
     Invariant(&'static str),
 }
@@ -90,6 +92,7 @@ impl std::fmt::Display for StoreError {
                 write!(f, "could not switch {} to WAL mode", path.display())
             }
             StoreError::NotUtf8(path) => write!(f, "{} is not valid UTF-8", path.display()),
+            StoreError::File(path, e) => write!(f, "{}: {e}", path.display()),
             StoreError::Invariant(what) => f.write_str(what),
         }
     }
@@ -99,6 +102,7 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StoreError::Sqlite(e) => Some(e),
+            StoreError::File(_, e) => Some(e),
             _ => None,
         }
     }
