@@ -227,7 +227,7 @@ pub fn reset_consumer(db: &Path, of: OffsetOf<'_>, offset: u64) -> Result<Reset,
     Ok(Reset::Done)
 }
 
-/// What [`backup`] does with a file already at its target.
+/// What a backup does with a file already at its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IfExists {
     /// Leave it untouched and write nothing.

@@ -108,6 +108,21 @@ impl std::error::Error for StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the disk failed: a read, write or sync error, or no space left. Unlike a
+    /// refusal or a lock held elsewhere, such a failure leaves in doubt what the failed
+    /// transaction left in the files and in the connection's caches.
+    pub fn is_disk_failure(&self) -> bool {
+        let StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) = self else {
+            return false;
+        };
+        matches!(
+            e.code,
+            rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull
+        )
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> StoreError {
         StoreError::Sqlite(e)
@@ -203,6 +218,22 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
     ))?;
     migrate(&mut conn)?;
     Ok(conn)
+}
+
+/// A new write connection on `conn`'s database with its `synchronous` setting, for the
+/// writer to go on with after a disk failure.
+pub fn reopen_write(conn: &Connection) -> Result<Connection, StoreError> {
+    let path = conn
+        .path()
+        .filter(|path| !path.is_empty())
+        .ok_or(StoreError::Invariant("the write connection is on a file"))?;
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    // 2 is FULL, 3 EXTRA; open_write sets only FULL or NORMAL (1).
+    let sync = match sync >= 2 {
+        true => SyncMode::Full,
+        false => SyncMode::Normal,
+    };
+    open_write(Path::new(path), sync)
 }
 
 /// Puts the database in WAL mode and returns the mode it is in. SQLite answers "locked" at
