@@ -150,9 +150,10 @@ pub fn reset_consumer(
 pub use crate::store::admin::IfExists;
 
 /// Writes a consistent copy of the database to `target`, safe while a server runs:
-/// written beside it, synced, then renamed into place, so `target` never holds a partial
+/// written beside it, synced, then moved into place, so `target` never holds a partial
 /// copy. A file already at `target` is refused ([`Error::Admin`], the file untouched)
-/// unless `existing` is [`IfExists::Replace`].
+/// unless `existing` is [`IfExists::Replace`]; without it, the copy is hard-linked into
+/// place, so a file system without hard links takes backups only with it.
 pub fn backup(db: &Path, target: &Path, existing: IfExists) -> Result<(), Error> {
     match crate::store::admin::backup(db, target, existing)? {
         BackedUp::Done => Ok(()),
