@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 pub use crate::store::admin::Added;
-use crate::store::admin::{OffsetOf, Reset};
+use crate::store::admin::{BackedUp, OffsetOf, Reset};
 
 /// Why an operator command refused its arguments; nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum Refusal {
         /// The stream's newest sequence number.
         newest: u64,
     },
-    /// The backup's target exists already.
+    /// The backup's target exists already, and replacing it was not asked for.
     TargetExists(PathBuf),
 }
 
@@ -147,10 +147,16 @@ pub fn reset_consumer(
     }
 }
 
-/// Writes a consistent copy of the database to `target`, which must not exist yet.
-pub fn backup(db: &Path, target: &Path) -> Result<(), Error> {
-    if target.exists() {
-        return Err(Refusal::TargetExists(target.to_owned()).into());
+pub use crate::store::admin::IfExists;
+
+/// Writes a consistent copy of the database to `target`, safe while a server runs:
+/// written beside it, synced, then moved into place, so `target` never holds a partial
+/// copy. A file already at `target` is refused ([`Error::Admin`], the file untouched)
+/// unless `existing` is [`IfExists::Replace`]; without it, the copy is hard-linked into
+/// place, so a file system without hard links takes backups only with it.
+pub fn backup(db: &Path, target: &Path, existing: IfExists) -> Result<(), Error> {
+    match crate::store::admin::backup(db, target, existing)? {
+        BackedUp::Done => Ok(()),
+        BackedUp::TargetExists => Err(Refusal::TargetExists(target.to_owned()).into()),
     }
-    Ok(crate::store::admin::backup(db, target)?)
 }

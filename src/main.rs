@@ -25,7 +25,9 @@ Usage:
   eventserver stream show STREAM [--db PATH]     owner, events, consumers with offsets and lag
   eventserver stream release STREAM [--db PATH]  clear the producer lock
   eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET [--db PATH]
-  eventserver backup PATH [--db PATH]            consistent copy, safe while serving
+  eventserver backup PATH [--force] [--db PATH]  consistent copy, safe while serving; PATH
+                                      never holds a partial copy, and an existing
+                                      file there is kept unless --force replaces it
   eventserver --version | --help
 
 Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win):
@@ -105,10 +107,14 @@ const ADMIN: &[(&str, &[&str], AdminCommand)] = &[
     ("user", &["db", "produce", "consume"], user),
     ("stream", &["db"], stream),
     ("consumer", &["db"], consumer),
-    ("backup", &["db"], backup),
+    ("backup", &["db", "force"], backup),
 ];
 
-/// Flags of the form `--name VALUE` or `--name=VALUE`, plus positional arguments.
+/// Flags that take no value: given or not.
+const SWITCHES: &[&str] = &["force"];
+
+/// Flags of the form `--name VALUE` or `--name=VALUE` (or `--name` for a switch), plus
+/// positional arguments.
 #[derive(Default)]
 struct Args {
     flags: Vec<(String, String)>,
@@ -133,7 +139,11 @@ impl Args {
                 return Err(usage(format!("unknown flag '--{name}'")));
             }
             let value = match value {
+                Some(_) if SWITCHES.contains(&name) => {
+                    return Err(usage(format!("flag '--{name}' takes no value")));
+                }
                 Some(value) => value,
+                None if SWITCHES.contains(&name) => String::new(),
                 None => it
                     .next()
                     .ok_or_else(|| usage(format!("flag '--{flag}' needs a value")))?
@@ -331,11 +341,22 @@ fn consumer(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
     Ok(())
 }
 
-fn backup(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
+fn backup(db: &Path, words: &[&str], args: &Args) -> Result<(), Failure> {
     let [target] = *words else {
-        return Err(usage("usage: eventserver backup PATH [--db PATH]"));
+        return Err(usage(
+            "usage: eventserver backup PATH [--force] [--db PATH]",
+        ));
     };
-    admin::backup(db, Path::new(target))?;
+    let existing = match args.flag("force") {
+        Some(_) => admin::IfExists::Replace,
+        None => admin::IfExists::Refuse,
+    };
+    admin::backup(db, Path::new(target), existing).map_err(|e| match e {
+        eventserver::Error::Admin(refused @ admin::Refusal::TargetExists(_)) => {
+            usage(format!("{refused}: --force replaces it"))
+        }
+        other => other.into(),
+    })?;
     println!("backed up {} to {target}", db.display());
     Ok(())
 }

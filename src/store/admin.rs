@@ -227,13 +227,100 @@ pub fn reset_consumer(db: &Path, of: OffsetOf<'_>, offset: u64) -> Result<Reset,
     Ok(Reset::Done)
 }
 
-/// Writes a consistent copy of the database to `target` (which must not exist), while the
-/// server may keep running.
-pub fn backup(db: &Path, target: &Path) -> Result<(), StoreError> {
+/// What a backup does with a file already at its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfExists {
+    /// Leave it untouched and write nothing.
+    Refuse,
+    /// Replace it, atomically, with the copy.
+    Replace,
+}
+
+/// What [`backup`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackedUp {
+    /// The copy is complete at the target, synced, and its name is synced too.
+    Done,
+    /// A file is at the target and replacing it was not asked for; it is untouched.
+    TargetExists,
+}
+
+/// Writes a consistent copy of the database to `target`, while the server may keep running;
+/// `existing` says what becomes of a file already there.
+///
+/// The copy is written to a new file beside the target (the same directory, so that moving
+/// it into place is one atomic rename), synced, moved into place, and then the directory is
+/// synced, so that once this returns the copy survives a power loss under its name. The
+/// target is never seen half-written: it is either what it was or the whole copy. A failure
+/// removes the temporary file.
+pub fn backup(db: &Path, target: &Path, existing: IfExists) -> Result<BackedUp, StoreError> {
     let conn = super::open_existing(db)?;
-    let target = target
+    // Checked first only to spare the copy's work; placing it below re-checks atomically.
+    if existing == IfExists::Refuse && target.exists() {
+        return Ok(BackedUp::TargetExists);
+    }
+    let name = target.file_name().ok_or_else(|| {
+        let why = std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file");
+        StoreError::File(target.to_owned(), why)
+    })?;
+    let dir = match target.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{}.tmp", uuid::Uuid::new_v4().simple()));
+    let temp = dir.join(temp_name);
+    // Created here (and never an existing file) so that the removal below only ever
+    // removes what this call made; VACUUM INTO accepts an empty file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .map_err(|e| StoreError::File(dir.to_owned(), e))?;
+    let placed = copy_into_place(&conn, &temp, target, existing);
+    // After a rename the temporary name is gone; after a link or a failure it is not.
+    let removed = match std::fs::remove_file(&temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::File(temp, e)),
+        _ => Ok(()),
+    };
+    let placed = placed?;
+    if placed == BackedUp::Done {
+        removed?;
+        sync(dir)?;
+    }
+    Ok(placed)
+}
+
+/// Writes the copy into the empty file `temp`, syncs it, and gives it the name `target`:
+/// renamed over whatever is there to replace it, else linked, which refuses an existing
+/// name atomically (a rename would replace a file that appeared since the check above). A
+/// file system without hard links therefore takes backups only with [`IfExists::Replace`].
+fn copy_into_place(
+    conn: &rusqlite::Connection,
+    temp: &Path,
+    target: &Path,
+    existing: IfExists,
+) -> Result<BackedUp, StoreError> {
+    let temp_text = temp
         .to_str()
-        .ok_or_else(|| StoreError::NotUtf8(target.to_owned()))?;
-    conn.execute("VACUUM INTO ?1", [target])?;
-    Ok(())
+        .ok_or_else(|| StoreError::NotUtf8(temp.to_owned()))?;
+    conn.execute("VACUUM INTO ?1", [temp_text])?;
+    sync(temp)?;
+    let placed = match existing {
+        IfExists::Replace => std::fs::rename(temp, target),
+        IfExists::Refuse => std::fs::hard_link(temp, target),
+    };
+    match placed {
+        Ok(()) => Ok(BackedUp::Done),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(BackedUp::TargetExists),
+        Err(e) => Err(StoreError::File(target.to_owned(), e)),
+    }
+}
+
+/// Flushes a file, or a directory's entries, to the disk.
+fn sync(path: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::File(path.to_owned(), e))
 }

@@ -30,7 +30,7 @@ pub mod writer;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::config::SyncMode;
 
@@ -59,6 +59,8 @@ pub enum StoreError {
     NotWal(PathBuf),
     /// A path SQLite must be given as text is not valid UTF-8.
     NotUtf8(PathBuf),
+    /// A file beside the database (a backup) could not be written, synced or moved.
+    File(PathBuf, std::io::Error),
     /// Something this code relies on did not hold; the message says what.
     Invariant(&'static str),
 }
@@ -90,6 +92,7 @@ impl std::fmt::Display for StoreError {
                 write!(f, "could not switch {} to WAL mode", path.display())
             }
             StoreError::NotUtf8(path) => write!(f, "{} is not valid UTF-8", path.display()),
+            StoreError::File(path, e) => write!(f, "{}: {e}", path.display()),
             StoreError::Invariant(what) => f.write_str(what),
         }
     }
@@ -99,8 +102,24 @@ impl std::error::Error for StoreError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             StoreError::Sqlite(e) => Some(e),
+            StoreError::File(_, e) => Some(e),
             _ => None,
         }
+    }
+}
+
+impl StoreError {
+    /// Whether the disk failed: a read, write or sync error, or no space left. Unlike a
+    /// refusal or a lock held elsewhere, such a failure leaves in doubt what the failed
+    /// transaction left in the files and in the connection's caches.
+    pub fn is_disk_failure(&self) -> bool {
+        let StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) = self else {
+            return false;
+        };
+        matches!(
+            e.code,
+            rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull
+        )
     }
 }
 
@@ -201,6 +220,22 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
     Ok(conn)
 }
 
+/// A new write connection on `conn`'s database with its `synchronous` setting, for the
+/// writer to go on with after a disk failure.
+pub fn reopen_write(conn: &Connection) -> Result<Connection, StoreError> {
+    let path = conn
+        .path()
+        .filter(|path| !path.is_empty())
+        .ok_or(StoreError::Invariant("the write connection is on a file"))?;
+    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+    // 2 is FULL, 3 EXTRA; open_write sets only FULL or NORMAL (1).
+    let sync = match sync >= 2 {
+        true => SyncMode::Full,
+        false => SyncMode::Normal,
+    };
+    open_write(Path::new(path), sync)
+}
+
 /// Puts the database in WAL mode and returns the mode it is in. SQLite answers "locked" at
 /// once, without waiting, while another connection is switching a new database's mode
 /// (two processes starting on it together): that is retried for the busy timeout.
@@ -279,43 +314,51 @@ pub fn newest_timestamp(conn: &Connection) -> Result<u64, StoreError> {
     Ok(ms.max(0) as u64)
 }
 
+/// The newest stored sequence number of a stream: one step down its `(stream_id, seq)` index.
+const NEWEST_SEQ: &str = "SELECT seq FROM events WHERE stream_id = ?1 ORDER BY seq DESC LIMIT 1";
+/// The first stored event of a stream at or after a sequence number, by the same index.
+const FIRST_AT_OR_AFTER: &str =
+    "SELECT seq, ts FROM events WHERE stream_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT 1";
+
 /// The newest sequence number of `stream_id` whose event is older than `ms` (`strict`) or
-/// not newer than `ms`; 0 if there is none. Binary search over `seq`, relying on
-/// timestamps never decreasing along a stream and on retention deleting only prefixes.
+/// not newer than `ms`; 0 if there is none. Every stored event after it is at or after
+/// `ms`, so it is a cursor for "events since `ms`".
+///
+/// A binary search over `seq`, relying on timestamps never decreasing along a stream. A
+/// sequence number may be missing (retention, or an operator's `DELETE`), so each probe
+/// reads the first stored event at or after the middle through the `(stream_id, seq)`
+/// index: O(log n) index lookups, never a scan of the stream.
 pub fn seq_at_time(
     conn: &Connection,
     stream_id: i64,
     ms: i64,
     strict: bool,
 ) -> Result<u64, StoreError> {
-    let bounds: (Option<i64>, Option<i64>) = conn
-        // Two subqueries, not `min(seq), max(seq)`: SQLite answers a lone min or max from
-        // the index in one step, but both at once by scanning the stream's whole index.
-        .prepare_cached(
-            "SELECT (SELECT seq FROM events WHERE stream_id = ?1 ORDER BY seq LIMIT 1), \
-                    (SELECT seq FROM events WHERE stream_id = ?1 ORDER BY seq DESC LIMIT 1)",
-        )?
-        .query_row([stream_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let (Some(first), Some(last)) = bounds else {
+    let last: Option<i64> = conn
+        .prepare_cached(NEWEST_SEQ)?
+        .query_row([stream_id], |r| r.get(0))
+        .optional()?;
+    let Some(last) = last else {
         return Ok(0);
     };
-    let mut ts_of =
-        conn.prepare_cached("SELECT ts FROM events WHERE stream_id = ?1 AND seq = ?2")?;
+    let mut at_or_after = conn.prepare_cached(FIRST_AT_OR_AFTER)?;
     let before = |ts: i64| if strict { ts < ms } else { ts <= ms };
-    // Invariant: every seq < lo is "before" (or deleted), every seq > hi is not.
-    let (mut lo, mut hi) = (first, last);
+    // Invariant: every stored seq < lo is before `ms`, every stored seq > hi is not.
+    let (mut lo, mut hi) = (0, last);
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
-        let ts: i64 = ts_of.query_row(params![stream_id, mid], |r| r.get(0))?;
-        if before(ts) {
-            lo = mid + 1;
-        } else {
-            hi = mid - 1;
+        let probe: Option<(i64, i64)> = at_or_after
+            .query_row(params![stream_id, mid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match probe {
+            // Nothing stored in mid..=hi.
+            None => hi = mid - 1,
+            Some((seq, _)) if seq > hi => hi = mid - 1,
+            Some((seq, ts)) if before(ts) => lo = seq + 1,
+            Some((seq, _)) => hi = seq - 1,
         }
     }
-    // `hi` is the last seq that is before `ms`; below `first` nothing is stored, which
-    // counts as "before" too (those events were deleted by retention).
-    Ok(hi.max(first - 1).max(0) as u64)
+    Ok(hi.max(0) as u64)
 }
 
 /// Truncates the write-ahead log into the database file, for a clean shutdown.
@@ -357,6 +400,64 @@ mod tests {
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(version, MIGRATIONS.len());
+        }
+    }
+
+    /// Whatever sequence numbers are missing, the cursor `seq_at_time` returns splits the
+    /// stored events exactly at `ms`, as a scan of the whole stream would.
+    #[test]
+    fn seq_at_time_splits_a_stream_with_gaps_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_write(&dir.path().join("t.db"), SyncMode::Normal).unwrap();
+        // Timestamps repeat (three events per millisecond) and never decrease; every
+        // seventh event and a run in the middle are missing.
+        let stored: Vec<(i64, i64)> = (1..=300)
+            .filter(|seq| seq % 7 != 0 && !(140..160).contains(seq))
+            .map(|seq| (seq, 1000 + seq / 3))
+            .collect();
+        for (seq, ts) in &stored {
+            conn.execute(
+                "INSERT INTO events (stream_id, seq, id, ts, data) VALUES (1, ?1, ?1, ?2, '')",
+                [seq, ts],
+            )
+            .unwrap();
+        }
+        for ms in 990..1110 {
+            for strict in [false, true] {
+                let cursor = seq_at_time(&conn, 1, ms, strict).unwrap() as i64;
+                let before = |ts: i64| if strict { ts < ms } else { ts <= ms };
+                for (seq, ts) in &stored {
+                    assert_eq!(*seq <= cursor, before(*ts), "ms {ms} strict {strict}");
+                }
+            }
+        }
+        assert_eq!(
+            seq_at_time(&conn, 2, 1050, false).unwrap(),
+            0,
+            "no such stream"
+        );
+    }
+
+    /// Each step of `seq_at_time` is an index search, never a scan: a scan costs time in
+    /// proportion to the stream, on every `since_time` read that misses the recent tail.
+    #[test]
+    fn seq_at_time_searches_the_index_and_never_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_write(&dir.path().join("t.db"), SyncMode::Normal).unwrap();
+        for sql in [NEWEST_SEQ, FIRST_AT_OR_AFTER] {
+            let literal = sql.replace("?1", "1").replace("?2", "1");
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {literal}"))
+                .unwrap()
+                .query_map([], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(plan.len(), 1, "{sql}: {plan:?}");
+            assert!(
+                plan[0].starts_with("SEARCH events USING") && plan[0].contains("events_by_seq"),
+                "{sql}: {plan:?}"
+            );
         }
     }
 }

@@ -4,8 +4,35 @@
 //! [`MAX_BATCH`]), applies it all in one transaction, commits, and only then hands the
 //! results to the commit hook, which wakes long-poll waiters and answers the requests.
 //! Workers never wait for a commit, so batches grow with the load instead of being capped
-//! by the worker count. A failed transaction fails every job in it: nothing is half-written.
-//! Retention runs in a transaction of its own.
+//! by the worker count. Retention runs in a transaction of its own.
+//!
+//! # A failed commit
+//!
+//! A failed transaction fails every job in it, and nothing of it is visible: SQLite writes
+//! a commit's frames to the WAL, syncs the WAL, and only then publishes the commit in the
+//! wal-index that every reader (and the next writer) goes by; a failed sync returns before
+//! that (`walFrames` in the bundled `sqlite3.c`). But it may be stored: frames that reached
+//! the disk before the failure carry a valid commit frame, and the recovery that runs when
+//! the database is next opened takes every frame up to the last valid commit frame, valid
+//! meaning its salt and the checksum chained through all frames before it match (the WAL
+//! format in sqlite.org/fileformat2.html; `walIndexRecover` in `sqlite3.c`). The next
+//! successful commit writes its frames at the same place in the WAL, which breaks that
+//! chain (or starts the WAL over with a new salt), so after it the failed commit can no
+//! longer come back. Hence a 500 means "not visible, maybe stored"; the README tells
+//! producers how to find out.
+//!
+//! After a disk failure (a read, write or sync error, or a full disk) the writer goes on
+//! with a new connection and closes the old one ([`reopened`]). SQLite documents only that
+//! after `SQLITE_IOERR` or `SQLITE_FULL` a transaction "might be rolled back automatically"
+//! (sqlite.org/c3ref/get_autocommit.html), not what the failed connection's page cache,
+//! WAL snapshot and VFS file state may still hold, so none of it is kept: the new connection
+//! starts from the wal-index, which holds exactly the commits that were synced.
+//! `abuse::a_full_disk_fails_writes_cleanly_and_they_resume_when_space_returns` fills the
+//! disk, waits for the reopening, and checks that writes resume and nothing else is stored.
+//! (The kernel's page cache is shared by every connection, and no reopening refreshes it:
+//! after a failed fsync Linux may keep pages that never reached the disk. Those are the
+//! failed commit's own frames, beyond the last commit the wal-index knows, so no one reads
+//! them, and the next commit writes over them.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -174,8 +201,11 @@ pub fn run(
             Ok(outcomes) => finish(batch, outcomes),
             Err(e) => {
                 // The cache may hold what the rolled-back transaction did: start afresh.
-                streams.rows.clear();
+                streams = StreamCache::default();
                 crate::log::error(&format!("commit of {jobs} jobs failed: {e}"));
+                if e.is_disk_failure() {
+                    conn = reopened(conn);
+                }
                 fail(batch, WriteError::Storage(Arc::new(e)))
             }
         };
@@ -188,6 +218,24 @@ pub fn run(
         }
     }
     conn
+}
+
+/// A new write connection in place of `conn` after a disk failure (see the module docs);
+/// `conn` itself if the database cannot be opened again, to be retried after the next
+/// failure.
+fn reopened(conn: Connection) -> Connection {
+    match super::reopen_write(&conn) {
+        Ok(fresh) => {
+            crate::log::warn("reopened the write connection after a disk failure");
+            fresh
+        }
+        Err(e) => {
+            crate::log::error(&format!(
+                "could not reopen the write connection after a disk failure: {e}"
+            ));
+            conn
+        }
+    }
 }
 
 /// The result of one job inside a transaction that has not committed yet.

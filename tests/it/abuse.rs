@@ -896,12 +896,13 @@ fn connections_beyond_the_cap_get_503_quickly() {
 }
 
 /// With `RLIMIT_FSIZE` reached (SIGXFSZ ignored, so writes fail with EFBIG): appends answer
-/// 500, publishes 500 `{"error": …}`, reads keep working, nothing is half-written, and once
-/// the limit is raised on the running process, writes succeed again by themselves.
+/// 500, publishes 500 `{"error": …}`, reads keep working, nothing is half-written, the writer
+/// goes on with a new connection rather than the one whose write failed, and once the limit
+/// is raised on the running process, writes succeed again by themselves.
 #[test]
 fn a_full_disk_fails_writes_cleanly_and_they_resume_when_space_returns() {
     let _turn = crate::support::heavy();
-    let (proc, addr, dir) = start(
+    let (mut proc, addr, dir) = start(
         &["prlimit", "--fsize=262144:unlimited"],
         &["--workers", "2"],
     );
@@ -935,6 +936,10 @@ fn a_full_disk_fails_writes_cleanly_and_they_resume_when_space_returns() {
     assert!(
         !failed.is_empty(),
         "200 appends of 8 KiB fitted in 256 KiB?"
+    );
+    proc.wait_stderr(
+        "reopened the write connection after a disk failure",
+        Duration::from_secs(5),
     );
     // Writes keep failing cleanly while the limit holds.
     for n in 1000..1003 {

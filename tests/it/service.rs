@@ -555,6 +555,106 @@ fn backup_while_serving_is_a_usable_copy() {
     restored.stop();
 }
 
+/// A database with three streams, one of them ~160 KiB of events, served in process.
+fn served_with_events() -> crate::support::TestServer {
+    let server = crate::support::TestServer::start();
+    let filler = "x".repeat(8 * 1024);
+    for n in 0..20 {
+        publish_ok(&server, "big", &json!({"n": n, "filler": filler}));
+    }
+    for _ in 0..3 {
+        append_ok(&server, "orders", "p1", &event("OrderPlaced"));
+    }
+    publish_ok(&server, "news", &json!(1));
+    server
+}
+
+/// The names in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A backup is a complete database; an existing file at its path is kept unless `--force`
+/// is given, which replaces it; no temporary file stays behind.
+#[test]
+fn backup_keeps_an_existing_file_unless_forced_to_replace_it() {
+    let server = served_with_events();
+    let out = tempfile::tempdir().unwrap();
+    let copy = out.path().join("copy.db");
+    let copy_arg = copy.to_str().unwrap();
+    std::fs::write(&copy, "keep me").unwrap();
+    admin(&server.db, &["backup", copy_arg]).fails(2, "already exists: --force replaces it");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), "keep me");
+    admin(&server.db, &["backup", copy_arg, "--force=yes"]).fails(2, "takes no value");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap(), "keep me");
+
+    let forced = admin(&server.db, &["backup", "--force", copy_arg]).ok();
+    assert!(forced.stdout.contains("backed up"), "{}", forced.stdout);
+    assert_eq!(names_in(out.path()), ["copy.db"]);
+    let list = |db: &Path| admin(db, &["stream", "list"]).ok().stdout;
+    assert_eq!(
+        list(&copy),
+        list(&server.db),
+        "every stream, count and last event"
+    );
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let (events, check): (i64, String) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM events), (SELECT * FROM pragma_integrity_check)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((events, check.as_str()), (24, "ok"));
+    // Forcing over an older backup replaces it with a current one.
+    publish_ok(&server, "news", &json!(2));
+    admin(&server.db, &["backup", copy_arg, "--force"]).ok();
+    assert_eq!(list(&copy), list(&server.db));
+    assert_eq!(names_in(out.path()), ["copy.db"]);
+}
+
+/// A backup that cannot be written (its directory missing, or the disk full mid-copy,
+/// here a file-size limit with SIGXFSZ ignored) fails with status 1 and leaves neither a
+/// file at its path nor a temporary one beside it.
+#[test]
+fn a_failed_backup_leaves_no_file_and_no_temporary() {
+    let server = served_with_events();
+    let out = tempfile::tempdir().unwrap();
+    let missing = out.path().join("no-such-dir").join("copy.db");
+    admin(&server.db, &["backup", missing.to_str().unwrap()]).fails(1, "no-such-dir");
+    assert_eq!(names_in(out.path()), Vec::<String>::new());
+
+    let copy = out.path().join("copy.db");
+    let script = format!(
+        "trap '' XFSZ; exec prlimit --fsize=65536 \"$0\" backup {} --db {}",
+        copy.display(),
+        server.db.display()
+    );
+    let mut full = Proc::spawn(
+        {
+            let mut cmd = clean("sh");
+            cmd.args(["-c", &script, BIN]);
+            cmd
+        },
+        None,
+    );
+    assert_eq!(full.wait_exit(START).code(), Some(1), "{}", full.stderr());
+    assert_eq!(
+        names_in(out.path()),
+        Vec::<String>::new(),
+        "{}",
+        full.stderr()
+    );
+    // With room again the same backup succeeds.
+    admin(&server.db, &["backup", copy.to_str().unwrap()]).ok();
+    assert_eq!(names_in(out.path()), ["copy.db"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Configuration: every flag and environment variable
 // ---------------------------------------------------------------------------------------
