@@ -147,6 +147,16 @@ pub fn reset_consumer(
     }
 }
 
+/// Forgets consumer `consumer` of `stream` (all its offsets there): retention with
+/// `--retain-acked-only` stops keeping events for it. False if it had no offsets there;
+/// [`Error::Admin`] if the stream does not exist.
+pub fn remove_consumer(db: &Path, stream: &str, consumer: &str) -> Result<bool, Error> {
+    match crate::store::admin::remove_consumer(db, stream, consumer)? {
+        Some(offsets) => Ok(offsets > 0),
+        None => Err(Refusal::NoStream(stream.to_owned()).into()),
+    }
+}
+
 pub use crate::store::admin::IfExists;
 
 /// Writes a consistent copy of the database to `target`, safe while a server runs:

@@ -76,6 +76,9 @@ pub struct Config {
     pub retain_events: Option<u64>,
     /// Keep events younger than this per stream (default: keep everything).
     pub retain_age: Option<Duration>,
+    /// Whether retention deletes only events that every consumer known on their stream
+    /// (one that has acknowledged there) has acknowledged (default no).
+    pub retain_acked_only: bool,
     /// Failed logins per minute from one client before it gets 429 (default 10; 0: never).
     pub auth_failure_limit: u32,
     /// Whether loopback clients are throttled too (default no: tests and local tools
@@ -115,6 +118,7 @@ impl Config {
             auth_cache_ttl: Duration::from_secs(30),
             retain_events: None,
             retain_age: None,
+            retain_acked_only: false,
             auth_failure_limit: 10,
             auth_throttle_loopback: false,
             metrics_auth: true,

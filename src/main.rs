@@ -25,6 +25,9 @@ Usage:
   eventserver stream show STREAM [--db PATH]     owner, events, consumers with offsets and lag
   eventserver stream release STREAM [--db PATH]  clear the producer lock
   eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET [--db PATH]
+  eventserver consumer remove STREAM CONSUMER [--db PATH]
+                                      forget a consumer that went away for good: retention
+                                      (--retain-acked-only) stops keeping events for it
   eventserver backup PATH [--force] [--db PATH]  consistent copy, safe while serving; PATH
                                       never holds a partial copy, and an existing
                                       file there is kept unless --force replaces it
@@ -313,6 +316,12 @@ fn stream(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
                     c.consumer, c.event_name, c.offset, c.lag
                 );
             }
+            if !d.held.is_empty() {
+                println!("held back by retention (unacknowledged, past the limits):");
+                for (consumer, events) in d.held {
+                    println!("  {consumer} {events} events");
+                }
+            }
             Ok(())
         }
         ["release", name] => found(
@@ -328,17 +337,28 @@ fn stream(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
 }
 
 fn consumer(db: &Path, words: &[&str], _: &Args) -> Result<(), Failure> {
-    let ["reset", stream, consumer, event_name, offset] = *words else {
-        return Err(usage(
-            "usage: eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET [--db PATH]",
-        ));
-    };
-    let offset: u64 = offset
-        .parse()
-        .map_err(|_| usage(format!("invalid offset {offset:?}: use a sequence number")))?;
-    admin::reset_consumer(db, stream, consumer, event_name, offset)?;
-    println!("consumer '{consumer}' of '{stream}' ({event_name}) now at offset {offset}");
-    Ok(())
+    match *words {
+        ["reset", stream, consumer, event_name, offset] => {
+            let offset: u64 = offset
+                .parse()
+                .map_err(|_| usage(format!("invalid offset {offset:?}: use a sequence number")))?;
+            admin::reset_consumer(db, stream, consumer, event_name, offset)?;
+            println!("consumer '{consumer}' of '{stream}' ({event_name}) now at offset {offset}");
+            Ok(())
+        }
+        ["remove", stream, consumer] => found(
+            admin::remove_consumer(db, stream, consumer)?,
+            "consumer",
+            consumer,
+            format!(
+                "removed consumer '{consumer}' of '{stream}': retention no longer waits for it"
+            ),
+        ),
+        _ => Err(usage(
+            "usage: eventserver consumer reset STREAM CONSUMER EVENT_NAME OFFSET | \
+             consumer remove STREAM CONSUMER [--db PATH]",
+        )),
+    }
 }
 
 fn backup(db: &Path, words: &[&str], args: &Args) -> Result<(), Failure> {

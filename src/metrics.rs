@@ -91,6 +91,8 @@ pub struct Gauges {
     pub database_bytes: u64,
     /// (stream, consumer, event name, events not yet acknowledged).
     pub lag: Vec<(String, String, String, u64)>,
+    /// (stream, consumer, events interest retention kept for it at its last run).
+    pub held: Vec<(String, String, u64)>,
 }
 
 impl Metrics {
@@ -204,6 +206,16 @@ impl Metrics {
                 escape(name)
             );
         }
+        out.push_str("# HELP eventserver_retention_held_events Events past the retention limits kept at its last run because this consumer has not acknowledged them (--retain-acked-only).\n");
+        out.push_str("# TYPE eventserver_retention_held_events gauge\n");
+        for (stream, consumer, events) in &gauges.held {
+            let _ = writeln!(
+                out,
+                "eventserver_retention_held_events{{stream=\"{}\",consumer=\"{}\"}} {events}",
+                escape(stream),
+                escape(consumer)
+            );
+        }
         out
     }
 }
@@ -230,6 +242,7 @@ mod tests {
             parked: 7,
             database_bytes: 4096,
             lag: vec![("s".into(), "c".into(), "E".into(), 5)],
+            held: vec![("s".into(), "gone".into(), 9)],
         });
         assert!(
             text.contains("eventserver_http_requests_total{route=\"publish\",status=\"200\"} 2\n")
@@ -246,5 +259,8 @@ mod tests {
         assert!(text.contains(
             "eventserver_consumer_lag{stream=\"s\",consumer=\"c\",event_name=\"E\"} 5\n"
         ));
+        assert!(
+            text.contains("eventserver_retention_held_events{stream=\"s\",consumer=\"gone\"} 9\n")
+        );
     }
 }

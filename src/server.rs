@@ -30,7 +30,7 @@ use crate::http::HttpServer;
 use crate::longpoll::Registry;
 use crate::pool::{Pool, Task};
 use crate::store::writer::{self, Job};
-use crate::store::{self, Reader};
+use crate::store::{self, Reader, Retention};
 
 /// Stack for the writer and timer threads: explicit, because the binary runs with a small
 /// default (RUST_MIN_STACK) sized for tiny_http's per-connection threads; SQLite needs more.
@@ -231,8 +231,11 @@ fn run_timer(app: &App, pokes: &Receiver<()>) {
         app.runtime.expire(|registry| registry.expire(now));
         if retention && now >= next_retention {
             next_retention = now + RETENTION_EVERY;
-            let max_age_ms = app.config.retain_age.map(|a| a.as_millis() as u64);
-            app.runtime.retain(app.config.retain_events, max_age_ms);
+            app.runtime.retain(Retention {
+                max_events: app.config.retain_events,
+                max_age_ms: app.config.retain_age.map(|a| a.as_millis() as u64),
+                acked_only: app.config.retain_acked_only,
+            });
         }
     }
 }

@@ -96,6 +96,8 @@ pub const SETTINGS: &[Setting] = &[
         "keep at most N events per stream"),
     row(field!(retain_age), "retain-secs", "SECS", Rule::KeepAllOrPositive, Some("keep all"),
         "keep events younger than SECS"),
+    row(field!(retain_acked_only), "retain-acked-only", "true|false", Rule::Any, None,
+        "retention keeps what known consumers have not acknowledged"),
     row(field!(auth_cache_ttl), "auth-cache-secs", "SECS", Rule::Any, None,
         "how long a verified password is trusted"),
     row(field!(auth_failure_limit), "auth-failure-limit", "N", Rule::Any, None,

@@ -251,6 +251,12 @@ impl App {
             crate::log::error(&format!("metrics: reading consumer lag failed: {e}"));
             Vec::new()
         });
+        let held = reader.retention_held().unwrap_or_else(|e| {
+            crate::log::error(&format!(
+                "metrics: reading what retention holds failed: {e}"
+            ));
+            Vec::new()
+        });
         let database_bytes = ["", "-wal"]
             .iter()
             .filter_map(|suffix| {
@@ -263,6 +269,7 @@ impl App {
             parked: self.runtime.registry.parked(),
             database_bytes,
             lag,
+            held,
         };
         let body = self.metrics.render(&gauges);
         reply.send(Response::json(

@@ -30,6 +30,7 @@ use crate::event::Event;
 use crate::longpoll::{Registry, Woken};
 use crate::pool::Task;
 use crate::store::Reader;
+use crate::store::Retention;
 use crate::store::writer::{Answer, Committed, Job, WriteError};
 
 /// A parked long-poll: who waits, and the client's address.
@@ -116,11 +117,8 @@ impl Runtime {
     }
 
     /// Queues retention for the writer; a full queue skips it (the next round catches up).
-    pub(crate) fn retain(&self, max_events: Option<u64>, max_age_ms: Option<u64>) {
-        let _ = self.writer.try_send(Job::Retain {
-            max_events,
-            max_age_ms,
-        });
+    pub(crate) fn retain(&self, limits: Retention) {
+        let _ = self.writer.try_send(Job::Retain(limits));
     }
 
     /// Queues the writer's stop after everything queued, waiting for room.

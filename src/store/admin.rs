@@ -108,6 +108,9 @@ pub struct StreamDetail {
     pub first_ms: u64,
     /// Consumers with offsets.
     pub consumers: Vec<ConsumerOffset>,
+    /// What interest retention (`--retain-acked-only`) held back at its last run: per
+    /// consumer, the events past the limits it has not acknowledged.
+    pub held: Vec<(String, u64)>,
 }
 
 const SUMMARY: &str = "SELECT s.name, s.owner, \
@@ -169,10 +172,15 @@ pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, StoreE
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
+    let held = conn
+        .prepare("SELECT consumer, events FROM retention_held WHERE stream_id = ?1 ORDER BY 1")?
+        .query_map([id], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(StreamDetail {
         summary,
         first_ms: first_ms as u64,
         consumers,
+        held,
     }))
 }
 
@@ -225,6 +233,31 @@ pub fn reset_consumer(db: &Path, of: OffsetOf<'_>, offset: u64) -> Result<Reset,
         params![info.id, consumer, event_name, offset as i64],
     )?;
     Ok(Reset::Done)
+}
+
+/// Forgets a consumer of a stream: its offsets, and what retention held back for it, so
+/// the next retention run no longer keeps events for it. `None` if the stream does not
+/// exist; else the number of offsets (event names) it had there, 0 if it was unknown.
+pub fn remove_consumer(
+    db: &Path,
+    stream: &str,
+    consumer: &str,
+) -> Result<Option<usize>, StoreError> {
+    let mut conn = super::open_existing(db)?;
+    let tx = conn.transaction()?;
+    let Some(info) = super::reader::stream_info(&tx, stream)? else {
+        return Ok(None);
+    };
+    let removed = tx.execute(
+        "DELETE FROM offsets WHERE stream_id = ?1 AND consumer = ?2",
+        params![info.id, consumer],
+    )?;
+    tx.execute(
+        "DELETE FROM retention_held WHERE stream_id = ?1 AND consumer = ?2",
+        params![info.id, consumer],
+    )?;
+    tx.commit()?;
+    Ok(Some(removed))
 }
 
 /// What a backup does with a file already at its target.

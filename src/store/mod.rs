@@ -24,6 +24,7 @@
 
 pub mod admin;
 mod reader;
+mod retention;
 mod walbuf;
 pub mod writer;
 
@@ -35,6 +36,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use crate::config::SyncMode;
 
 pub use reader::Reader;
+pub use retention::Retention;
 
 /// A failure of the database; its message is for logs and operators, never for clients.
 #[derive(Debug)]
@@ -178,6 +180,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE users ADD COLUMN produce TEXT NOT NULL DEFAULT '*';
     ALTER TABLE users ADD COLUMN consume TEXT NOT NULL DEFAULT '*';
+"#,
+    // What interest retention held back at its last run, per stream and consumer.
+    r#"
+    CREATE TABLE retention_held (
+        stream_id INTEGER NOT NULL,
+        consumer TEXT NOT NULL,
+        events INTEGER NOT NULL,
+        PRIMARY KEY (stream_id, consumer)
+    ) WITHOUT ROWID;
 "#,
 ];
 

@@ -168,6 +168,23 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// What interest retention held back at its last run, per (stream, consumer), for
+    /// metrics.
+    pub fn retention_held(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.name, h.consumer, h.events \
+             FROM retention_held h JOIN streams s ON s.id = h.stream_id ORDER BY 1, 2",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
 /// The catalogue entry of `stream`, if it exists.
 pub(super) fn stream_info(
     conn: &Connection,

@@ -41,7 +41,7 @@ use crossbeam_channel::Receiver;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{Retention, StoreError};
 use crate::clock::Clock;
 use crate::event::Event;
 
@@ -138,12 +138,7 @@ pub enum Job {
     /// Write a heartbeat row: answers `Ok` only if the database takes writes.
     Probe(Done<()>),
     /// Delete events beyond the retention limits, in every stream.
-    Retain {
-        /// Keep at most this many events per stream.
-        max_events: Option<u64>,
-        /// Keep events at most this old (milliseconds) per stream.
-        max_age_ms: Option<u64>,
-    },
+    Retain(Retention),
     /// Commit everything queued before it, then stop the writer.
     Stop,
 }
@@ -181,11 +176,11 @@ pub fn run(
     let mut next = None;
     while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
         // Retention commits alone: if deleting fails, no append or ACK fails with it.
-        let alone = matches!(first, Job::Retain { .. });
+        let alone = matches!(first, Job::Retain(_));
         let mut batch = vec![first];
         while !alone && batch.len() < MAX_BATCH {
             match jobs.try_recv() {
-                Ok(job @ Job::Retain { .. }) => {
+                Ok(job @ Job::Retain(_)) => {
                     next = Some(job);
                     break;
                 }
@@ -343,15 +338,8 @@ fn apply(
                     .execute([ts as i64])?;
                     Outcome::Finished
                 }
-                Job::Retain {
-                    max_events,
-                    max_age_ms,
-                } => {
-                    retain(
-                        &tx,
-                        *max_events,
-                        max_age_ms.map(|age| ts.saturating_sub(age)),
-                    )?;
+                Job::Retain(limits) => {
+                    super::retention::run(&tx, limits, ts)?;
                     Outcome::Finished
                 }
                 Job::Stop => Outcome::Finished,
@@ -395,39 +383,6 @@ fn load_or_create(
         last_seq: 0,
         appended: None,
     })
-}
-
-/// Deletes, per stream, events beyond the newest `max_events` and events older than
-/// `before_ms`. Sequence numbers and offsets stay as they are: later events keep theirs.
-fn retain(
-    tx: &rusqlite::Transaction<'_>,
-    max_events: Option<u64>,
-    before_ms: Option<u64>,
-) -> Result<(), StoreError> {
-    let streams: Vec<(i64, i64)> = tx
-        .prepare_cached("SELECT id, last_seq FROM streams")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let mut delete = tx.prepare_cached("DELETE FROM events WHERE stream_id = ?1 AND seq <= ?2")?;
-    let mut deleted = 0;
-    for (id, last_seq) in streams {
-        let by_count = max_events.map_or(0, |max| {
-            last_seq.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX))
-        });
-        // Timestamps never decrease along a stream, so "older than" is a prefix too.
-        let by_age = match before_ms {
-            Some(before) => super::seq_at_time(tx, id, before as i64, true)? as i64,
-            None => 0,
-        };
-        let cutoff = by_count.max(by_age);
-        if cutoff > 0 {
-            deleted += delete.execute(params![id, cutoff])?;
-        }
-    }
-    if deleted > 0 {
-        crate::log::info(&format!("retention deleted {deleted} events"));
-    }
-    Ok(())
 }
 
 fn ack(
@@ -504,7 +459,7 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
             (Job::Ack { done, .. } | Job::Probe(done), _) => {
                 replies.push(Answer::Unit(done, Ok(())))
             }
-            (Job::Stop | Job::Retain { .. }, _) => {}
+            (Job::Stop | Job::Retain(_), _) => {}
             // Appends end as `Appended` or `Refused`; answer rather than drop if that changes.
             (Job::Append { done, .. }, Outcome::Finished) => {
                 let broken = StoreError::Invariant("an append ended without an event");
@@ -541,7 +496,7 @@ impl Job {
         match self {
             Job::Append { done, .. } => Some(Answer::Event(done, Err(error))),
             Job::Ack { done, .. } | Job::Probe(done) => Some(Answer::Unit(done, Err(error))),
-            Job::Stop | Job::Retain { .. } => None,
+            Job::Stop | Job::Retain(_) => None,
         }
     }
 }
@@ -571,10 +526,11 @@ mod tests {
         for job in [
             append("a"),
             append("b"),
-            Job::Retain {
+            Job::Retain(Retention {
                 max_events: Some(1),
                 max_age_ms: None,
-            },
+                acked_only: false,
+            }),
             append("a"),
             Job::Stop,
         ] {

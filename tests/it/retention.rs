@@ -1,5 +1,6 @@
 //! Retention: at most N events per stream, or none older than an age, oldest deleted first,
-//! sequence numbers kept; and reads by time over a stream whose sequence has gaps.
+//! sequence numbers kept; interest retention, which keeps what known consumers have not
+//! acknowledged; and reads by time over a stream whose sequence has gaps.
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{
-    TestServer, append_ok, consume_req, event, publish_ok, subscribe_req, wait_until,
+    TestServer, ack_req, append_ok, consume_req, event, publish_ok, subscribe_req, wait_until,
 };
 
 /// Every `E` event of `stream` (at most 100) after consumer `c`'s offset.
@@ -139,4 +140,64 @@ fn retention_by_age_trims_across_a_gap() {
     wait_until(Duration::from_secs(5), "retention to run", || {
         data() == [7, 9, 10]
     });
+}
+
+/// With `--retain-acked-only`, count retention keeps the events a known consumer has not
+/// acknowledged, says for whom (`/metrics`, `stream show`), and lets them go once that
+/// consumer is removed.
+#[test]
+fn interest_retention_keeps_what_a_known_consumer_has_not_acknowledged() {
+    let mut server = TestServer::start();
+    let ids: Vec<String> = (1..=10)
+        .map(|n| {
+            append_ok(
+                &server,
+                "i",
+                "p",
+                &json!({"event": {"name": "E"}, "payload": n}),
+            )
+        })
+        .collect();
+    for (consumer, id) in [("slow", &ids[2]), ("fast", &ids[8])] {
+        let resp = ack_req(&server, "i", id, consumer).send();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let interest = |c: &mut eventserver::Config| {
+        c.retain_events = Some(2);
+        c.retain_acked_only = true;
+    };
+    let sequences = |server: &TestServer| -> Vec<u64> {
+        elements(server, "i")
+            .iter()
+            .map(|e| e["sequence"].as_u64().unwrap())
+            .collect()
+    };
+    // Keeping 2 would delete 1-8; "slow" acknowledged up to 3, so 4-8 stay for it.
+    server.restart_with(interest);
+    wait_until(Duration::from_secs(5), "retention to run", || {
+        sequences(&server) == (4..=10).collect::<Vec<u64>>()
+    });
+    let metrics = server.req("GET", "/metrics").send().text();
+    assert!(
+        metrics.contains("eventserver_retention_held_events{stream=\"i\",consumer=\"slow\"} 5\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("consumer=\"fast\"} "), "{metrics}");
+    let shown = eventserver::admin::show_stream(&server.db, "i")
+        .unwrap()
+        .unwrap();
+    assert_eq!(shown.held, [("slow".to_owned(), 5)]);
+
+    assert!(eventserver::admin::remove_consumer(&server.db, "i", "slow").unwrap());
+    assert!(!eventserver::admin::remove_consumer(&server.db, "i", "slow").unwrap());
+    assert!(eventserver::admin::remove_consumer(&server.db, "nowhere", "slow").is_err());
+    server.restart_with(interest);
+    wait_until(Duration::from_secs(5), "retention to run again", || {
+        sequences(&server) == [9, 10]
+    });
+    let metrics = server.req("GET", "/metrics").send().text();
+    assert!(
+        !metrics.contains("eventserver_retention_held_events{"),
+        "{metrics}"
+    );
 }

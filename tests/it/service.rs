@@ -259,6 +259,7 @@ fn version_and_help() {
         "stream show STREAM",
         "stream release STREAM",
         "consumer reset STREAM CONSUMER EVENT_NAME OFFSET",
+        "consumer remove STREAM CONSUMER",
         "backup PATH",
         "--version",
         "EVENTSERVER_",
@@ -809,6 +810,13 @@ const SETTINGS: &[Setting] = &[
         var: "EVENTSERVER_RETAIN_SECS",
         invalid: "-5",
         valid: "3600",
+        logged: None,
+    },
+    Setting {
+        flag: "--retain-acked-only",
+        var: "EVENTSERVER_RETAIN_ACKED_ONLY",
+        invalid: "maybe",
+        valid: "true",
         logged: None,
     },
 ];
