@@ -87,6 +87,10 @@ pub struct Config {
     pub public_subscribe: Vec<String>,
     /// Categories whose `/publish` needs no auth (patterns, `*` matches anything).
     pub public_publish: Vec<String>,
+    /// Origins (`https://app.example`) whose pages' scripts may call the APIs, with their
+    /// users' credentials; `*` lets any page call them without credentials (default none:
+    /// browsers keep the same-origin policy).
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -120,6 +124,7 @@ impl Config {
             metrics_auth: true,
             public_subscribe: Vec::new(),
             public_publish: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 

@@ -10,6 +10,7 @@
 
 mod admission;
 pub mod check;
+mod edge;
 pub mod error;
 pub mod longpoll;
 mod query;
@@ -61,12 +62,12 @@ pub struct Request {
     pub path: String,
     /// The raw query string (after `?`), possibly empty.
     pub query: String,
-    /// The headers the APIs read (`Authorization`, `X-Producer-ID`, `X-Consumer-ID`), in
-    /// arrival order.
+    /// The headers the APIs read (credentials, client ids, and what browsers and proxies
+    /// send: `Origin`, `Sec-Fetch-Mode`, `X-Forwarded-For`…), in arrival order.
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Body,
-    /// The client's address (the proxy's, behind a reverse proxy).
+    /// The TCP peer's address (the proxy's, behind a reverse proxy: see [`App::client`]).
     pub remote: Option<std::net::SocketAddr>,
     /// Set when the HTTP layer refuses the request before any handler runs; the answer is
     /// rendered in its API's error contract.

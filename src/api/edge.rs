@@ -1,0 +1,118 @@
+//! What the APIs do for browsers and reverse proxies, around every handler.
+//!
+//! - **CORS** (`--cors-origins`, off by default). A preflight (`OPTIONS` with `Origin` and
+//!   `Access-Control-Request-Method`) is answered at admission, 204 without credentials,
+//!   never parked and never queued behind re-polls; a listed origin's preflight is allowed
+//!   the methods and request headers the APIs use. Every answer to a listed origin carries
+//!   `Access-Control-Allow-Origin` (the origin itself, with credentials allowed) and
+//!   exposes `Retry-After`; with `*` any origin is allowed, never with credentials. Other
+//!   origins get no CORS headers, so the browser keeps its same-origin policy.
+//! - **The client behind a trusted proxy.** From a peer in `--trusted-proxies`, the client
+//!   is the right-most address in `X-Forwarded-For` that is not a trusted proxy: the
+//!   addresses left of it were written by the client, who may write anything.
+
+use super::{App, Method, Reply, Request, Response};
+
+/// The methods the APIs answer, as a preflight allows them.
+const ALLOW_METHODS: &str = "GET, POST, HEAD";
+/// The request headers the APIs read, as a preflight allows them.
+const ALLOW_HEADERS: &str =
+    "Authorization, Content-Type, X-Producer-ID, X-Consumer-ID, Last-Event-ID";
+/// The answer headers a script may read beyond the safelisted ones: when to come back after
+/// a 429 or 503.
+const EXPOSE_HEADERS: &str = "Retry-After";
+/// How long a browser may reuse a preflight's answer, in seconds: an origin taken off
+/// `--cors-origins` loses access within ten minutes of the restart.
+const MAX_AGE_SECS: &str = "600";
+
+/// Which origin an answer allows.
+enum Allowed {
+    /// A listed origin: named in the answer, credentials allowed.
+    Listed(String),
+    /// Any origin, through `*`: no credentials.
+    Any,
+}
+
+/// What the answer to one request gets on its way out.
+pub(super) struct Edge {
+    /// Whether CORS is on: every answer then varies by `Origin`.
+    cors: bool,
+    /// The origin the answer allows, if any.
+    allowed: Option<Allowed>,
+}
+
+impl Edge {
+    /// The CORS headers of an answer.
+    fn apply(&self, mut response: Response) -> Response {
+        if self.cors {
+            // A shared cache must not hand one origin's answer to another.
+            response.headers.push(("Vary", "Origin".into()));
+        }
+        let origin = match &self.allowed {
+            None => return response,
+            Some(Allowed::Any) => "*".to_owned(),
+            Some(Allowed::Listed(origin)) => {
+                response
+                    .headers
+                    .push(("Access-Control-Allow-Credentials", "true".into()));
+                origin.clone()
+            }
+        };
+        response
+            .headers
+            .push(("Access-Control-Allow-Origin", origin));
+        response
+            .headers
+            .push(("Access-Control-Expose-Headers", EXPOSE_HEADERS.into()));
+        response
+    }
+
+    /// Wraps `reply` so that its answer gets these headers; unwrapped when there are none.
+    pub(super) fn wrap(self, reply: Reply) -> Reply {
+        if !self.cors {
+            return reply;
+        }
+        Reply::new(move |response| reply.send(self.apply(response)))
+    }
+
+    /// The answer to a preflight: 204, with what the APIs allow if the origin is allowed.
+    pub(super) fn preflight(&self) -> Response {
+        let response = Response {
+            status: 204,
+            headers: Vec::new(),
+            body: Vec::new().into(),
+        };
+        match self.allowed {
+            None => response,
+            Some(_) => response
+                .with_header("Access-Control-Allow-Methods", ALLOW_METHODS)
+                .with_header("Access-Control-Allow-Headers", ALLOW_HEADERS)
+                .with_header("Access-Control-Max-Age", MAX_AGE_SECS),
+        }
+    }
+}
+
+/// Whether `req` is a CORS preflight, which a browser sends without credentials.
+pub(super) fn is_preflight(req: &Request) -> bool {
+    matches!(&req.method, Method::Other(m) if m == "OPTIONS")
+        && req.header("Origin").is_some()
+        && req.header("Access-Control-Request-Method").is_some()
+}
+
+impl App {
+    /// What the answer to `req` gets on its way out.
+    pub(super) fn edge(&self, req: &Request) -> Edge {
+        let origins = &self.config.cors_origins;
+        let allowed = req.header("Origin").and_then(|origin| {
+            if origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+                Some(Allowed::Listed(origin.to_owned()))
+            } else {
+                origins.iter().any(|o| o == "*").then_some(Allowed::Any)
+            }
+        });
+        Edge {
+            cors: !origins.is_empty(),
+            allowed,
+        }
+    }
+}
