@@ -7,6 +7,11 @@
 //!   `Access-Control-Allow-Origin` (the origin itself, with credentials allowed) and
 //!   exposes `Retry-After`; with `*` any origin is allowed, never with credentials. Other
 //!   origins get no CORS headers, so the browser keeps its same-origin policy.
+//! - **No login dialog for scripts.** A browser shows its own login prompt for a 401 that
+//!   carries `WWW-Authenticate: Basic`, even to a script's fetch, XHR or EventSource; a
+//!   script's request (`Sec-Fetch-Mode` other than `navigate`, or `X-Requested-With:
+//!   XMLHttpRequest`) gets its 401 without the challenge, and handles it itself. Other
+//!   clients (curl, the Go client, a page opened in the address bar) keep the challenge.
 //! - **The client behind a trusted proxy.** From a peer in `--trusted-proxies`, the client
 //!   is the right-most address in `X-Forwarded-For` that is not a trusted proxy: the
 //!   addresses left of it were written by the client, who may write anything.
@@ -39,11 +44,18 @@ pub(super) struct Edge {
     cors: bool,
     /// The origin the answer allows, if any.
     allowed: Option<Allowed>,
+    /// Whether a browser script sent the request: no `WWW-Authenticate`.
+    script: bool,
 }
 
 impl Edge {
-    /// The CORS headers of an answer.
+    /// The CORS headers of an answer, and no challenge for a script.
     fn apply(&self, mut response: Response) -> Response {
+        if self.script {
+            response
+                .headers
+                .retain(|(name, _)| !name.eq_ignore_ascii_case("WWW-Authenticate"));
+        }
         if self.cors {
             // A shared cache must not hand one origin's answer to another.
             response.headers.push(("Vary", "Origin".into()));
@@ -69,7 +81,7 @@ impl Edge {
 
     /// Wraps `reply` so that its answer gets these headers; unwrapped when there are none.
     pub(super) fn wrap(self, reply: Reply) -> Reply {
-        if !self.cors {
+        if !self.cors && !self.script {
             return reply;
         }
         Reply::new(move |response| reply.send(self.apply(response)))
@@ -99,6 +111,17 @@ pub(super) fn is_preflight(req: &Request) -> bool {
         && req.header("Access-Control-Request-Method").is_some()
 }
 
+/// Whether a browser script sent `req` (fetch, XHR, EventSource), not a navigation or a
+/// non-browser client. Browsers mark every request with `Sec-Fetch-Mode`, `navigate` for
+/// a page opened in a tab; jQuery and older code add `X-Requested-With`.
+fn from_script(req: &Request) -> bool {
+    let mode = req.header("Sec-Fetch-Mode");
+    mode.is_some_and(|m| !m.eq_ignore_ascii_case("navigate"))
+        || req
+            .header("X-Requested-With")
+            .is_some_and(|v| v.eq_ignore_ascii_case("XMLHttpRequest"))
+}
+
 impl App {
     /// What the answer to `req` gets on its way out.
     pub(super) fn edge(&self, req: &Request) -> Edge {
@@ -113,6 +136,7 @@ impl App {
         Edge {
             cors: !origins.is_empty(),
             allowed,
+            script: from_script(req),
         }
     }
 }

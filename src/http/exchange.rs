@@ -34,13 +34,16 @@ const BUFFERED_BODY: usize = 1024;
 const DRAIN_CAP: usize = 16 << 20;
 /// Drains running at once; beyond it connections are abandoned instead.
 const MAX_DRAINS: usize = 16;
-/// The request headers the APIs look at: credentials, client ids, and CORS's.
+/// The request headers the APIs look at: credentials, client ids, CORS's, and the marks of
+/// a browser script's request.
 const API_HEADERS: &[&str] = &[
     "Authorization",
     "X-Producer-ID",
     "X-Consumer-ID",
     "Origin",
     "Access-Control-Request-Method",
+    "Sec-Fetch-Mode",
+    "X-Requested-With",
 ];
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);

@@ -1,10 +1,11 @@
-//! Browsers: CORS for pages on other origins (`--cors-origins`).
+//! Browsers: CORS for pages on other origins (`--cors-origins`), and no login dialog for
+//! a script refused for its credentials.
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{Resp, TestServer, publish_ok, send_within};
+use crate::support::{Req, Resp, TestServer, publish_ok, send_within};
 
 const ORIGIN: &str = "https://app.example";
 const OTHER: &str = "https://evil.example";
@@ -200,4 +201,55 @@ fn a_preflight_is_neither_parked_as_a_poll_nor_refused_for_credentials() {
     let refused = preflight(&server, "/publish", ORIGIN);
     assert_eq!(refused.status, 204);
     assert_eq!(server.handle().parked(), 0);
+}
+
+/// The markers browsers put on a script's request: fetch and EventSource (`Sec-Fetch-Mode`
+/// `cors` across origins, `same-origin` or `no-cors` otherwise), and XHR wrappers.
+const SCRIPT_MARKERS: [(&str, &str); 4] = [
+    ("Sec-Fetch-Mode", "cors"),
+    ("Sec-Fetch-Mode", "same-origin"),
+    ("Sec-Fetch-Mode", "no-cors"),
+    ("X-Requested-With", "XMLHttpRequest"),
+];
+
+/// Requests that need credentials, on each API.
+fn needing_credentials(server: &TestServer) -> [Req; 4] {
+    [
+        server.anon("GET", "/api/v1/streams/s/events?eventName=E&limit=1"),
+        server.anon("GET", "/events?category=c&timeout=1"),
+        server
+            .anon("POST", "/publish")
+            .json(&json!({"category": "c", "data": 1})),
+        server.anon("GET", "/metrics"),
+    ]
+}
+
+#[test]
+fn a_script_refused_for_its_credentials_gets_no_login_challenge() {
+    let server = TestServer::start();
+    for base in needing_credentials(&server) {
+        let wrong = base.clone().auth(crate::support::USER, "stale password");
+        for req in [base, wrong] {
+            let plain = req.send();
+            assert_eq!(plain.status, 401);
+            for (name, value) in SCRIPT_MARKERS {
+                let script = req.clone().header(name, value).send();
+                assert_eq!(script.status, 401, "{name}: {value}");
+                assert_eq!(script.body, plain.body, "{name}: {value}: the same answer");
+                assert_eq!(script.header("WWW-Authenticate"), None, "{name}: {value}");
+            }
+        }
+    }
+}
+
+#[test]
+fn navigations_and_other_clients_keep_the_login_challenge() {
+    let server = TestServer::start();
+    let challenge = Some("Basic realm=\"eventserver\"");
+    for req in needing_credentials(&server) {
+        assert_eq!(req.clone().send().header("WWW-Authenticate"), challenge);
+        let opened = req.header("Sec-Fetch-Mode", "navigate").send();
+        assert_eq!(opened.status, 401);
+        assert_eq!(opened.header("WWW-Authenticate"), challenge);
+    }
 }
