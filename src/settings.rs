@@ -99,7 +99,7 @@ pub const SETTINGS: &[Setting] = &[
     row(field!(auth_cache_ttl), "auth-cache-secs", "SECS", Rule::Any, None,
         "how long a verified password is trusted"),
     row(field!(auth_failure_limit), "auth-failure-limit", "N", Rule::Any, None,
-        "failed logins per minute per client before 429"),
+        "failed logins per minute per user and address before 429"),
     row(field!(auth_throttle_loopback), "auth-throttle-loopback", "true|false", Rule::Any, None,
         "throttle loopback clients too"),
     row(field!(metrics_auth), "metrics-auth", "true|false", Rule::Any, None,
@@ -110,6 +110,8 @@ pub const SETTINGS: &[Setting] = &[
         "categories anyone may publish to ('*' matches anything)"),
     row(field!(cors_origins), "cors-origins", "ORIGINS", Rule::Origins, Some("none"),
         "origins whose pages may call the APIs, comma-separated, or '*'"),
+    row(field!(trusted_proxies), "trusted-proxies", "CIDRS", Rule::Any, Some("none"),
+        "proxies whose X-Forwarded-For is believed, comma-separated"),
 ];
 
 impl Setting {

@@ -16,6 +16,8 @@
 //!   is the right-most address in `X-Forwarded-For` that is not a trusted proxy: the
 //!   addresses left of it were written by the client, who may write anything.
 
+use std::net::{IpAddr, SocketAddr};
+
 use super::{App, Method, Reply, Request, Response};
 
 /// The methods the APIs answer, as a preflight allows them.
@@ -122,6 +124,14 @@ fn from_script(req: &Request) -> bool {
             .is_some_and(|v| v.eq_ignore_ascii_case("XMLHttpRequest"))
 }
 
+/// The address a hop of `X-Forwarded-For` names; proxies may add a port.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    hop.parse()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
 impl App {
     /// What the answer to `req` gets on its way out.
     pub(super) fn edge(&self, req: &Request) -> Edge {
@@ -138,5 +148,29 @@ impl App {
             allowed,
             script: from_script(req),
         }
+    }
+
+    /// The client's address: the TCP peer's, or from a trusted proxy the right-most address
+    /// in `X-Forwarded-For` that is not a trusted proxy (the nearest trusted hop, where a
+    /// hop is not an address).
+    pub(crate) fn client(&self, req: &Request) -> Option<IpAddr> {
+        let trusted = |ip: IpAddr| self.config.trusted_proxies.iter().any(|c| c.contains(ip));
+        let mut client = req.remote?.ip();
+        // Header lines in arrival order, each hop in order: proxies append on the right.
+        let hops = req
+            .headers
+            .iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("X-Forwarded-For"))
+            .flat_map(|(_, value)| value.split(','));
+        for hop in hops.rev() {
+            if !trusted(client) {
+                break;
+            }
+            match hop_address(hop) {
+                Some(ip) => client = ip,
+                None => break,
+            }
+        }
+        Some(client)
     }
 }

@@ -210,7 +210,11 @@ impl App {
                 .header("Authorization")
                 .and_then(crate::auth::parse_basic)
                 .map_or_else(|| "-".to_owned(), |c| c.user);
-            (format!("{} {}", method_name(&req.method), req.path), user)
+            let client = self
+                .client(req)
+                .map_or_else(|| "-".into(), |ip| ip.to_string());
+            let request = format!("{} {}", method_name(&req.method), req.path);
+            (request, format!("user={user} client={client}"))
         });
         let metrics = self.metrics.clone();
         Reply::new(move |response: Response| {
@@ -218,9 +222,9 @@ impl App {
             reply.send(response);
             let took = started.elapsed();
             metrics.request(route, status, took);
-            if let Some((request, user)) = line {
+            if let Some((request, who)) = line {
                 let ms = took.as_secs_f64() * 1000.0;
-                crate::log::info(&format!("{request} {status} {ms:.1}ms user={user}"));
+                crate::log::info(&format!("{request} {status} {ms:.1}ms {who}"));
             }
         })
     }
@@ -283,7 +287,7 @@ impl App {
             .header("Authorization")
             .and_then(crate::auth::parse_basic)
             .ok_or(Failure::Unauthorized)?;
-        let client = req.remote.map(|a| a.ip());
+        let client = self.client(req);
         let lookup = |user: &str| {
             reader.user(user).map(|found| {
                 found.map(|u| Stored {

@@ -34,8 +34,8 @@ const BUFFERED_BODY: usize = 1024;
 const DRAIN_CAP: usize = 16 << 20;
 /// Drains running at once; beyond it connections are abandoned instead.
 const MAX_DRAINS: usize = 16;
-/// The request headers the APIs look at: credentials, client ids, CORS's, and the marks of
-/// a browser script's request.
+/// The request headers the APIs look at: credentials, client ids, CORS's, the marks of a
+/// browser script's request, and the client's address as a proxy forwards it.
 const API_HEADERS: &[&str] = &[
     "Authorization",
     "X-Producer-ID",
@@ -44,6 +44,7 @@ const API_HEADERS: &[&str] = &[
     "Access-Control-Request-Method",
     "Sec-Fetch-Mode",
     "X-Requested-With",
+    "X-Forwarded-For",
 ];
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);

@@ -73,13 +73,16 @@ fn a_flag_wins_over_its_variable_which_is_not_even_parsed() {
     )
     .unwrap();
     assert_eq!(c.cors_origins, ["https://a.example", "http://b:8080", "*"]);
+    let c = config(&[], &[("EVENTSERVER_TRUSTED_PROXIES", "10.0.0.0/8, ::1")]).unwrap();
+    let shown: Vec<String> = c.trusted_proxies.iter().map(|c| c.to_string()).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "::1/128"]);
 }
 
 #[test]
 fn errors_name_the_flag_or_variable_the_value_came_from() {
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [(&'a str, &'a str)], &'a str);
     #[rustfmt::skip]
-    let cases: [Case; 10] = [
+    let cases: [Case; 11] = [
         (&[("workers", "abc")], &[], "invalid value \"abc\" for --workers"),
         (&[], &[("EVENTSERVER_SYNC", "maybe")],
             "invalid value \"maybe\" for EVENTSERVER_SYNC: use full or normal"),
@@ -96,6 +99,8 @@ fn errors_name_the_flag_or_variable_the_value_came_from() {
             "--cors-origins has \"https://a.example/app\": use scheme://host[:port], or *"),
         (&[], &[("EVENTSERVER_CORS_ORIGINS", "a.example")],
             "EVENTSERVER_CORS_ORIGINS has \"a.example\": use scheme://host[:port], or *"),
+        (&[("trusted-proxies", "10.0.0.0/40")], &[],
+            "invalid value \"10.0.0.0/40\" for --trusted-proxies"),
     ];
     for (flags, env, message) in cases {
         assert_eq!(config(flags, env).unwrap_err().to_string(), message);
