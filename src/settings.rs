@@ -109,7 +109,7 @@ pub const SETTINGS: &[Setting] = &[
     row(field!(public_publish), "public-publish", "PATTERNS", Rule::Any, Some("none"),
         "categories anyone may publish to ('*' matches anything)"),
     row(field!(cors_origins), "cors-origins", "ORIGINS", Rule::Origins, Some("none"),
-        "origins whose pages may call the APIs, comma-separated, or '*'"),
+        "origins whose pages may call the APIs, or '*'"),
     row(field!(trusted_proxies), "trusted-proxies", "CIDRS", Rule::Any, Some("none"),
         "proxies whose X-Forwarded-For is believed, comma-separated"),
 ];
