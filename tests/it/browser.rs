@@ -253,3 +253,42 @@ fn navigations_and_other_clients_keep_the_login_challenge() {
         assert_eq!(opened.header("WWW-Authenticate"), challenge);
     }
 }
+
+/// Scripts on a page of the server's own origin, refused for missing or wrong credentials:
+/// fetch (a long-poll, a publish, a streams-API read), XHR and EventSource.
+const REFUSED_SCRIPTS: &str = r#"Promise.all([
+    fetch('/events?category=c&timeout=1').then(r => r.status),
+    fetch('/publish', {method: 'POST', body: '{"category": "c", "data": 1}'}).then(r => r.status),
+    fetch('/api/v1/streams/s/events?eventName=E&limit=1',
+          {headers: {Authorization: 'Basic ' + btoa('tester:stale password')}}).then(r => r.status),
+    new Promise(done => {
+        const xhr = new XMLHttpRequest();
+        xhr.open('GET', '/metrics');
+        xhr.onloadend = () => done(xhr.status);
+        xhr.send();
+    }),
+    new Promise(done => {
+        const source = new EventSource('/events?category=c&timeout=1');
+        source.onerror = () => { source.close(); done('refused'); };
+    }),
+])"#;
+
+/// Each refused poll and publish of a page's script made the browser show its login dialog
+/// (12 prompts in 6 s), because every 401 carried `WWW-Authenticate: Basic`.
+#[test]
+fn chromium_shows_no_login_dialog_for_a_scripts_refused_requests() {
+    let test = "browser::chromium_shows_no_login_dialog_for_a_scripts_refused_requests";
+    let Some(mut chromium) = crate::support::Chromium::start_or_skip(test) else {
+        return;
+    };
+    let server = TestServer::start();
+    let base = format!("http://{}", server.addr);
+    chromium.navigate(&format!("{base}/healthz"));
+    let statuses = chromium.evaluate(REFUSED_SCRIPTS);
+    assert_eq!(statuses, json!([401, 401, 401, 401, "refused"]));
+    assert_eq!(chromium.challenges, Vec::<String>::new(), "login dialogs");
+    // The same refusal opened in the tab still asks for credentials: the browser would
+    // show its dialog, which is what a person opening the URL needs.
+    chromium.navigate(&format!("{base}/metrics"));
+    assert_eq!(chromium.challenges, [format!("{base}/metrics")]);
+}
