@@ -6,6 +6,9 @@
 //! 128-bit keyed hash of the password (keys drawn at start-up), so it never holds a password.
 //! Unknown users are checked against a dummy hash, so a wrong user name costs the same time
 //! as a wrong password.
+//!
+//! Failed logins are throttled per client address and user name, with a bound on the user
+//! names tried from one address ([`Authenticator`] says how).
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -141,7 +144,8 @@ pub enum Checked {
 /// A user name and a keyed 128-bit hash of the password.
 type CacheKey = (String, u128);
 
-/// Client addresses with failures remembered at once; beyond it the table starts afresh.
+/// Entries each throttle table holds at once (addresses with failures, users known at
+/// addresses); beyond it that table starts afresh.
 const FAILURE_CAPACITY: usize = 10_000;
 /// The window in which failures from one client address are counted.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
