@@ -6,6 +6,9 @@
 //! 128-bit keyed hash of the password (keys drawn at start-up), so it never holds a password.
 //! Unknown users are checked against a dummy hash, so a wrong user name costs the same time
 //! as a wrong password.
+//!
+//! Failed logins are throttled per client address and user name, with a bound on the user
+//! names tried from one address ([`Authenticator`] says how).
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -141,26 +144,64 @@ pub enum Checked {
 /// A user name and a keyed 128-bit hash of the password.
 type CacheKey = (String, u128);
 
-/// Failed checks remembered per client for throttling; beyond it the table starts afresh.
+/// Entries each throttle table holds at once (addresses with failures, users known at
+/// addresses); beyond it that table starts afresh.
 const FAILURE_CAPACITY: usize = 10_000;
-/// The window in which failures from one client are counted.
+/// The window in which failures from one client address are counted.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a user who logged in from an address stays known there: past the bound on
+/// user names tried from it, known users still get their passwords checked.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Failed logins from one client address in the current window.
+struct Failing {
+    /// When the window began.
+    since: Instant,
+    /// Failures per user name tried.
+    by_user: HashMap<String, u32>,
+}
+
+impl Failing {
+    /// Whether the address is past its limit: some user's password was guessed `limit`
+    /// times, or `limit` user names were tried.
+    fn over(&self, limit: u32) -> bool {
+        self.by_user.len() >= limit as usize || self.by_user.values().any(|n| *n >= limit)
+    }
+}
+
+/// What the throttle remembers, under one lock.
+#[derive(Default)]
+struct Throttle {
+    /// Failures per client address, in its current window.
+    failing: HashMap<IpAddr, Failing>,
+    /// When each user last logged in from each address.
+    known: HashMap<(IpAddr, String), Instant>,
+}
 
 /// Verifies credentials against stored hashes, remembering the ones that passed, and slows
-/// down clients that keep failing.
+/// down guessing.
+///
+/// Failures are counted per client address and user name, so that one user's stale
+/// password (a forgotten tab behind an office's NAT) cannot lock the other users of that
+/// address out: after `failure_limit` failures in a minute for one user from one address,
+/// that user's logins from there get 429 without being checked, whatever the password.
+/// Trying many user names from one address (password spraying) is bounded too: past
+/// `failure_limit` names, a name not tried yet gets 429 unchecked, unless its user has
+/// logged in from that address before. Once an address is past either bound, its wrong
+/// passwords are answered 429 rather than 401, and its right ones still pass.
 pub struct Authenticator {
     ttl: Duration,
     keys: (RandomState, RandomState),
     verified: Mutex<HashMap<CacheKey, (Instant, Arc<Grants>)>>,
     failure_limit: u32,
     throttle_loopback: bool,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    throttle: Mutex<Throttle>,
 }
 
 impl Authenticator {
-    /// An authenticator trusting a verified credential for `ttl`, answering `Throttled` to
-    /// a client after `failure_limit` failures in a minute (0: never). Loopback clients are
-    /// exempt unless `throttle_loopback`.
+    /// An authenticator trusting a verified credential for `ttl`, throttling after
+    /// `failure_limit` failures in a minute (0: never) as the type's docs describe.
+    /// Loopback clients are exempt unless `throttle_loopback`.
     pub fn new(ttl: Duration, failure_limit: u32, throttle_loopback: bool) -> Authenticator {
         Authenticator {
             ttl,
@@ -168,7 +209,7 @@ impl Authenticator {
             verified: Mutex::new(HashMap::new()),
             failure_limit,
             throttle_loopback,
-            failures: Mutex::new(HashMap::new()),
+            throttle: Mutex::new(Throttle::default()),
         }
     }
 
@@ -200,24 +241,17 @@ impl Authenticator {
     ) -> Result<Checked, E> {
         let key = (creds.user.clone(), self.fingerprint(&creds.password));
         let now = Instant::now();
+        let counted = self.throttled(client);
+        // Before the cache, or a guess that matches a recently used password would pass.
+        if let Some(wait) = counted.and_then(|ip| self.refused(ip, &creds.user, now)) {
+            return Ok(Checked::Throttled(wait));
+        }
         {
             let cache = crate::lock::lock(&self.verified);
             if let Some((at, grants)) = cache.get(&key)
                 && now.duration_since(*at) < self.ttl
             {
                 return Ok(Checked::Valid(grants.clone()));
-            }
-        }
-        let counted = self.throttled(client);
-        if let Some(ip) = counted {
-            let failures = crate::lock::lock(&self.failures);
-            if let Some((count, since)) = failures.get(&ip)
-                && *count >= self.failure_limit
-                && now.duration_since(*since) < FAILURE_WINDOW
-            {
-                return Ok(Checked::Throttled(
-                    FAILURE_WINDOW - now.duration_since(*since),
-                ));
             }
         }
         let grants = match lookup(&creds.user)? {
@@ -230,19 +264,16 @@ impl Authenticator {
             }
         };
         let Some(grants) = grants else {
-            if let Some(ip) = counted {
-                let mut failures = crate::lock::lock(&self.failures);
-                if failures.len() >= FAILURE_CAPACITY {
-                    failures.clear();
-                }
-                let entry = failures.entry(ip).or_insert((0, now));
-                if now.duration_since(entry.1) >= FAILURE_WINDOW {
-                    *entry = (0, now);
-                }
-                entry.0 += 1;
-            }
-            return Ok(Checked::Invalid);
+            let wait = counted.and_then(|ip| self.failed(ip, &creds.user, now));
+            return Ok(wait.map_or(Checked::Invalid, Checked::Throttled));
         };
+        if let Some(ip) = counted {
+            let mut throttle = crate::lock::lock(&self.throttle);
+            if throttle.known.len() >= FAILURE_CAPACITY {
+                throttle.known.clear();
+            }
+            throttle.known.insert((ip, creds.user.clone()), now);
+        }
         let grants = Arc::new(grants);
         let mut cache = crate::lock::lock(&self.verified);
         if cache.len() >= CACHE_CAPACITY {
@@ -250,6 +281,45 @@ impl Authenticator {
         }
         cache.insert(key, (now, grants.clone()));
         Ok(Checked::Valid(grants))
+    }
+
+    /// How long `user` must wait before a login from `ip` is checked, if it must: its
+    /// password was guessed too often from there, or too many names were tried from there
+    /// and `user` is neither one of them nor known there.
+    fn refused(&self, ip: IpAddr, user: &str, now: Instant) -> Option<Duration> {
+        let throttle = crate::lock::lock(&self.throttle);
+        let failing = throttle.failing.get(&ip)?;
+        let wait = FAILURE_WINDOW.checked_sub(now.duration_since(failing.since))?;
+        let limit = self.failure_limit;
+        let guessed = match failing.by_user.get(user) {
+            Some(tries) => *tries >= limit,
+            None if failing.by_user.len() >= limit as usize => {
+                let last_login = throttle.known.get(&(ip, user.to_owned()));
+                last_login.is_none_or(|at| now.duration_since(*at) >= KNOWN_FOR)
+            }
+            None => false,
+        };
+        guessed.then_some(wait)
+    }
+
+    /// Counts a failure of `user` from `ip`; how long to wait if the address was already
+    /// past its limit.
+    fn failed(&self, ip: IpAddr, user: &str, now: Instant) -> Option<Duration> {
+        let mut throttle = crate::lock::lock(&self.throttle);
+        if throttle.failing.len() >= FAILURE_CAPACITY {
+            throttle.failing.clear();
+        }
+        let fresh = || Failing {
+            since: now,
+            by_user: HashMap::new(),
+        };
+        let failing = throttle.failing.entry(ip).or_insert_with(fresh);
+        if now.duration_since(failing.since) >= FAILURE_WINDOW {
+            *failing = fresh();
+        }
+        let over = failing.over(self.failure_limit);
+        *failing.by_user.entry(user.to_owned()).or_default() += 1;
+        over.then(|| FAILURE_WINDOW.saturating_sub(now.duration_since(failing.since)))
     }
 }
 
@@ -354,6 +424,79 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(auth.check(&bad, loopback, lookup), Ok(Checked::Invalid));
         }
+    }
+
+    /// Logins from one address behind a NAT, where every user's password is `pw`; nothing
+    /// is cached, so each login that is checked looks its user up.
+    struct Nat {
+        auth: Authenticator,
+        hash: String,
+        lookups: std::cell::Cell<u32>,
+    }
+
+    impl Nat {
+        fn new(limit: u32) -> Nat {
+            Nat {
+                auth: Authenticator::new(Duration::ZERO, limit, false),
+                hash: hash_password("pw"),
+                lookups: Default::default(),
+            }
+        }
+
+        fn login(&self, user: &str, password: &str) -> Checked {
+            let creds = parse_basic(&basic(&format!("{user}:{password}"))).unwrap();
+            let nat = Some(IpAddr::from([198, 51, 100, 1]));
+            let lookup = |_: &str| {
+                self.lookups.set(self.lookups.get() + 1);
+                let grants = Grants::new("*", "*");
+                let hash = self.hash.clone();
+                Ok::<_, ()>(Some(Stored { hash, grants }))
+            };
+            self.auth.check(&creds, nat, lookup).unwrap()
+        }
+
+        /// Whether `user`'s login is refused without checking the password.
+        fn refused_unchecked(&self, user: &str, password: &str) -> bool {
+            let before = self.lookups.get();
+            matches!(self.login(user, password), Checked::Throttled(_))
+                && self.lookups.get() == before
+        }
+    }
+
+    #[test]
+    fn one_users_wrong_password_does_not_lock_out_the_others_at_its_address() {
+        let nat = Nat::new(3);
+        for _ in 0..3 {
+            assert_eq!(nat.login("alice", "stale"), Checked::Invalid);
+        }
+        assert!(nat.refused_unchecked("alice", "stale"));
+        assert!(
+            nat.refused_unchecked("alice", "pw"),
+            "guessing alice stays throttled"
+        );
+        assert!(matches!(nat.login("bob", "pw"), Checked::Valid(_)));
+        // The address is past its limit: a wrong password says so, a right one passes.
+        assert!(matches!(nat.login("carol", "typo"), Checked::Throttled(_)));
+        assert!(matches!(nat.login("carol", "pw"), Checked::Valid(_)));
+    }
+
+    #[test]
+    fn spraying_user_names_is_bounded_but_known_users_still_pass() {
+        let nat = Nat::new(3);
+        assert!(matches!(nat.login("dave", "pw"), Checked::Valid(_)));
+        for user in ["u1", "u2", "u3"] {
+            assert_eq!(nat.login(user, "123456"), Checked::Invalid);
+        }
+        assert!(nat.refused_unchecked("u4", "123456"));
+        assert!(
+            nat.refused_unchecked("u4", "pw"),
+            "an unknown name is not checked"
+        );
+        assert!(matches!(nat.login("dave", "pw"), Checked::Valid(_)));
+        assert!(
+            matches!(nat.login("u1", "pw"), Checked::Valid(_)),
+            "tried, not guessed"
+        );
     }
 
     proptest::proptest! {

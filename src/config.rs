@@ -1,7 +1,7 @@
 //! Server settings with their defaults. Each limit says why it is that; the rule each must
 //! keep, and its flag and variable, are its row in [`crate::settings::SETTINGS`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -79,10 +79,12 @@ pub struct Config {
     /// Whether retention deletes only events that every consumer known on their stream
     /// (one that has acknowledged there) has acknowledged (default no).
     pub retain_acked_only: bool,
-    /// Failed logins per minute from one client before it gets 429 (default 10; 0: never).
+    /// Failed logins per minute of one user from one client address, and user names tried
+    /// from one address, before 429 (default 10; 0: never). Counting per user keeps one
+    /// user's stale password from locking out everyone behind the same NAT.
     pub auth_failure_limit: u32,
     /// Whether loopback clients are throttled too (default no: tests and local tools
-    /// share 127.0.0.1; behind a local reverse proxy every client looks like loopback).
+    /// share 127.0.0.1; behind a local reverse proxy, list it in `trusted_proxies`).
     pub auth_throttle_loopback: bool,
     /// Whether `GET /metrics` needs Basic auth (default yes).
     pub metrics_auth: bool,
@@ -90,6 +92,13 @@ pub struct Config {
     pub public_subscribe: Vec<String>,
     /// Categories whose `/publish` needs no auth (patterns, `*` matches anything).
     pub public_publish: Vec<String>,
+    /// Origins (`https://app.example`) whose pages' scripts may call the APIs, with their
+    /// users' credentials; `*` lets any page call them without credentials (default none:
+    /// browsers keep the same-origin policy).
+    pub cors_origins: Vec<String>,
+    /// Peers whose `X-Forwarded-For` is believed: the reverse proxies in front (default
+    /// none, so a client cannot choose the address it is throttled and logged under).
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Config {
@@ -124,6 +133,8 @@ impl Config {
             metrics_auth: true,
             public_subscribe: Vec::new(),
             public_publish: Vec::new(),
+            cors_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
         }
     }
 
@@ -157,4 +168,83 @@ fn default_max_parked() -> usize {
 fn connections_that_fit() -> usize {
     let limit = crate::sys::open_files_limit().unwrap_or(1024);
     (limit.saturating_sub(256) / 2) as usize
+}
+
+/// A block of addresses, `10.0.0.0/8` or `2001:db8::/32`; a bare address is a block of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` lies in the block; an IPv4-mapped IPv6 address is taken as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (network, ip, width) = match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => (u32::from(n).into(), u32::from(a).into(), 32),
+            (IpAddr::V6(n), IpAddr::V6(a)) => (u128::from(n), u128::from(a), 128),
+            _ => return false,
+        };
+        // Shifting a u128 by 128 is no shift at all: a /0 block holds everything.
+        (network ^ ip)
+            .checked_shr(width - u32::from(self.bits))
+            .unwrap_or(0)
+            == 0
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = &'static str;
+
+    fn from_str(text: &str) -> Result<Cidr, &'static str> {
+        let (address, bits) = match text.split_once('/') {
+            Some((address, bits)) => (address, Some(bits)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.parse().map_err(|_| "not an IP address")?;
+        let width = if network.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => width,
+            Some(bits) => bits
+                .parse()
+                .ok()
+                .filter(|b| *b <= width)
+                .ok_or("not a prefix length")?,
+        };
+        Ok(Cidr { network, bits })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_blocks_hold_their_addresses() {
+        let holds = |block: &str, ip: &str| {
+            let block: Cidr = block.parse().unwrap();
+            block.contains(ip.parse().unwrap())
+        };
+        assert!(holds("10.0.0.0/8", "10.200.3.4"));
+        assert!(!holds("10.0.0.0/8", "11.0.0.1"));
+        assert!(holds("192.0.2.7", "192.0.2.7") && !holds("192.0.2.7", "192.0.2.8"));
+        assert!(holds("0.0.0.0/0", "203.0.113.1") && holds("::/0", "2001:db8::1"));
+        assert!(holds("2001:db8::/32", "2001:db8:ffff::1"));
+        assert!(!holds("2001:db8::/32", "2001:db9::1"));
+        assert!(holds("127.0.0.1", "::ffff:127.0.0.1"), "IPv4-mapped");
+        assert!(!holds("127.0.0.0/8", "::1"));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "10.0.0.0/"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+    }
 }

@@ -6,6 +6,9 @@
 //! Health checks go with the writes, so the watchdog's check gets through a flood of
 //! re-polls rather than be refused with them; they need no credentials, so only
 //! [`MAX_HEALTH_CHECKS`] at a time may take that lane (and the writer).
+//!
+//! CORS preflights take no lane: they need neither credentials nor the database, so they
+//! are answered here, at once ([`super::edge`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,12 +57,20 @@ impl Drop for HealthSlot {
 
 impl App {
     /// The lane `request` waits in, or its refusal (the HTTP layer's, or too many health
-    /// checks), answered here at once.
+    /// checks) or its preflight's answer, answered here at once. Every answer, now or
+    /// later, gets the headers browsers need ([`super::edge`]).
     pub(crate) fn admit(&self, request: Request, reply: Reply) -> Option<(Lane, Incoming)> {
+        let edge = self.edge(&request);
+        let preflight = super::edge::is_preflight(&request).then(|| edge.preflight());
+        let reply = edge.wrap(reply);
         let incoming = Incoming { request, reply };
         if let Some(failure) = &incoming.request.refused {
             let failure = failure.clone();
             self.refuse(incoming, &failure);
+            return None;
+        }
+        if let Some(answer) = preflight {
+            incoming.reply.send(answer);
             return None;
         }
         let req = &incoming.request;

@@ -10,6 +10,7 @@
 
 mod admission;
 pub mod check;
+mod edge;
 pub mod error;
 pub mod longpoll;
 mod query;
@@ -61,12 +62,12 @@ pub struct Request {
     pub path: String,
     /// The raw query string (after `?`), possibly empty.
     pub query: String,
-    /// The headers the APIs read (`Authorization`, `X-Producer-ID`, `X-Consumer-ID`), in
-    /// arrival order.
+    /// The headers the APIs read (credentials, client ids, and what browsers and proxies
+    /// send: `Origin`, `Sec-Fetch-Mode`, `X-Forwarded-For`…), in arrival order.
     pub headers: Vec<(String, String)>,
     /// The body.
     pub body: Body,
-    /// The client's address (the proxy's, behind a reverse proxy).
+    /// The TCP peer's address (the proxy's, behind a reverse proxy: see [`App::client`]).
     pub remote: Option<std::net::SocketAddr>,
     /// Set when the HTTP layer refuses the request before any handler runs; the answer is
     /// rendered in its API's error contract.
@@ -209,7 +210,11 @@ impl App {
                 .header("Authorization")
                 .and_then(crate::auth::parse_basic)
                 .map_or_else(|| "-".to_owned(), |c| c.user);
-            (format!("{} {}", method_name(&req.method), req.path), user)
+            let client = self
+                .client(req)
+                .map_or_else(|| "-".into(), |ip| ip.to_string());
+            let request = format!("{} {}", method_name(&req.method), req.path);
+            (request, format!("user={user} client={client}"))
         });
         let metrics = self.metrics.clone();
         Reply::new(move |response: Response| {
@@ -217,9 +222,9 @@ impl App {
             reply.send(response);
             let took = started.elapsed();
             metrics.request(route, status, took);
-            if let Some((request, user)) = line {
+            if let Some((request, who)) = line {
                 let ms = took.as_secs_f64() * 1000.0;
-                crate::log::info(&format!("{request} {status} {ms:.1}ms user={user}"));
+                crate::log::info(&format!("{request} {status} {ms:.1}ms {who}"));
             }
         })
     }
@@ -289,7 +294,7 @@ impl App {
             .header("Authorization")
             .and_then(crate::auth::parse_basic)
             .ok_or(Failure::Unauthorized)?;
-        let client = req.remote.map(|a| a.ip());
+        let client = self.client(req);
         let lookup = |user: &str| {
             reader.user(user).map(|found| {
                 found.map(|u| Stored {

@@ -34,8 +34,18 @@ const BUFFERED_BODY: usize = 1024;
 const DRAIN_CAP: usize = 16 << 20;
 /// Drains running at once; beyond it connections are abandoned instead.
 const MAX_DRAINS: usize = 16;
-/// The request headers the APIs look at.
-const API_HEADERS: [&str; 3] = ["Authorization", "X-Producer-ID", "X-Consumer-ID"];
+/// The request headers the APIs look at: credentials, client ids, CORS's, the marks of a
+/// browser script's request, and the client's address as a proxy forwards it.
+const API_HEADERS: &[&str] = &[
+    "Authorization",
+    "X-Producer-ID",
+    "X-Consumer-ID",
+    "Origin",
+    "Access-Control-Request-Method",
+    "Sec-Fetch-Mode",
+    "X-Requested-With",
+    "X-Forwarded-For",
+];
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
 static ABANDONED: AtomicUsize = AtomicUsize::new(0);

@@ -3,6 +3,7 @@
 
 mod abuse;
 mod bad_input;
+mod browser;
 mod crash;
 mod embedded;
 mod longpoll;

@@ -819,6 +819,21 @@ const SETTINGS: &[Setting] = &[
         valid: "true",
         logged: None,
     },
+    // CORS and the trusted proxies are tested in browser.rs and security.rs.
+    Setting {
+        flag: "--cors-origins",
+        var: "EVENTSERVER_CORS_ORIGINS",
+        invalid: "app.example",
+        valid: "https://app.example,*",
+        logged: None,
+    },
+    Setting {
+        flag: "--trusted-proxies",
+        var: "EVENTSERVER_TRUSTED_PROXIES",
+        invalid: "10.0.0.0/99",
+        valid: "10.0.0.0/8,::1",
+        logged: None,
+    },
 ];
 
 /// For every setting: an invalid variable refuses to start (status 2, naming it, no

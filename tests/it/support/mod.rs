@@ -1,8 +1,10 @@
 //! Test support: start a server in process on a temporary database ([`TestServer`]) or
 //! the real binary as a child process ([`Proc`]), speak raw HTTP/1.1 to it, build the
-//! requests of both APIs, and wait on conditions with deadlines (never fixed sleeps).
+//! requests of both APIs, drive a headless [`Chromium`], and wait on conditions with
+//! deadlines (never fixed sleeps).
 
 mod api;
+mod chromium;
 mod http;
 mod process;
 
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use eventserver::{Config, Server, ServerHandle};
 
 pub use api::*;
+pub use chromium::*;
 pub use http::*;
 pub use process::*;
 
