@@ -23,6 +23,7 @@ use crate::store::writer::WriteError;
 
 /// Every failure an API can answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Failure {
     /// 400: a malformed body, name, header or parameter; nothing was stored. The reason is
     /// the one golongpoll gives where it has one.
@@ -155,7 +156,7 @@ impl Failure {
     }
 
     /// The answer in `api`'s contract.
-    pub fn render(&self, api: Api) -> Response {
+    pub(crate) fn render(&self, api: Api) -> Response {
         let response = match api {
             Api::Streams => Response::message(self.status(), &self.text()),
             Api::LongPoll => self.longpoll(),
@@ -179,7 +180,7 @@ impl Failure {
         let mut body = String::from("{\"error\": ");
         push_json_str(&mut body, &message);
         body.push('}');
-        super::longpoll::answer(status, body.into_bytes())
+        super::longpoll::golongpoll_response(status, body.into_bytes())
     }
 
     /// 401 names the scheme to use; 429 says when to come back.

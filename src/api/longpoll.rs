@@ -22,7 +22,7 @@ use crate::store::writer::{Done, Job, Payload};
 const JSON: &str = "application/json";
 
 /// A long-poll answer with golongpoll's headers.
-pub(super) fn answer(status: u16, body: impl Into<Arc<[u8]>>) -> Response {
+pub(super) fn golongpoll_response(status: u16, body: impl Into<Arc<[u8]>>) -> Response {
     Response::json(status, JSON, body)
         .with_header("X-Content-Type-Options", "nosniff")
         .with_header("Cache-Control", "no-cache, no-store, must-revalidate")
@@ -33,7 +33,7 @@ pub(super) fn answer(status: u16, body: impl Into<Arc<[u8]>>) -> Response {
 /// The timeout answer with the given timestamp.
 pub(crate) fn timeout_response(timestamp: u64) -> Response {
     let body = format!("{{\"timeout\":\"no events before timeout\",\"timestamp\":{timestamp}}}");
-    answer(200, body.into_bytes())
+    golongpoll_response(200, body.into_bytes())
 }
 
 /// An events answer for `category`.
@@ -61,7 +61,7 @@ pub(crate) fn events_response(category: &str, events: &[Arc<Event>]) -> Response
         body.push_str("\"}");
     }
     body.push_str("]}");
-    answer(200, body.into_bytes())
+    golongpoll_response(200, body.into_bytes())
 }
 
 /// Whether `category` is open without credentials by one of `patterns`.
@@ -226,7 +226,7 @@ pub fn publish(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         payload: Payload::Data(data),
         done: Done::new(move |result| {
             reply.send(match result {
-                Ok(_) => answer(200, &b"{\"success\": true}"[..]),
+                Ok(_) => golongpoll_response(200, &b"{\"success\": true}"[..]),
                 Err(e) => Failure::from(e).render(Api::LongPoll),
             })
         }),
@@ -329,7 +329,7 @@ pub(crate) fn subscribe_local(
 }
 
 /// An event as long-poll subscribers receive it.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Received {
     /// Commit time, epoch milliseconds.
     pub timestamp: u64,

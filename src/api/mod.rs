@@ -1,6 +1,7 @@
 //! Routes and handlers for both APIs, independent of the HTTP engine.
 //!
-//! `App::admit` puts a decoded request in a lane (`admission`); a worker calls
+//! `App::admit` picks the lane a decoded request waits in (`admission`), or refuses it;
+//! the server queues it there, and a worker calls
 //! [`App::handle`], which routes it. A handler turns the [`Request`] into a typed call, runs
 //! it against the store, and answers through its [`Reply`]: at once, or through the
 //! [`Runtime`] after the writer commits or when a parked long-poll is woken or expires
@@ -237,7 +238,7 @@ impl App {
             crate::log::error(&format!("health: the database does not answer: {e}"));
             return reply.send(unavailable());
         }
-        self.runtime.submit(Job::Probe(Done::new(move |result| {
+        self.runtime.submit(Job::Heartbeat(Done::new(move |result| {
             reply.send(match result {
                 Ok(()) => Response::json(200, JSON_UTF8, &b"{\"status\":\"ok\"}"[..]),
                 Err(_) => unavailable(),

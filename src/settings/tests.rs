@@ -50,7 +50,7 @@ fn the_readme_lists_every_setting_with_its_flag_variable_and_default() {
 }
 
 #[test]
-fn every_setting_shows_a_default_that_its_rule_accepts() {
+fn every_setting_shows_a_default_and_the_defaults_pass_the_rules() {
     for s in SETTINGS {
         assert!(!s.default_text().is_empty(), "{} shows no default", s.name);
     }

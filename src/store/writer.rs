@@ -136,7 +136,7 @@ pub enum Job {
         done: Done<()>,
     },
     /// Write a heartbeat row: answers `Ok` only if the database takes writes.
-    Probe(Done<()>),
+    Heartbeat(Done<()>),
     /// Delete events beyond the retention limits, in every stream.
     Retain(Retention),
     /// Commit everything queued before it, then stop the writer.
@@ -330,7 +330,7 @@ fn apply(
                     id,
                     ..
                 } => ack(&tx, stream, consumer, id)?,
-                Job::Probe(_) => {
+                Job::Heartbeat(_) => {
                     tx.prepare_cached(
                         "INSERT INTO heartbeat (id, at_ms) VALUES (1, ?1) \
                          ON CONFLICT (id) DO UPDATE SET at_ms = excluded.at_ms",
@@ -456,7 +456,7 @@ fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {
                 replies.push(Answer::Event(done, Ok(event)));
             }
             (job, Outcome::Refused(e)) => replies.extend(job.refused(e)),
-            (Job::Ack { done, .. } | Job::Probe(done), _) => {
+            (Job::Ack { done, .. } | Job::Heartbeat(done), _) => {
                 replies.push(Answer::Unit(done, Ok(())))
             }
             (Job::Stop | Job::Retain(_), _) => {}
@@ -495,7 +495,7 @@ impl Job {
     pub fn refused(self, error: WriteError) -> Option<Answer> {
         match self {
             Job::Append { done, .. } => Some(Answer::Event(done, Err(error))),
-            Job::Ack { done, .. } | Job::Probe(done) => Some(Answer::Unit(done, Err(error))),
+            Job::Ack { done, .. } | Job::Heartbeat(done) => Some(Answer::Unit(done, Err(error))),
             Job::Stop | Job::Retain(_) => None,
         }
     }
