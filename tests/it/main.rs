@@ -7,6 +7,7 @@ mod crash;
 mod embedded;
 mod longpoll;
 mod props;
+mod proxy;
 mod retention;
 mod security;
 mod service;
