@@ -5,14 +5,13 @@
 //!
 //! Each test runs a throwaway nginx of its own: a minimal `nginx.conf` in a temporary
 //! directory (pid file, logs and temporary paths inside it) that includes the site file with
-//! five lines changed — the two listen lines, the upstream address and the certificate paths —
-//! and a self-signed certificate made with the openssl CLI. nginx runs in the foreground as
-//! one process (`master_process off`), so killing it when the test ends leaves no worker
-//! behind and it needs no `user` even as root; the site's directives behave the same. It
-//! listens on a free port of 127.0.0.1 only, so a system nginx (Debian's package starts one
-//! on port 80) does not matter. Without nginx, curl or openssl the tests fail when `CI` is
-//! set and are skipped with a message otherwise.
-
+//! five lines changed (the two listen lines, the upstream address and the certificate
+//! paths), and a self-signed certificate made with the openssl CLI. nginx runs in the
+//! foreground as one process (`master_process off`), so killing it when the test ends leaves
+//! no worker behind and it needs no `user` even as root; the site's directives behave the
+//! same. It listens on a free port of 127.0.0.1 only, so a system nginx (Debian's package
+//! starts one on port 80) does not matter. Without nginx, curl or openssl the tests fail
+//! when `CI` is set and are skipped with a message otherwise.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
