@@ -8,6 +8,7 @@ mod crash;
 mod embedded;
 mod longpoll;
 mod props;
+mod proxy;
 mod retention;
 mod security;
 mod service;
