@@ -184,8 +184,8 @@ impl crate::http::Front for Lanes {
         self.app.runtime.registry.parked() > 0
     }
 
-    fn hung_up(&self, peers: &HashSet<SocketAddr>) {
-        self.app.runtime.release_gone(peers);
+    fn release_gone(&self, connected: &dyn Fn() -> Option<HashSet<SocketAddr>>) {
+        self.app.runtime.release_gone(connected);
     }
 }
 

@@ -11,7 +11,7 @@
 //!
 //! The path of a long-poll: a handler calls `Runtime::wait` with a [`Parked`] request;
 //! it is answered at once from memory or the store, or parked in the registry until a
-//! commit wakes it (`Runtime::answer`), its deadline passes or its client hangs up
+//! commit wakes it (`Runtime::answer`), its deadline passes or its client goes away
 //! (`Runtime::expire`), or the server stops.
 
 use std::collections::HashSet;
@@ -32,11 +32,13 @@ use crate::pool::Task;
 use crate::store::Reader;
 use crate::store::writer::{Answer, Committed, Job, WriteError};
 
-/// A parked long-poll: who waits, and the client's address.
+/// A parked long-poll: who waits, the client's address, and since when.
 pub struct Parked {
     waiter: Waiter,
-    /// The client's address, to release the reply early when the client hangs up.
+    /// The client's address, to release the reply early when the client goes away.
     peer: Option<SocketAddr>,
+    /// When the request was taken: its connection was open before this.
+    since: Instant,
 }
 
 /// Who waits for events, which decides the shape of the answer.
@@ -192,17 +194,36 @@ impl Runtime {
         }
     }
 
-    /// Releases the parked replies of clients that hung up (`peers`), answering them as if
-    /// their deadline had passed: they no longer hold a place under the parked-poll cap.
-    pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
+    /// Releases the parked replies of clients that went away (closed, half-closed or reset
+    /// their connection), answering them as if their deadline had passed: they no longer
+    /// hold a place under the parked-poll cap, and answering is what makes the HTTP layer
+    /// let go of the connection (its thread and descriptors).
+    ///
+    /// `connected` reads the peers whose connections are open both ways now; `None` means
+    /// unknown, and releases nothing. A reply is released only when its peer is missing from
+    /// two reads and it was parked before the first began. A poll parked while a read ran
+    /// may come from a connection that read went past; and the kernel hands its socket table
+    /// out a page per read, resuming each read by counting its way into a hash bucket, so a
+    /// socket leaving that bucket between two reads makes the next one skip a live
+    /// connection. The second read is made only when the first misses a parked peer.
+    pub(crate) fn release_gone(&self, connected: &dyn Fn() -> Option<HashSet<SocketAddr>>) {
+        let started = Instant::now();
+        let gone = |parked: &Parked, live: &HashSet<SocketAddr>| {
+            parked.since < started && parked.peer.is_some_and(|peer| !live.contains(&peer))
+        };
+        let Some(first) = connected() else { return };
+        if !self.registry.any(|parked| gone(parked, &first)) {
+            return;
+        }
+        let Some(second) = connected() else { return };
         self.expire(|registry| {
-            let gone =
-                registry.take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
-            if !gone.is_empty() {
-                let n = gone.len();
-                crate::log::debug(&format!("released {n} polls of clients that hung up"));
+            let released =
+                registry.take_where(|parked| gone(parked, &first) && gone(parked, &second));
+            if !released.is_empty() {
+                let n = released.len();
+                crate::log::debug(&format!("released {n} polls of clients that went away"));
             }
-            gone
+            released
         });
     }
 
@@ -311,13 +332,21 @@ impl Parked {
             Api::LongPoll => Waiter::LongPoll(category.into(), reply),
             Api::Streams => Waiter::Consumer(reply),
         };
-        Parked { waiter, peer }
+        Parked {
+            waiter,
+            peer,
+            since: Instant::now(),
+        }
     }
 
     /// An in-process subscriber's long-poll on `category`, answered through `tx`.
     pub(crate) fn in_process(category: &str, tx: Sender<Result<Polled, Failure>>) -> Parked {
         let waiter = Waiter::InProcess(category.into(), tx);
-        Parked { waiter, peer: None }
+        Parked {
+            waiter,
+            peer: None,
+            since: Instant::now(),
+        }
     }
 
     /// Answers with the answer of this waiter's shape, rendered in `answers`.

@@ -1442,6 +1442,28 @@ fn a_poll_whose_client_hangs_up_is_released() {
     assert_eq!(resp.json()["events"][0]["data"], json!("still here"));
 }
 
+/// A client that half-closes its connection (`shutdown(Write)`) while its poll is parked is
+/// released the same way, within seconds, and reads the timeout answer on the half it
+/// kept open.
+#[test]
+fn a_poll_whose_client_half_closes_is_released_and_answered() {
+    let server = TestServer::start();
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    let req = server.req("GET", "/events?category=half&timeout=100");
+    stream.write_all(&req.bytes()).expect("send the poll");
+    wait_parked(&server, 1, Duration::from_secs(5));
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    // Far short of the poll's 100 s: only a release answers within this.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let resp = read_response(&mut BufReader::new(stream)).expect("the answer, released");
+    timeout_stamp(&resp);
+    assert_eq!(server.handle().parked(), 0);
+}
+
 /// A server too busy to queue a long-poll request refuses it with 503 in golongpoll's error
 /// shape, as the README promises, not with a bare string.
 #[test]
