@@ -225,6 +225,10 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let after = ProcSample::read(pid);
+    // By then a server has let go of the polls of clients that went away, and tiny_http's
+    // pool has ended the threads that were left idle for its 5 s.
+    std::thread::sleep(Duration::from_secs(6));
+    let settled = ProcSample::read(pid);
     let peak = samples
         .iter()
         .copied()
@@ -239,7 +243,13 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         .sum();
     let v = judge(&mut outcome.shards, &Published::default(), 1);
     let errors = v.error_count();
-    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    let row = |label: &str, sample: Option<ProcSample>| {
+        vec![
+            label.to_owned(),
+            sample.map_or("-".into(), |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
+            sample.map_or("-".into(), |s| s.threads.to_string()),
+        ]
+    };
     report::table(
         &format!(
             "idle ({} server, pid {pid}, {n} parked subscribers held {:.0} s)",
@@ -248,18 +258,11 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         ),
         &["", "RSS MiB", "threads"],
         &[
-            vec![
-                "before".into(),
-                mib(before.rss_kib),
-                before.threads.to_string(),
-            ],
-            vec!["parked".into(), mib(last.rss_kib), last.threads.to_string()],
-            vec!["peak".into(), mib(peak.rss_kib), peak.threads.to_string()],
-            vec![
-                "closed +2 s".into(),
-                after.map_or("-".into(), |a| mib(a.rss_kib)),
-                after.map_or("-".into(), |a| a.threads.to_string()),
-            ],
+            row("before", Some(before)),
+            row("parked", Some(last)),
+            row("peak", Some(peak)),
+            row("closed +2 s", after),
+            row("closed +8 s", settled),
         ],
     );
     report::note(&format!(
@@ -276,6 +279,7 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         "parked": last.json(),
         "peak": peak.json(),
         "after_close": after.map_or(Value::Null, |a| a.json()),
+        "after_close_8s": settled.map_or(Value::Null, |a| a.json()),
         "rss_kib_per_parked": (per * 10.0).round() / 10.0,
         "park_seconds": outcome.park_time.as_secs_f64(),
         "answered_early": answered,

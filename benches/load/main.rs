@@ -23,6 +23,8 @@
 //!   --nodelay-listener   diagnostic: in-process servers get a TCP_NODELAY listener
 //!   --engine-floor       load a bare tiny_http long-poll server instead (fanout and
 //!                        categories; see floor.rs): the engine's own limit here
+//!   --close-with-reset   subscribers end with a reset (SO_LINGER 0) instead of a FIN, as
+//!                        killed clients or NATs timing out do
 //! ```
 //!
 //! # Scenarios
@@ -39,7 +41,8 @@
 //!   interval; publish→delivery latency, publish→last subscriber, delivered/expected,
 //!   duplicates, out-of-order ([`verdict`]).
 //! - **idle**: `--idle` subscribers parked for `--duration` (10 s): server RSS and threads
-//!   before, parked, and 2 s after the bench closed the connections.
+//!   before, parked, and 2 s and 8 s after the bench closed the connections (by then the
+//!   server has let go of the polls, and tiny_http's pool has ended the threads left idle).
 //! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
 //!   for `--duration` (10 s): each subscriber must get exactly its category's events.
 //! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.
@@ -153,6 +156,8 @@ pub struct Opts {
     pub threads: usize,
     /// Distinguishes this run's streams and categories from earlier runs' on the same server.
     pub run_id: String,
+    /// Subscribers end with a reset instead of a FIN.
+    pub close_with_reset: bool,
 }
 
 const SCENARIOS: &[&str] = &[
@@ -198,6 +203,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         rate: 200.0,
         threads: 1,
         run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+        close_with_reset: false,
     };
     let (mut url, mut user, mut password, mut pid, mut workers, mut bin) =
         (None, None, None, None, None, None);
@@ -251,6 +257,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--server-bin" => bin = Some(PathBuf::from(value()?)),
             "--nodelay-listener" => nodelay = true,
             "--engine-floor" => floor = true,
+            "--close-with-reset" => opts.close_with_reset = true,
             "--duration" => opts.duration = Some(num(value()?)?.clamp(0.1, 3600.0)),
             "--conns" => opts.conns = list(&flag, &value()?)?,
             "--api" => {
