@@ -8,19 +8,21 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::Opts;
-use crate::report::{self, Latency, ProcSample, cell_ms, percent};
+use crate::report::{self, Figure, Latency, ProcSample, cell_ms, percent};
 use crate::subscribe::{Plan, Published, publish_paced};
 use crate::target::{Need, Target};
-use crate::verdict::judge;
+use crate::verdict::{Verdict, judge};
 
 /// Whether `n` subscribers plus the server's two descriptors per connection fit here.
 fn fits_in_process(n: usize, nofile: u64) -> bool {
     (3 * n + 1024) as u64 <= nofile
 }
 
-/// The fanout scenario, for each subscriber count.
-pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
+/// The fanout scenario, for each subscriber count; its figures are delivery p99 and
+/// delivered % at each.
+pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
     let interval = Duration::from_millis(opts.interval_ms);
+    let mut figures = Vec::new();
     let mut rows = Vec::new();
     let mut runs = Vec::new();
     let mut notes = Vec::new();
@@ -56,6 +58,7 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
             v.delivered,
             v.expected
         );
+        figures.extend(headline(&format!("fanout {n}"), &v));
         rows.push(vec![
             n.to_string(),
             target.kind.to_owned(),
@@ -117,11 +120,22 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
         report::note(line);
     }
     report::json_line(json!({ "scenario": "fanout", "runs": runs }));
-    Ok(())
+    Ok(figures)
 }
 
-/// The categories scenario.
-pub fn categories(opts: &Opts) -> Result<(), String> {
+/// A subscriber run's figures: delivery p99 and delivered %, named after `what`.
+fn headline(what: &str, v: &Verdict) -> [Figure; 2] {
+    [
+        Figure::new(format!("{what} p99 ms"), report::ms(v.latency.p99)),
+        Figure::new(
+            format!("{what} delivered %"),
+            percent(v.delivered, v.expected),
+        ),
+    ]
+}
+
+/// The categories scenario; its figures are delivery p99 and delivered %.
+pub fn categories(opts: &Opts) -> Result<Vec<Figure>, String> {
     let secs = opts.duration.unwrap_or(10.0);
     let n = opts.category_subscribers;
     let k = opts.categories.min(n.max(1));
@@ -194,7 +208,7 @@ pub fn categories(opts: &Opts) -> Result<(), String> {
     j["publish_error_samples"] = json!(outcome.published.error_samples);
     j["park_seconds"] = json!(outcome.park_time.as_secs_f64());
     report::json_line(j);
-    Ok(())
+    Ok(headline("categories", &v).into())
 }
 
 /// The idle scenario: server memory and threads with N parked subscribers.

@@ -1,5 +1,5 @@
-//! Figures and their presentation: latency percentiles, the human table, the JSON line, and
-//! a server process's memory and threads from `/proc`.
+//! Figures and their presentation: latency percentiles, the human table, the JSON line, a
+//! scenario's headline figures, and a server process's memory and threads from `/proc`.
 
 use serde_json::{Value, json};
 
@@ -37,6 +37,26 @@ impl Latency {
     /// As a JSON object in milliseconds.
     pub fn json(&self) -> Value {
         json!({ "n": self.n, "p50_ms": ms(self.p50), "p99_ms": ms(self.p99), "max_ms": ms(self.max) })
+    }
+}
+
+/// One headline figure of a scenario run, which `--versus-floor` sets against the bare
+/// engine's.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    /// What it measures, unit included (`fanout 1000 p99 ms`).
+    pub name: String,
+    /// Its value in that unit.
+    pub value: f64,
+}
+
+impl Figure {
+    /// The figure `name` with `value`.
+    pub fn new(name: impl Into<String>, value: f64) -> Figure {
+        Figure {
+            name: name.into(),
+            value,
+        }
     }
 }
 
