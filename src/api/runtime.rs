@@ -206,6 +206,10 @@ impl Runtime {
     /// out a page per read, resuming each read by counting its way into a hash bucket, so a
     /// socket leaving that bucket between two reads makes the next one skip a live
     /// connection. The second read is made only when the first misses a parked peer.
+    ///
+    /// A peer is an address and port: a new connection that reuses the port of a reset one
+    /// (the kernel may hand it out again at once) keeps the old poll held until the new
+    /// connection goes too, or the deadline passes.
     pub(crate) fn release_gone(&self, connected: &dyn Fn() -> Option<HashSet<SocketAddr>>) {
         let started = Instant::now();
         let gone = |parked: &Parked, live: &HashSet<SocketAddr>| {
