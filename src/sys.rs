@@ -6,7 +6,7 @@
 //! Each `/proc` format is parsed from text by a function of its own, unit-tested below on
 //! well-formed and malformed input; without a /proc the readers answer `None`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, BufRead};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::RawFd;
@@ -118,6 +118,12 @@ pub(crate) fn open_fds() -> Option<usize> {
     std::fs::read_dir("/proc/self/fd").ok().map(Iterator::count)
 }
 
+/// Connected peers, each with the inode of its socket, which tells a new connection from an
+/// old one on the same address and port (the kernel may give a reset connection's port to
+/// a new one at once); `None` when several sockets share the address, which then is only
+/// known to be connected.
+pub(crate) type Peers = HashMap<SocketAddr, Option<u64>>;
+
 /// The peers of the connections on `local`'s port that are open both ways (`ESTABLISHED`),
 /// from the kernel's socket table for `local`'s address family (a dual-stack IPv6 listener's
 /// IPv4 clients are in the IPv6 table, as mapped addresses). `None` when the table cannot
@@ -127,9 +133,9 @@ pub(crate) fn open_fds() -> Option<usize> {
 /// connections on the same port number) only make a caller let go of fewer requests. A
 /// client that reset its connection (`SO_LINGER 0`, a killed process, a NAT timing out) is
 /// not listed at all: the kernel drops a reset socket from the table while our descriptor
-/// stays open. One that closed or half-closed it is listed in `CLOSE_WAIT`.
-/// `sys::tests::a_connection_leaves_the_connected_peers_when_its_client_closes_or_resets`.
-pub(crate) fn connected_peers(local: SocketAddr) -> Option<HashSet<SocketAddr>> {
+/// stays open. One that closed or half-closed it is listed in `CLOSE_WAIT`
+/// (`sys::tests::a_connection_leaves_the_connected_peers_when_its_client_closes_or_resets`).
+pub(crate) fn connected_peers(local: SocketAddr) -> Option<Peers> {
     let table = match local {
         SocketAddr::V4(_) => "/proc/self/net/tcp",
         SocketAddr::V6(_) => "/proc/self/net/tcp6",
@@ -140,19 +146,29 @@ pub(crate) fn connected_peers(local: SocketAddr) -> Option<HashSet<SocketAddr>> 
 }
 
 /// The peers of the `ESTABLISHED` rows on local `port` in one `/proc/net/tcp{,6}` table (a
-/// heading line, then a row per socket). Rows that do not parse are skipped; a line that
-/// cannot be read is an error, since a peer on it would be missed.
-fn established_peers(table: impl BufRead, port: u16) -> io::Result<HashSet<SocketAddr>> {
-    let mut peers = HashSet::new();
+/// heading line, then a row per socket), with their sockets. Rows that do not parse are
+/// skipped; a line that cannot be read is an error, since a peer on it would be missed.
+fn established_peers(table: impl BufRead, port: u16) -> io::Result<Peers> {
+    let mut peers = Peers::new();
     for row in table.lines().skip(1) {
-        peers.extend(established_peer(&row?, port));
+        if let Some((peer, socket)) = established_peer(&row?, port) {
+            peers
+                .entry(peer)
+                .and_modify(|known| {
+                    if *known != Some(socket) {
+                        *known = None;
+                    }
+                })
+                .or_insert(Some(socket));
+        }
     }
     Ok(peers)
 }
 
-/// The peer of one `/proc/net/tcp{,6}` row (`sl local_address rem_address st …`), if the
-/// socket is on local `port` and `ESTABLISHED` (state `01`).
-fn established_peer(row: &str, port: u16) -> Option<SocketAddr> {
+/// The peer and socket inode of one `/proc/net/tcp{,6}` row (`sl local_address rem_address
+/// st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode …`), if the socket is on
+/// local `port` and `ESTABLISHED` (state `01`).
+fn established_peer(row: &str, port: u16) -> Option<(SocketAddr, u64)> {
     const ESTABLISHED: &str = "01";
     let mut fields = row.split_whitespace().skip(1);
     let (Some(local), Some(remote), Some(ESTABLISHED)) =
@@ -160,11 +176,9 @@ fn established_peer(row: &str, port: u16) -> Option<SocketAddr> {
     else {
         return None;
     };
-    if proc_net_addr(local).is_some_and(|a| a.port() == port) {
-        proc_net_addr(remote)
-    } else {
-        None
-    }
+    let ours = proc_net_addr(local).is_some_and(|a| a.port() == port);
+    let inode = fields.nth(5)?.parse().ok()?;
+    Some((proc_net_addr(remote).filter(|_| ours)?, inode))
 }
 
 /// An address as `/proc/net/tcp{,6}` write it: the IP as 32-bit words in host byte order,
@@ -233,7 +247,10 @@ mod tests {
     #[test]
     fn a_row_names_its_peer_only_when_established_on_our_port() {
         let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-        assert_eq!(established_peer(&row(8080, 50000, "01"), 8080), Some(peer));
+        assert_eq!(
+            established_peer(&row(8080, 50000, "01"), 8080),
+            Some((peer, 12345))
+        );
         // Closed by the client (CLOSE_WAIT, 08), closing (LAST_ACK, 09), listening (0A), and
         // other ports are not connected peers.
         assert_eq!(established_peer(&row(8080, 50000, "08"), 8080), None);
@@ -246,9 +263,11 @@ mod tests {
             "   0:".to_owned(),
             format!("   0: {ip}:1F90"),
             format!("   0: {ip}:1F90 {ip}:C350"),
-            format!("   0: {ip}:1F90 garbage 01"),
-            format!("   0: garbage {ip}:C350 01"),
-            format!("{ip}:1F90 {ip}:C350 01"),
+            format!("   0: {ip}:1F90 garbage 01 0:0 0:0 0 0 0 12345"),
+            format!("   0: garbage {ip}:C350 01 0:0 0:0 0 0 0 12345"),
+            format!("{ip}:1F90 {ip}:C350 01 0:0 0:0 0 0 0 12345"),
+            format!("   0: {ip}:1F90 {ip}:C350 01 0:0 0:0 0 0 0"),
+            format!("   0: {ip}:1F90 {ip}:C350 01 0:0 0:0 0 0 0 inode"),
         ] {
             assert_eq!(established_peer(&bad, 8080), None, "{bad:?}");
         }
@@ -262,15 +281,25 @@ mod tests {
             row(8080, 50000, "01"),
             "not a row".to_owned(),
             row(8080, 50001, "08"),
-            row(8080, 50002, "01"),
+            row(8080, 50002, "01").replace("12345", "777"),
         ]
         .join("\n");
         let peers = established_peers(table.as_bytes(), 8080).unwrap();
-        let expected: HashSet<SocketAddr> = ["127.0.0.1:50000", "127.0.0.1:50002"]
+        let expected: Peers = [("127.0.0.1:50000", 12345), ("127.0.0.1:50002", 777)]
             .iter()
-            .map(|a| a.parse().unwrap())
+            .map(|(a, inode)| (a.parse().unwrap(), Some(*inode)))
             .collect();
         assert_eq!(peers, expected);
+        // Two sockets with one peer address (connections to two of our addresses): the
+        // address is connected, by no one socket.
+        let twice = [
+            heading.to_owned(),
+            row(8080, 50000, "01"),
+            row(8080, 50000, "01").replace("12345", "777"),
+        ]
+        .join("\n");
+        let peers = established_peers(twice.as_bytes(), 8080).unwrap();
+        assert_eq!(peers[&"127.0.0.1:50000".parse().unwrap()], None);
         // The first line is the heading, whatever it holds.
         let one = established_peers(row(8080, 50000, "01").as_bytes(), 8080).unwrap();
         assert!(one.is_empty());
@@ -293,13 +322,17 @@ mod tests {
         };
         let (closes, closing, _held) = connect();
         let (resets, resetting, _held) = connect();
-        let (stays, _staying, _held) = connect();
+        let (stays, _staying, held) = connect();
         let connected = || connected_peers(local).expect("/proc/self/net/tcp");
         let now = connected();
         assert!(
-            [closes, resets, stays].iter().all(|p| now.contains(p)),
+            [closes, resets, stays].iter().all(|p| now.contains_key(p)),
             "{now:?}"
         );
+        // Each with its socket, as /proc/self/fd names it.
+        let inode = now[&stays].expect("one socket");
+        let link = fd_link(held.as_raw_fd()).expect("the held socket's descriptor");
+        assert_eq!(link.to_string_lossy(), format!("socket:[{inode}]"));
         drop(closing);
         let resetting = socket2::Socket::from(resetting);
         resetting.set_linger(Some(Duration::ZERO)).unwrap();
@@ -308,8 +341,11 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let now = connected();
-            assert!(now.contains(&stays), "an open connection is always listed");
-            if !now.contains(&closes) && !now.contains(&resets) {
+            assert!(
+                now.contains_key(&stays),
+                "an open connection is always listed"
+            );
+            if !now.contains_key(&closes) && !now.contains_key(&resets) {
                 break;
             }
             assert!(Instant::now() < deadline, "still listed: {now:?}");

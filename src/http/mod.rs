@@ -65,7 +65,7 @@
 //!   says so (`abuse::a_panicking_handler_answers_500_and_the_pool_never_shrinks`).
 //! - **A hang-up is seen only on the next read**, which a parked request never makes
 //!   (`longpoll::a_poll_whose_client_hangs_up_is_released`). After a reset its connection
-//!   thread ends and closes one descriptor, but the request keeps the other until answered
+//!   thread may end and close one descriptor, but the request keeps the other until answered
 //!   (`abuse::a_poll_whose_client_resets_is_released_with_its_descriptors`).
 //!
 //! # How this layer contains them
@@ -90,8 +90,10 @@
 //!   oldest stranded connection. Twice a second it sends a probe request; when probes stay
 //!   unanswered (a hung accept loop, or no /proc to watch) the accept loop is presumed dead
 //!   and replaced. Every 2 s, while requests are parked, it hands the server a way to read
-//!   the kernel's socket table for the peers still connected; the server releases the polls
-//!   of the others (closed, half-closed or reset).
+//!   the kernel's socket table for the peers still connected and by which socket; the
+//!   server releases the polls of the others (closed, half-closed or reset, or replaced by
+//!   a new connection from the same port, which answer order would otherwise hold behind
+//!   the old poll).
 //! - **Pipelined requests never block a worker.** Requests are numbered per connection in
 //!   the order tiny_http read them; an answer behind an unanswered one (a parked long-poll),
 //!   or behind an answer still being written, waits in order and is written by the thread
@@ -103,7 +105,6 @@ mod exchange;
 mod order;
 mod prober;
 
-use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -133,8 +134,9 @@ pub trait Front: Send + Sync + 'static {
     fn holding(&self) -> bool;
 
     /// Lets go of the held requests of clients that went away. `connected` reads the peers
-    /// whose connections are open both ways now (`None`: unknown); it may be called twice.
-    fn release_gone(&self, connected: &dyn Fn() -> Option<HashSet<SocketAddr>>);
+    /// whose connections are open both ways now, with their sockets (`None`: unknown); it
+    /// may be called twice.
+    fn release_gone(&self, connected: &dyn Fn() -> Option<crate::sys::Peers>);
 }
 
 /// How long a write to a client may block before the connection is given up.

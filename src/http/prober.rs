@@ -14,14 +14,16 @@
 //!   re-estimates open connections from the descriptor count, since tiny_http cannot count
 //!   them.
 //! - **Hang-up scans.** tiny_http notices a client's hang-up only on its next read, which a
-//!   parked request never makes; a reset ends its connection thread but not the request,
+//!   parked request never makes; a reset may end its connection thread, never the request,
 //!   which holds a descriptor and its place under the parked-poll cap until answered. Every
 //!   [`HANGUP_TICKS`] ticks, while requests are parked, the server is handed a way to read
-//!   which peers are still connected (`ESTABLISHED` in the kernel's socket table), and
-//!   releases the polls of the others, whether they closed, half-closed or reset
+//!   which peers are still connected (`ESTABLISHED` in the kernel's socket table) and by
+//!   which socket, and releases the polls of the others, whether they closed, half-closed
+//!   or reset, or a new connection took the port
 //!   (`longpoll::a_poll_whose_client_hangs_up_is_released`,
 //!   `longpoll::a_poll_whose_client_half_closes_is_released_and_answered`,
-//!   `abuse::a_poll_whose_client_resets_is_released_with_its_descriptors`).
+//!   `abuse::a_poll_whose_client_resets_is_released_with_its_descriptors`,
+//!   `longpoll::a_client_reconnecting_from_a_reset_connections_port_is_not_held_behind_its_old_poll`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
