@@ -1,6 +1,6 @@
 //! The subscriber scenarios: **fanout** (N subscribers on one category, M events at a fixed
 //! interval), **categories** (subscribers spread over many categories, random publishes) and
-//! **idle** (N parked subscribers held: the server's memory and threads).
+//! **idle** (N parked subscribers held: the server's memory, threads and descriptors).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -211,7 +211,7 @@ pub fn categories(opts: &Opts) -> Result<Vec<Figure>, String> {
     Ok(headline("categories", &v).into())
 }
 
-/// The idle scenario: server memory and threads with N parked subscribers.
+/// The idle scenario: server memory, threads and descriptors with N parked subscribers.
 pub fn idle(opts: &Opts) -> Result<(), String> {
     let hold = Duration::from_secs_f64(opts.duration.unwrap_or(10.0));
     let n = opts.idle;
@@ -262,6 +262,7 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
             label.to_owned(),
             sample.map_or("-".into(), |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
             sample.map_or("-".into(), |s| s.threads.to_string()),
+            sample.map_or("-".into(), |s| s.fds.to_string()),
         ]
     };
     report::table(
@@ -270,7 +271,7 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
             target.kind,
             hold.as_secs_f64()
         ),
-        &["", "RSS MiB", "threads"],
+        &["", "RSS MiB", "threads", "descriptors"],
         &[
             row("before", Some(before)),
             row("parked", Some(last)),

@@ -43,9 +43,10 @@
 //! - **fanout**: N subscribers (1,000 and 9,000) on one category, M events one every
 //!   interval; publish→delivery latency, publish→last subscriber, delivered/expected,
 //!   duplicates, out-of-order ([`verdict`]).
-//! - **idle**: `--idle` subscribers parked for `--duration` (10 s): server RSS and threads
-//!   before, parked, and 2 s and 8 s after the bench closed the connections (by then the
-//!   server has let go of the polls, and tiny_http's pool has ended the threads left idle).
+//! - **idle**: `--idle` subscribers parked for `--duration` (10 s): server RSS, threads and
+//!   descriptors before, parked, and 2 s and 8 s after the bench closed the connections (by
+//!   then the server has let go of the polls, and tiny_http's pool has ended the threads
+//!   left idle).
 //! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
 //!   for `--duration` (10 s): each subscriber must get exactly its category's events.
 //! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.

@@ -110,13 +110,16 @@ pub fn json_line(value: Value) {
     println!("{value}");
 }
 
-/// A process's resident memory and threads, from `/proc/<pid>/status`.
+/// A process's resident memory and threads, from `/proc/<pid>/status`, and its open
+/// descriptors.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcSample {
     /// Resident set size in KiB.
     pub rss_kib: u64,
     /// Threads.
     pub threads: u64,
+    /// Open file descriptors (0 when `/proc/<pid>/fd` cannot be read).
+    pub fds: u64,
 }
 
 impl ProcSample {
@@ -133,12 +136,13 @@ impl ProcSample {
         Some(ProcSample {
             rss_kib: field("VmRSS:")?,
             threads: field("Threads:")?,
+            fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
         })
     }
 
     /// As JSON.
     pub fn json(&self) -> Value {
-        json!({ "rss_kib": self.rss_kib, "threads": self.threads })
+        json!({ "rss_kib": self.rss_kib, "threads": self.threads, "fds": self.fds })
     }
 }
 
