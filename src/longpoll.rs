@@ -304,6 +304,12 @@ impl<R> Registry<R> {
         expired.into_iter().map(|(_, _, reply)| reply).collect()
     }
 
+    /// Whether `pred` holds for any parked reply (a look before a costlier check that ends
+    /// in [`Registry::take_where`]).
+    pub fn any(&self, pred: impl Fn(&R) -> bool) -> bool {
+        self.lock().waiters.values().any(|w| pred(&w.reply))
+    }
+
     /// Takes every parked reply for which `pred` holds.
     pub fn take_where(&self, pred: impl Fn(&R) -> bool) -> Vec<R> {
         let mut inner = self.lock();
@@ -479,6 +485,30 @@ mod tests {
         ));
         assert!(reg.expire(now + Duration::from_secs(10)).is_empty());
         assert_eq!(reg.parked(), 0);
+    }
+
+    #[test]
+    fn take_where_takes_only_the_matching_replies() {
+        let reg = Registry::new(100, 8);
+        let later = Instant::now() + Duration::from_secs(60);
+        for reply in 1..=4 {
+            reg.park_after("a", 0, wait(reply, None, later));
+        }
+        assert!(reg.any(|r| *r == 2));
+        assert!(!reg.any(|r| *r > 4));
+        let mut taken = reg.take_where(|r| r % 2 == 0);
+        taken.sort_unstable();
+        assert_eq!(taken, vec![2, 4]);
+        assert!(!reg.any(|r| r % 2 == 0));
+        let woken = reg.publish("a", &[event(1, 1, None)]);
+        let mut rest = woken[0].replies.clone();
+        rest.sort_unstable();
+        assert_eq!(
+            rest,
+            vec![1, 3],
+            "the others are still parked, and only they"
+        );
+        assert_eq!(reg.next_deadline(), None);
     }
 
     #[test]

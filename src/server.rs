@@ -9,7 +9,6 @@
 //! 4. stop the writer after it commits everything queued, and checkpoint the database;
 //! 5. stop the workers once the last answers are sent, then the timer.
 
-use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::{self, JoinHandle};
@@ -186,8 +185,8 @@ impl crate::http::Front for Lanes {
         self.app.runtime.registry.parked() > 0
     }
 
-    fn hung_up(&self, peers: &HashSet<SocketAddr>) {
-        self.app.runtime.release_gone(peers);
+    fn release_gone(&self, connected: &dyn Fn() -> Option<crate::sys::Peers>) {
+        self.app.runtime.release_gone(connected);
     }
 }
 

@@ -1,12 +1,12 @@
 //! The few operating-system interfaces the server uses directly: the open-files limit,
 //! systemd's notification socket and socket activation, and the `/proc` files the HTTP
 //! layer reads to watch tiny_http from outside (what a descriptor is, how many are open,
-//! which connections the client has closed).
+//! which connections are still open both ways).
 //!
 //! Each `/proc` format is parsed from text by a function of its own, unit-tested below on
-//! well-formed and malformed input; without a /proc the readers answer `None` or nothing.
+//! well-formed and malformed input; without a /proc the readers answer `None`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{self, BufRead};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::RawFd;
@@ -118,47 +118,67 @@ pub(crate) fn open_fds() -> Option<usize> {
     std::fs::read_dir("/proc/self/fd").ok().map(Iterator::count)
 }
 
-/// Peers of this process's connections on local `port` that the client has closed while we
-/// still hold them (`CLOSE_WAIT`), from the kernel's socket tables; an empty set without
-/// /proc.
-pub(crate) fn closed_by_peer(port: u16) -> HashSet<SocketAddr> {
-    let mut peers = HashSet::new();
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        // Line by line: the table has a line per socket, megabytes at 10,000 connections.
-        if let Ok(file) = std::fs::File::open(table) {
-            peers.extend(close_wait_peers(io::BufReader::new(file), port));
+/// Connected peers, each with the inode of its socket, which tells a new connection from an
+/// old one on the same address and port (the kernel may give a reset connection's port to
+/// a new one at once); `None` when several sockets share the address, which then is only
+/// known to be connected.
+pub(crate) type Peers = HashMap<SocketAddr, Option<u64>>;
+
+/// The peers of the connections on `local`'s port that are open both ways (`ESTABLISHED`),
+/// from the kernel's socket table for `local`'s address family (a dual-stack IPv6 listener's
+/// IPv4 clients are in the IPv6 table, as mapped addresses). `None` when the table cannot
+/// be read to its end, or without /proc: then nobody is known to be gone.
+///
+/// The table lists every socket of the network namespace; extra peers (another process's
+/// connections on the same port number) only make a caller let go of fewer requests. A
+/// client that reset its connection (`SO_LINGER 0`, a killed process, a NAT timing out) is
+/// not listed at all: the kernel drops a reset socket from the table while our descriptor
+/// stays open. One that closed or half-closed it is listed in `CLOSE_WAIT`
+/// (`sys::tests::a_connection_leaves_the_connected_peers_when_its_client_closes_or_resets`).
+pub(crate) fn connected_peers(local: SocketAddr) -> Option<Peers> {
+    let table = match local {
+        SocketAddr::V4(_) => "/proc/self/net/tcp",
+        SocketAddr::V6(_) => "/proc/self/net/tcp6",
+    };
+    // Line by line: the table has a line per socket, megabytes at 10,000 connections.
+    let file = std::fs::File::open(table).ok()?;
+    established_peers(io::BufReader::new(file), local.port()).ok()
+}
+
+/// The peers of the `ESTABLISHED` rows on local `port` in one `/proc/net/tcp{,6}` table (a
+/// heading line, then a row per socket), with their sockets. Rows that do not parse are
+/// skipped; a line that cannot be read is an error, since a peer on it would be missed.
+fn established_peers(table: impl BufRead, port: u16) -> io::Result<Peers> {
+    let mut peers = Peers::new();
+    for row in table.lines().skip(1) {
+        if let Some((peer, socket)) = established_peer(&row?, port) {
+            peers
+                .entry(peer)
+                .and_modify(|known| {
+                    if *known != Some(socket) {
+                        *known = None;
+                    }
+                })
+                .or_insert(Some(socket));
         }
     }
-    peers
+    Ok(peers)
 }
 
-/// The peers of the `CLOSE_WAIT` rows on local `port` in one `/proc/net/tcp{,6}` table
-/// (a heading line, then a row per socket). Rows that do not parse are skipped; reading
-/// stops at the first line that cannot be read.
-fn close_wait_peers(table: impl BufRead, port: u16) -> Vec<SocketAddr> {
-    table
-        .lines()
-        .skip(1)
-        .map_while(Result::ok)
-        .filter_map(|row| close_wait_peer(&row, port))
-        .collect()
-}
-
-/// The peer of one `/proc/net/tcp{,6}` row (`sl local_address rem_address st …`), if the
-/// socket is on local `port` and in `CLOSE_WAIT` (state `08`).
-fn close_wait_peer(row: &str, port: u16) -> Option<SocketAddr> {
-    const CLOSE_WAIT: &str = "08";
+/// The peer and socket inode of one `/proc/net/tcp{,6}` row (`sl local_address rem_address
+/// st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode …`), if the socket is on
+/// local `port` and `ESTABLISHED` (state `01`).
+fn established_peer(row: &str, port: u16) -> Option<(SocketAddr, u64)> {
+    const ESTABLISHED: &str = "01";
     let mut fields = row.split_whitespace().skip(1);
-    let (Some(local), Some(remote), Some(CLOSE_WAIT)) =
+    let (Some(local), Some(remote), Some(ESTABLISHED)) =
         (fields.next(), fields.next(), fields.next())
     else {
         return None;
     };
-    if proc_net_addr(local).is_some_and(|a| a.port() == port) {
-        proc_net_addr(remote)
-    } else {
-        None
-    }
+    let ours = proc_net_addr(local).is_some_and(|a| a.port() == port);
+    let inode = fields.nth(5)?.parse().ok()?;
+    Some((proc_net_addr(remote).filter(|_| ours)?, inode))
 }
 
 /// An address as `/proc/net/tcp{,6}` write it: the IP as 32-bit words in host byte order,
@@ -225,66 +245,110 @@ mod tests {
     }
 
     #[test]
-    fn a_row_names_its_peer_only_in_close_wait_on_our_port() {
+    fn a_row_names_its_peer_only_when_established_on_our_port() {
         let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-        assert_eq!(close_wait_peer(&row(8080, 50000, "08"), 8080), Some(peer));
-        // Established (01) and listening (0A) sockets, and other ports, are not hang-ups.
-        assert_eq!(close_wait_peer(&row(8080, 50000, "01"), 8080), None);
-        assert_eq!(close_wait_peer(&row(8080, 0, "0A"), 8080), None);
-        assert_eq!(close_wait_peer(&row(8081, 50000, "08"), 8080), None);
+        assert_eq!(
+            established_peer(&row(8080, 50000, "01"), 8080),
+            Some((peer, 12345))
+        );
+        // Closed by the client (CLOSE_WAIT, 08), closing (LAST_ACK, 09), listening (0A), and
+        // other ports are not connected peers.
+        assert_eq!(established_peer(&row(8080, 50000, "08"), 8080), None);
+        assert_eq!(established_peer(&row(8080, 50000, "09"), 8080), None);
+        assert_eq!(established_peer(&row(8080, 0, "0A"), 8080), None);
+        assert_eq!(established_peer(&row(8081, 50000, "01"), 8080), None);
         let ip = localhost();
         for bad in [
             String::new(),
             "   0:".to_owned(),
             format!("   0: {ip}:1F90"),
             format!("   0: {ip}:1F90 {ip}:C350"),
-            format!("   0: {ip}:1F90 garbage 08"),
-            format!("   0: garbage {ip}:C350 08"),
-            format!("{ip}:1F90 {ip}:C350 08"),
+            format!("   0: {ip}:1F90 garbage 01 0:0 0:0 0 0 0 12345"),
+            format!("   0: garbage {ip}:C350 01 0:0 0:0 0 0 0 12345"),
+            format!("{ip}:1F90 {ip}:C350 01 0:0 0:0 0 0 0 12345"),
+            format!("   0: {ip}:1F90 {ip}:C350 01 0:0 0:0 0 0 0"),
+            format!("   0: {ip}:1F90 {ip}:C350 01 0:0 0:0 0 0 0 inode"),
         ] {
-            assert_eq!(close_wait_peer(&bad, 8080), None, "{bad:?}");
+            assert_eq!(established_peer(&bad, 8080), None, "{bad:?}");
         }
     }
 
     #[test]
-    fn a_table_yields_the_peers_of_its_close_wait_rows() {
+    fn a_table_yields_the_peers_of_its_established_rows() {
         let heading = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when";
         let table = [
             heading.to_owned(),
-            row(8080, 50000, "08"),
+            row(8080, 50000, "01"),
             "not a row".to_owned(),
-            row(8080, 50001, "01"),
-            row(8080, 50002, "08"),
+            row(8080, 50001, "08"),
+            row(8080, 50002, "01").replace("12345", "777"),
         ]
         .join("\n");
-        let peers = close_wait_peers(table.as_bytes(), 8080);
-        let expected: Vec<SocketAddr> = ["127.0.0.1:50000", "127.0.0.1:50002"]
+        let peers = established_peers(table.as_bytes(), 8080).unwrap();
+        let expected: Peers = [("127.0.0.1:50000", 12345), ("127.0.0.1:50002", 777)]
             .iter()
-            .map(|a| a.parse().unwrap())
+            .map(|(a, inode)| (a.parse().unwrap(), Some(*inode)))
             .collect();
         assert_eq!(peers, expected);
+        // Two sockets with one peer address (connections to two of our addresses): the
+        // address is connected, by no one socket.
+        let twice = [
+            heading.to_owned(),
+            row(8080, 50000, "01"),
+            row(8080, 50000, "01").replace("12345", "777"),
+        ]
+        .join("\n");
+        let peers = established_peers(twice.as_bytes(), 8080).unwrap();
+        assert_eq!(peers[&"127.0.0.1:50000".parse().unwrap()], None);
         // The first line is the heading, whatever it holds.
-        assert!(close_wait_peers(row(8080, 50000, "08").as_bytes(), 8080).is_empty());
-        // Reading stops at a line that is not text.
-        let mut broken = format!("{heading}\n{}\n", row(8080, 50000, "08")).into_bytes();
+        let one = established_peers(row(8080, 50000, "01").as_bytes(), 8080).unwrap();
+        assert!(one.is_empty());
+        assert!(established_peers(&b""[..], 8080).unwrap().is_empty());
+        // A line that is not text fails the whole read: the peers after it are unknown.
+        let mut broken = format!("{heading}\n{}\n", row(8080, 50000, "01")).into_bytes();
         broken.extend_from_slice(b"\xff\xfe\n");
-        broken.extend_from_slice(row(8080, 50002, "08").as_bytes());
-        assert_eq!(close_wait_peers(broken.as_slice(), 8080), expected[..1]);
-        assert!(close_wait_peers(&b""[..], 8080).is_empty());
+        broken.extend_from_slice(row(8080, 50002, "01").as_bytes());
+        assert!(established_peers(broken.as_slice(), 8080).is_err());
     }
 
     #[test]
-    fn a_client_that_hangs_up_is_found_in_close_wait() {
+    fn a_connection_leaves_the_connected_peers_when_its_client_closes_or_resets() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let client_addr = client.local_addr().unwrap();
-        let (_held, _) = listener.accept().unwrap();
-        assert!(!closed_by_peer(port).contains(&client_addr), "still open");
-        drop(client);
+        let local = listener.local_addr().unwrap();
+        let connect = || {
+            let client = std::net::TcpStream::connect(local).unwrap();
+            let (held, _) = listener.accept().unwrap();
+            (client.local_addr().unwrap(), client, held)
+        };
+        let (closes, closing, _held) = connect();
+        let (resets, resetting, _held) = connect();
+        let (stays, _staying, held) = connect();
+        let connected = || connected_peers(local).expect("/proc/self/net/tcp");
+        let now = connected();
+        assert!(
+            [closes, resets, stays].iter().all(|p| now.contains_key(p)),
+            "{now:?}"
+        );
+        // Each with its socket, as /proc/self/fd names it.
+        let inode = now[&stays].expect("one socket");
+        let link = fd_link(held.as_raw_fd()).expect("the held socket's descriptor");
+        assert_eq!(link.to_string_lossy(), format!("socket:[{inode}]"));
+        drop(closing);
+        let resetting = socket2::Socket::from(resetting);
+        resetting.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(resetting);
+        // The server side of both stays open (`_held`), as tiny_http's would.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !closed_by_peer(port).contains(&client_addr) {
-            assert!(Instant::now() < deadline, "the hang-up was not seen");
+        loop {
+            let now = connected();
+            assert!(
+                now.contains_key(&stays),
+                "an open connection is always listed"
+            );
+            if !now.contains_key(&closes) && !now.contains_key(&resets) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still listed: {now:?}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -69,6 +69,9 @@ pub struct Options {
     pub deadline: Instant,
     /// Reconnections allowed in the whole run.
     pub max_reconnects: usize,
+    /// Close the connections still open at the end with a reset (`SO_LINGER 0`) instead of
+    /// a FIN, as a killed client or a NAT timing out does.
+    pub reset_at_end: bool,
 }
 
 impl Options {
@@ -80,6 +83,7 @@ impl Options {
             connect_all_first: false,
             deadline,
             max_reconnects: 1_000,
+            reset_at_end: false,
         }
     }
 }
@@ -258,6 +262,9 @@ impl Engine {
         for conn in &mut self.conns {
             if let Some(mut sock) = conn.sock.take() {
                 let _ = self.poll.registry().deregister(&mut sock);
+                if self.opts.reset_at_end {
+                    let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
+                }
             }
         }
     }

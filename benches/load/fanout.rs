@@ -1,6 +1,6 @@
 //! The subscriber scenarios: **fanout** (N subscribers on one category, M events at a fixed
 //! interval), **categories** (subscribers spread over many categories, random publishes) and
-//! **idle** (N parked subscribers held: the server's memory and threads).
+//! **idle** (N parked subscribers held: the server's memory, threads and descriptors).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,19 +8,21 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::Opts;
-use crate::report::{self, Latency, ProcSample, cell_ms, percent};
+use crate::report::{self, Figure, Latency, ProcSample, cell_ms, percent};
 use crate::subscribe::{Plan, Published, publish_paced};
 use crate::target::{Need, Target};
-use crate::verdict::judge;
+use crate::verdict::{Verdict, judge};
 
 /// Whether `n` subscribers plus the server's two descriptors per connection fit here.
 fn fits_in_process(n: usize, nofile: u64) -> bool {
     (3 * n + 1024) as u64 <= nofile
 }
 
-/// The fanout scenario, for each subscriber count.
-pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
+/// The fanout scenario, for each subscriber count; its figures are delivery p99 and
+/// delivered % at each.
+pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
     let interval = Duration::from_millis(opts.interval_ms);
+    let mut figures = Vec::new();
     let mut rows = Vec::new();
     let mut runs = Vec::new();
     let mut notes = Vec::new();
@@ -56,6 +58,7 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
             v.delivered,
             v.expected
         );
+        figures.extend(headline(&format!("fanout {n}"), &v));
         rows.push(vec![
             n.to_string(),
             target.kind.to_owned(),
@@ -117,11 +120,22 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<(), String> {
         report::note(line);
     }
     report::json_line(json!({ "scenario": "fanout", "runs": runs }));
-    Ok(())
+    Ok(figures)
 }
 
-/// The categories scenario.
-pub fn categories(opts: &Opts) -> Result<(), String> {
+/// A subscriber run's figures: delivery p99 and delivered %, named after `what`.
+fn headline(what: &str, v: &Verdict) -> [Figure; 2] {
+    [
+        Figure::new(format!("{what} p99 ms"), report::ms(v.latency.p99)),
+        Figure::new(
+            format!("{what} delivered %"),
+            percent(v.delivered, v.expected),
+        ),
+    ]
+}
+
+/// The categories scenario; its figures are delivery p99 and delivered %.
+pub fn categories(opts: &Opts) -> Result<Vec<Figure>, String> {
     let secs = opts.duration.unwrap_or(10.0);
     let n = opts.category_subscribers;
     let k = opts.categories.min(n.max(1));
@@ -194,10 +208,10 @@ pub fn categories(opts: &Opts) -> Result<(), String> {
     j["publish_error_samples"] = json!(outcome.published.error_samples);
     j["park_seconds"] = json!(outcome.park_time.as_secs_f64());
     report::json_line(j);
-    Ok(())
+    Ok(headline("categories", &v).into())
 }
 
-/// The idle scenario: server memory and threads with N parked subscribers.
+/// The idle scenario: server memory, threads and descriptors with N parked subscribers.
 pub fn idle(opts: &Opts) -> Result<(), String> {
     let hold = Duration::from_secs_f64(opts.duration.unwrap_or(10.0));
     let n = opts.idle;
@@ -225,6 +239,10 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
     })?;
     std::thread::sleep(Duration::from_secs(2));
     let after = ProcSample::read(pid);
+    // By then a server has let go of the polls of clients that went away, and tiny_http's
+    // pool has ended the threads that were left idle for its 5 s.
+    std::thread::sleep(Duration::from_secs(6));
+    let settled = ProcSample::read(pid);
     let peak = samples
         .iter()
         .copied()
@@ -239,27 +257,27 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         .sum();
     let v = judge(&mut outcome.shards, &Published::default(), 1);
     let errors = v.error_count();
-    let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+    let row = |label: &str, sample: Option<ProcSample>| {
+        vec![
+            label.to_owned(),
+            sample.map_or("-".into(), |s| format!("{:.1}", s.rss_kib as f64 / 1024.0)),
+            sample.map_or("-".into(), |s| s.threads.to_string()),
+            sample.map_or("-".into(), |s| s.fds.to_string()),
+        ]
+    };
     report::table(
         &format!(
             "idle ({} server, pid {pid}, {n} parked subscribers held {:.0} s)",
             target.kind,
             hold.as_secs_f64()
         ),
-        &["", "RSS MiB", "threads"],
+        &["", "RSS MiB", "threads", "descriptors"],
         &[
-            vec![
-                "before".into(),
-                mib(before.rss_kib),
-                before.threads.to_string(),
-            ],
-            vec!["parked".into(), mib(last.rss_kib), last.threads.to_string()],
-            vec!["peak".into(), mib(peak.rss_kib), peak.threads.to_string()],
-            vec![
-                "closed +2 s".into(),
-                after.map_or("-".into(), |a| mib(a.rss_kib)),
-                after.map_or("-".into(), |a| a.threads.to_string()),
-            ],
+            row("before", Some(before)),
+            row("parked", Some(last)),
+            row("peak", Some(peak)),
+            row("closed +2 s", after),
+            row("closed +8 s", settled),
         ],
     );
     report::note(&format!(
@@ -276,6 +294,7 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         "parked": last.json(),
         "peak": peak.json(),
         "after_close": after.map_or(Value::Null, |a| a.json()),
+        "after_close_8s": settled.map_or(Value::Null, |a| a.json()),
         "rss_kib_per_parked": (per * 10.0).round() / 10.0,
         "park_seconds": outcome.park_time.as_secs_f64(),
         "answered_early": answered,

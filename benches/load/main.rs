@@ -23,6 +23,11 @@
 //!   --nodelay-listener   diagnostic: in-process servers get a TCP_NODELAY listener
 //!   --engine-floor       load a bare tiny_http long-poll server instead (fanout and
 //!                        categories; see floor.rs): the engine's own limit here
+//!   --versus-floor [--rounds N]   run eventserver and the bare engine interleaved N times
+//!                        (default 3) and print both medians and their ratio (publish,
+//!                        fanout, categories; see versus.rs)
+//!   --close-with-reset   subscribers end with a reset (SO_LINGER 0) instead of a FIN, as
+//!                        killed clients or NATs timing out do
 //! ```
 //!
 //! # Scenarios
@@ -38,11 +43,26 @@
 //! - **fanout**: N subscribers (1,000 and 9,000) on one category, M events one every
 //!   interval; publish→delivery latency, publish→last subscriber, delivered/expected,
 //!   duplicates, out-of-order ([`verdict`]).
-//! - **idle**: `--idle` subscribers parked for `--duration` (10 s): server RSS and threads
-//!   before, parked, and 2 s after the bench closed the connections.
+//! - **idle**: `--idle` subscribers parked for `--duration` (10 s): server RSS, threads and
+//!   descriptors before, parked, and 2 s and 8 s after the bench closed the connections (by
+//!   then the server has let go of the polls, and tiny_http's pool has ended the threads
+//!   left idle).
 //! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
 //!   for `--duration` (10 s): each subscriber must get exactly its category's events.
 //! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.
+//!
+//! # Comparing with the bare engine
+//!
+//! `cargo bench --bench load -- SCENARIO --versus-floor [--rounds N]` runs SCENARIO
+//! (publish, fanout or categories; all three when none is named) against a fresh
+//! eventserver and a fresh bare engine (`--engine-floor`), N rounds (3 by default), which
+//! one goes first alternating from round to round. Both run as processes of their own. After
+//! each run's usual table it prints, per headline figure, every round's value, both
+//! medians and the ratio eventserver ÷ floor, and one JSON line (`{"scenario":
+//! "versus-floor", …}`). The figures: publish, events/s on 64 connections through
+//! `/publish` (the only write path the floor serves); fanout, delivery p99 and delivered %
+//! at each `--subscribers` count; categories, delivery p99 and delivered %. For example
+//! `-- fanout --versus-floor --subscribers 1000,9000 --rounds 3`.
 //!
 //! # Which server is loaded
 //!
@@ -90,11 +110,13 @@ mod report;
 mod subscribe;
 mod target;
 mod verdict;
+mod versus;
 mod wire;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use report::Figure;
 use target::{Source, Target};
 
 /// The two write paths.
@@ -153,6 +175,10 @@ pub struct Opts {
     pub threads: usize,
     /// Distinguishes this run's streams and categories from earlier runs' on the same server.
     pub run_id: String,
+    /// `--versus-floor`: rounds of eventserver against the bare engine, or `None`.
+    pub versus_floor: Option<usize>,
+    /// Subscribers end with a reset instead of a FIN.
+    pub close_with_reset: bool,
 }
 
 const SCENARIOS: &[&str] = &[
@@ -163,6 +189,9 @@ const SCENARIOS: &[&str] = &[
     "categories",
     "mixed",
 ];
+
+/// The scenarios whose figures `--versus-floor` can set against the bare engine's.
+const VERSUS_FLOOR: &[&str] = &["publish", "fanout", "categories"];
 
 fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
     v.split(',')
@@ -182,6 +211,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             workers: None,
             nodelay: false,
             floor: false,
+            own_process: false,
         },
         duration: None,
         conns: vec![1, 16, 64, 256],
@@ -198,10 +228,12 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         rate: 200.0,
         threads: 1,
         run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
+        versus_floor: None,
+        close_with_reset: false,
     };
     let (mut url, mut user, mut password, mut pid, mut workers, mut bin) =
         (None, None, None, None, None, None);
-    let (mut nodelay, mut floor) = (false, false);
+    let (mut nodelay, mut floor, mut versus, mut rounds) = (false, false, false, None);
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -251,6 +283,9 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--server-bin" => bin = Some(PathBuf::from(value()?)),
             "--nodelay-listener" => nodelay = true,
             "--engine-floor" => floor = true,
+            "--versus-floor" => versus = true,
+            "--close-with-reset" => opts.close_with_reset = true,
+            "--rounds" => rounds = Some((num(value()?)? as usize).clamp(1, 100)),
             "--duration" => opts.duration = Some(num(value()?)?.clamp(0.1, 3600.0)),
             "--conns" => opts.conns = list(&flag, &value()?)?,
             "--api" => {
@@ -277,6 +312,29 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
+    if versus {
+        if url.is_some() || floor {
+            return Err(
+                "--versus-floor starts both servers itself: no --url or --engine-floor".into(),
+            );
+        }
+        if opts.scenarios.is_empty() {
+            opts.scenarios = VERSUS_FLOOR.iter().map(|s| s.to_string()).collect();
+        }
+        if let Some(s) = opts
+            .scenarios
+            .iter()
+            .find(|s| !VERSUS_FLOOR.contains(&s.as_str()))
+        {
+            return Err(format!(
+                "--versus-floor compares {} only, not {s}",
+                VERSUS_FLOOR.join(", ")
+            ));
+        }
+        opts.versus_floor = Some(rounds.unwrap_or(3));
+    } else if rounds.is_some() {
+        return Err("--rounds goes with --versus-floor".into());
+    }
     if opts.scenarios.is_empty() {
         opts.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
     }
@@ -300,6 +358,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         workers: w,
         nodelay: d,
         floor: f,
+        own_process: _,
     } = &mut opts.source
     {
         *w = workers;
@@ -372,6 +431,20 @@ fn raise_nofile() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
+/// Runs `scenario` once, printing its table and JSON line; its headline figures (none for
+/// consume, idle and mixed).
+pub fn run_scenario(opts: &Opts, scenario: &str, nofile: u64) -> Result<Vec<Figure>, String> {
+    match scenario {
+        "publish" => publish::run(opts),
+        "consume" => consume::run(opts).map(|()| Vec::new()),
+        "fanout" => fanout::fanout(opts, nofile),
+        "idle" => fanout::idle(opts).map(|()| Vec::new()),
+        "categories" => fanout::categories(opts),
+        "mixed" => mixed::run(opts).map(|()| Vec::new()),
+        _ => unreachable!("checked when parsing"),
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, addr] = &args[..]
@@ -403,14 +476,9 @@ fn main() -> ExitCode {
     );
     let mut failed = false;
     for scenario in &opts.scenarios {
-        let result = match scenario.as_str() {
-            "publish" => publish::run(&opts),
-            "consume" => consume::run(&opts),
-            "fanout" => fanout::fanout(&opts, nofile),
-            "idle" => fanout::idle(&opts),
-            "categories" => fanout::categories(&opts),
-            "mixed" => mixed::run(&opts),
-            _ => unreachable!("checked when parsing"),
+        let result = match opts.versus_floor {
+            Some(rounds) => versus::compare(&opts, scenario, rounds, nofile),
+            None => run_scenario(&opts, scenario, nofile).map(drop),
         };
         eprintln!("load: {scenario} done — load average {}", load_average());
         if let Err(e) = result {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::engine::{self, Client, Ctl, Options};
-use crate::report::{self, Latency, cell_ms};
+use crate::report::{self, Figure, Latency, cell_ms};
 use crate::target::{Need, Target};
 use crate::wire::Site;
 use crate::{Api, Opts};
@@ -297,8 +297,9 @@ fn cpu_pct(stats: &engine::Stats) -> f64 {
     }
 }
 
-/// Runs the publish scenario and prints its table and JSON line.
-pub fn run(opts: &Opts) -> Result<(), String> {
+/// Runs the publish scenario and prints its table and JSON line; its figures are events/s
+/// for each API and connection count.
+pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
     let duration = Duration::from_secs_f64(opts.duration.unwrap_or(5.0));
     let target = Target::start(&opts.source, Need::Any)?;
     crate::prime(&target)?;
@@ -431,5 +432,11 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         "runs": json_runs,
         "group_commit_ratio_64_vs_1": ratios,
     }));
-    Ok(())
+    Ok(runs
+        .iter()
+        .map(|run| {
+            let name = format!("{} x{} events/s", run.api.name(), run.conns);
+            Figure::new(name, run.app.rate().round())
+        })
+        .collect())
 }

@@ -1,5 +1,5 @@
-//! Figures and their presentation: latency percentiles, the human table, the JSON line, and
-//! a server process's memory and threads from `/proc`.
+//! Figures and their presentation: latency percentiles, the human table, the JSON line, a
+//! scenario's headline figures, and a server process's memory and threads from `/proc`.
 
 use serde_json::{Value, json};
 
@@ -37,6 +37,26 @@ impl Latency {
     /// As a JSON object in milliseconds.
     pub fn json(&self) -> Value {
         json!({ "n": self.n, "p50_ms": ms(self.p50), "p99_ms": ms(self.p99), "max_ms": ms(self.max) })
+    }
+}
+
+/// One headline figure of a scenario run, which `--versus-floor` sets against the bare
+/// engine's.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    /// What it measures, unit included (`fanout 1000 p99 ms`).
+    pub name: String,
+    /// Its value in that unit.
+    pub value: f64,
+}
+
+impl Figure {
+    /// The figure `name` with `value`.
+    pub fn new(name: impl Into<String>, value: f64) -> Figure {
+        Figure {
+            name: name.into(),
+            value,
+        }
     }
 }
 
@@ -90,13 +110,16 @@ pub fn json_line(value: Value) {
     println!("{value}");
 }
 
-/// A process's resident memory and threads, from `/proc/<pid>/status`.
+/// A process's resident memory and threads, from `/proc/<pid>/status`, and its open
+/// descriptors.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcSample {
     /// Resident set size in KiB.
     pub rss_kib: u64,
     /// Threads.
     pub threads: u64,
+    /// Open file descriptors (0 when `/proc/<pid>/fd` cannot be read).
+    pub fds: u64,
 }
 
 impl ProcSample {
@@ -113,12 +136,13 @@ impl ProcSample {
         Some(ProcSample {
             rss_kib: field("VmRSS:")?,
             threads: field("Threads:")?,
+            fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
         })
     }
 
     /// As JSON.
     pub fn json(&self) -> Value {
-        json!({ "rss_kib": self.rss_kib, "threads": self.threads })
+        json!({ "rss_kib": self.rss_kib, "threads": self.threads, "fds": self.fds })
     }
 }
 

@@ -340,6 +340,8 @@ pub struct Plan<'a> {
     pub epoch: Instant,
     /// After publishing, how long to wait for the last deliveries.
     pub drain: Duration,
+    /// End with a reset on every connection rather than a FIN (`--close-with-reset`).
+    pub reset_at_end: bool,
 }
 
 impl<'a> Plan<'a> {
@@ -360,6 +362,7 @@ impl<'a> Plan<'a> {
             timeout_s: poll_timeout(secs),
             epoch: Instant::now(),
             drain: Duration::from_secs(15),
+            reset_at_end: opts.close_with_reset,
         }
     }
 }
@@ -400,7 +403,10 @@ impl Plan<'_> {
         let began = Instant::now();
         // Hard bound on the whole run (timed phases are at most an hour); the plan normally
         // stops long before.
-        let eo = Options::new(began + Duration::from_secs(3_900));
+        let eo = Options {
+            reset_at_end: self.reset_at_end,
+            ..Options::new(began + Duration::from_secs(3_900))
+        };
         let addr = self.target.site.addr;
         std::thread::scope(|scope| {
             let handles: Vec<_> = shards

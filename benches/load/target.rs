@@ -24,6 +24,9 @@ pub enum Source {
         nodelay: bool,
         /// Load the bare tiny_http server of `floor.rs` instead of eventserver.
         floor: bool,
+        /// Spawn eventserver even where in process would do, as the floor always is
+        /// (`--versus-floor`: both sides then run alike).
+        own_process: bool,
     },
     /// A server someone else runs.
     External {
@@ -87,9 +90,10 @@ impl Target {
                 workers,
                 nodelay,
                 floor: false,
+                own_process,
             } => match need {
-                Need::Any => in_process(*workers, *nodelay),
-                Need::OwnProcess => spawn(bin, *workers),
+                Need::Any if !own_process => in_process(*workers, *nodelay),
+                _ => spawn(bin, *workers),
             },
         }
     }

@@ -11,13 +11,12 @@
 //!
 //! The path of a long-poll: a handler calls `Runtime::wait` with a [`Parked`] request;
 //! it is answered at once from memory or the store, or parked in the registry until a
-//! commit wakes it (`Runtime::answer`), its deadline passes or its client hangs up
+//! commit wakes it (`Runtime::answer`), its deadline passes or its client goes away
 //! (`Runtime::expire`), or the server stops.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
@@ -27,17 +26,21 @@ use super::longpoll::{self, Polled};
 use super::{JSON_UTF8, Reply, Response, Want, streams};
 use crate::clock::Clock;
 use crate::event::Event;
+use crate::lock::lock;
 use crate::longpoll::{Registry, Woken};
 use crate::pool::Task;
 use crate::store::Reader;
 use crate::store::Retention;
 use crate::store::writer::{Answer, Committed, Job, WriteError};
+use crate::sys::Peers;
 
-/// A parked long-poll: who waits, and the client's address.
+/// A parked long-poll: who waits, the client's address, and since when.
 pub struct Parked {
     waiter: Waiter,
-    /// The client's address, to release the reply early when the client hangs up.
+    /// The client's address, to release the reply early when the client goes away.
     peer: Option<SocketAddr>,
+    /// When the request was taken: its connection was open before this.
+    since: Instant,
 }
 
 /// Who waits for events, which decides the shape of the answer.
@@ -73,6 +76,14 @@ pub struct Runtime {
     clock: Arc<Clock>,
     /// Set once shutdown has begun.
     stopping: AtomicBool,
+    /// What the last look for clients that went away found.
+    last_look: Mutex<Option<Look>>,
+}
+
+/// One look for clients that went away: when it began and who was connected.
+struct Look {
+    began: Instant,
+    peers: Peers,
 }
 
 /// Waiters answered per task, so a large fan-out spreads over the workers.
@@ -97,6 +108,7 @@ impl Runtime {
             registry,
             clock,
             stopping: AtomicBool::new(false),
+            last_look: Mutex::new(None),
         }
     }
 
@@ -190,17 +202,57 @@ impl Runtime {
         }
     }
 
-    /// Releases the parked replies of clients that hung up (`peers`), answering them as if
-    /// their deadline had passed: they no longer hold a place under the parked-poll cap.
-    pub(crate) fn release_gone(&self, peers: &HashSet<SocketAddr>) {
+    /// Releases the parked replies of clients that went away (closed, half-closed or reset
+    /// their connection), answering them as if their deadline had passed: they no longer
+    /// hold a place under the parked-poll cap, and answering is what makes the HTTP layer
+    /// let go of the connection (its thread and descriptors).
+    ///
+    /// `connected` reads the peers whose connections are open both ways now, with their
+    /// sockets; `None` means unknown, and releases nothing. A reply is gone when its peer is
+    /// not connected, or is connected by another socket than the one the last look (begun
+    /// after the reply parked) saw there: answers are ordered per peer address, so a new
+    /// connection that took a reset one's port would otherwise wait behind the old poll
+    /// (`longpoll::a_client_reconnecting_from_a_reset_connections_port_is_not_held_behind_its_old_poll`).
+    /// A new connection that takes the port before any look saw the old one cannot be told
+    /// from it: the old poll is then held until the new connection goes too, or its deadline.
+    ///
+    /// A reply is released only when two reads find it gone and it was parked before the
+    /// first began. A poll parked while a read ran may come from a connection that read went
+    /// past; and the kernel hands its socket table out a page per read, resuming each read by
+    /// counting its way into a hash bucket, so a socket leaving that bucket between two reads
+    /// makes the next one skip a live connection. The second read is made only when the
+    /// first finds a reply gone.
+    pub(crate) fn release_gone(&self, connected: &dyn Fn() -> Option<Peers>) {
+        let began = Instant::now();
+        let Some(first) = connected() else { return };
+        let last = lock(&self.last_look).replace(Look {
+            began,
+            peers: first.clone(),
+        });
+        let gone = |parked: &Parked, now: &Peers| {
+            let Some(peer) = parked.peer.filter(|_| parked.since < began) else {
+                return false;
+            };
+            let Some(&socket) = now.get(&peer) else {
+                return true;
+            };
+            last.as_ref().is_some_and(|last| {
+                let seen = last.peers.get(&peer).copied().flatten();
+                parked.since < last.began && seen.zip(socket).is_some_and(|(a, b)| a != b)
+            })
+        };
+        if !self.registry.any(|parked| gone(parked, &first)) {
+            return;
+        }
+        let Some(second) = connected() else { return };
         self.expire(|registry| {
-            let gone =
-                registry.take_where(|parked| parked.peer.is_some_and(|peer| peers.contains(&peer)));
-            if !gone.is_empty() {
-                let n = gone.len();
-                crate::log::debug(&format!("released {n} polls of clients that hung up"));
+            let released =
+                registry.take_where(|parked| gone(parked, &first) && gone(parked, &second));
+            if !released.is_empty() {
+                let n = released.len();
+                crate::log::debug(&format!("released {n} polls of clients that went away"));
             }
-            gone
+            released
         });
     }
 
@@ -309,13 +361,21 @@ impl Parked {
             Api::LongPoll => Waiter::LongPoll(category.into(), reply),
             Api::Streams => Waiter::Consumer(reply),
         };
-        Parked { waiter, peer }
+        Parked {
+            waiter,
+            peer,
+            since: Instant::now(),
+        }
     }
 
     /// An in-process subscriber's long-poll on `category`, answered through `tx`.
     pub(crate) fn in_process(category: &str, tx: Sender<Result<Polled, Failure>>) -> Parked {
         let waiter = Waiter::InProcess(category.into(), tx);
-        Parked { waiter, peer: None }
+        Parked {
+            waiter,
+            peer: None,
+            since: Instant::now(),
+        }
     }
 
     /// Answers with the answer of this waiter's shape, rendered in `answers`.

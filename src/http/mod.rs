@@ -64,7 +64,9 @@
 //!   answered, and one dropped unanswered (by a handler that panicked) answers a 500 that
 //!   says so (`abuse::a_panicking_handler_answers_500_and_the_pool_never_shrinks`).
 //! - **A hang-up is seen only on the next read**, which a parked request never makes
-//!   (`longpoll::a_poll_whose_client_hangs_up_is_released`).
+//!   (`longpoll::a_poll_whose_client_hangs_up_is_released`). After a reset its connection
+//!   thread may end and close one descriptor, but the request keeps the other until answered
+//!   (`abuse::a_poll_whose_client_resets_is_released_with_its_descriptors`).
 //!
 //! # How this layer contains them
 //!
@@ -87,9 +89,11 @@
 //!   and more while requests arrive or probe requests are slow: each makes the pool take the
 //!   oldest stranded connection. Twice a second it sends a probe request; when probes stay
 //!   unanswered (a hung accept loop, or no /proc to watch) the accept loop is presumed dead
-//!   and replaced. Every 5 s, while requests are parked, it reads the kernel's socket tables
-//!   for our connections in `CLOSE_WAIT` and hands their peers to the server, which
-//!   releases their polls.
+//!   and replaced. Every 2 s, while requests are parked, it hands the server a way to read
+//!   the kernel's socket table for the peers still connected and by which socket; the
+//!   server releases the polls of the others (closed, half-closed or reset, or replaced by
+//!   a new connection from the same port, which answer order would otherwise hold behind
+//!   the old poll).
 //! - **Pipelined requests never block a worker.** Requests are numbered per connection in
 //!   the order tiny_http read them; an answer behind an unanswered one (a parked long-poll),
 //!   or behind an answer still being written, waits in order and is written by the thread
@@ -101,7 +105,6 @@ mod exchange;
 mod order;
 mod prober;
 
-use std::collections::HashSet;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -128,11 +131,13 @@ pub trait Front: Send + Sync + 'static {
     fn take(&self, request: api::Request, reply: api::Reply);
 
     /// Whether any request is being held unanswered (parked): only then is it worth reading
-    /// the kernel's socket tables for clients that hung up.
+    /// the kernel's socket tables for clients that went away.
     fn holding(&self) -> bool;
 
-    /// Lets go of the held requests of clients at `peers`, which hung up.
-    fn hung_up(&self, peers: &HashSet<SocketAddr>);
+    /// Lets go of the held requests of clients that went away. `connected` reads the peers
+    /// whose connections are open both ways now, with their sockets (`None`: unknown); it
+    /// may be called twice.
+    fn release_gone(&self, connected: &dyn Fn() -> Option<crate::sys::Peers>);
 }
 
 /// How long a write to a client may block before the connection is given up.

@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use crate::support::{
     BIN, PASSWORD, Proc, Req, Resp, TestServer, USER, append_ok, append_req, authed, basic, clean,
-    consume_req, db_with_user, event, expect_text_starting, proc_status, publish_req,
+    consume_req, db_with_user, event, expect_text_starting, proc_status, publish_ok, publish_req,
     read_response, send, serve_args, tail, try_send, wait_until,
 };
 
@@ -154,12 +154,18 @@ fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 /// The value of `eventserver_http_requests_total{route, status}` from `/metrics`, or
 /// `None` when the scrape is not answered within a second.
 fn requests_total(addr: SocketAddr, route: &str, status: u16) -> Option<u64> {
-    let resp = try_send(addr, &authed(addr, "GET", "/metrics"), SECOND).ok()?;
     let key = format!("eventserver_http_requests_total{{route=\"{route}\",status=\"{status}\"}}");
+    metric(addr, &key)
+}
+
+/// The value of the sample `key` (its name and labels) from `/metrics`: 0 when it is
+/// absent, `None` when the scrape is not answered within a second.
+fn metric(addr: SocketAddr, key: &str) -> Option<u64> {
+    let resp = try_send(addr, &authed(addr, "GET", "/metrics"), SECOND).ok()?;
     Some(
         resp.text()
             .lines()
-            .find_map(|l| l.strip_prefix(&key))
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0),
     )
@@ -683,6 +689,60 @@ fn a_panicking_handler_answers_500_and_the_pool_never_shrinks() {
 // ---------------------------------------------------------------------------------------
 // Descriptors, disk, memory
 // ---------------------------------------------------------------------------------------
+
+/// A client that resets its connection while its poll is parked (`SO_LINGER 0`, as a killed
+/// process or a NAT timing out does) gives up its place under the parked-poll cap within
+/// seconds, and the server every descriptor it held for it. The bug: only connections in
+/// `CLOSE_WAIT` were looked for, and the kernel drops a reset socket from its table, so
+/// such a poll was held until its deadline (up to 110 s). Clients still connected keep
+/// waiting.
+#[test]
+fn a_poll_whose_client_resets_is_released_with_its_descriptors() {
+    const RESETS: u64 = 40;
+    const STAYS: u64 = 5;
+    // Descriptors that come and go besides the polls': the prober's connections, a scrape.
+    const SLACK: usize = 8;
+    let (proc, addr, _dir) = start(&[], &[]);
+    answered_within(addr, &healthz(addr), 200, SECOND * 5);
+    let idle_fds = proc.fds();
+    let poll = |category: &str| {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        let req = authed(
+            addr,
+            "GET",
+            &format!("/events?category={category}&timeout=100"),
+        );
+        stream.write_all(&req.bytes()).expect("send the poll");
+        stream
+    };
+    let resetting: Vec<TcpStream> = (0..RESETS).map(|_| poll("resets")).collect();
+    let staying: Vec<TcpStream> = (0..STAYS).map(|_| poll("stays")).collect();
+    let parked = || metric(addr, "eventserver_longpoll_parked");
+    wait_until(SECOND * 10, "every poll parked", || {
+        parked() == Some(RESETS + STAYS)
+    });
+    for stream in resetting {
+        // Dropped with a zero linger: the kernel sends a reset instead of a FIN.
+        socket2::Socket::from(stream)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER");
+    }
+    wait_until(SECOND * 15, "the reset clients' polls released", || {
+        parked() == Some(STAYS)
+    });
+    // tiny_http holds two descriptors per connection; only the staying ones' are left.
+    wait_until(
+        SECOND * 5,
+        "the reset connections' descriptors closed",
+        || proc.fds() <= idle_fds + 2 * STAYS as usize + SLACK,
+    );
+    publish_ok(addr, "stays", &json!("still here"));
+    for stream in staying {
+        stream.set_read_timeout(Some(SECOND * 5)).unwrap();
+        let resp = read_response(&mut BufReader::new(stream)).expect("the event");
+        assert_eq!(resp.json()["events"][0]["data"], json!("still here"));
+    }
+}
 
 /// At the open-files limit `accept()` fails with EMFILE, which ends tiny_http's accept
 /// loop for good; eventserver replaces it and serves again once descriptors free up.

@@ -1442,6 +1442,75 @@ fn a_poll_whose_client_hangs_up_is_released() {
     assert_eq!(resp.json()["events"][0]["data"], json!("still here"));
 }
 
+/// A client that half-closes its connection (`shutdown(Write)`) while its poll is parked is
+/// released the same way, within seconds, and reads the timeout answer on the half it
+/// kept open.
+#[test]
+fn a_poll_whose_client_half_closes_is_released_and_answered() {
+    let server = TestServer::start();
+    let mut stream = TcpStream::connect(server.addr).expect("connect");
+    let req = server.req("GET", "/events?category=half&timeout=100");
+    stream.write_all(&req.bytes()).expect("send the poll");
+    wait_parked(&server, 1, Duration::from_secs(5));
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    // Far short of the poll's 100 s: only a release answers within this.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let resp = read_response(&mut BufReader::new(stream)).expect("the answer, released");
+    timeout_stamp(&resp);
+    assert_eq!(server.handle().parked(), 0);
+}
+
+/// A client whose poll has been parked a while, that resets its connection and at once
+/// connects again from the same port (the kernel may hand a reset connection's port out
+/// again straight away), is served on the new connection within seconds. The bug: answers
+/// are ordered per client address and port, so the new connection's answers waited behind
+/// the old connection's parked poll, which was never released while that address looked
+/// connected, until its deadline.
+#[test]
+fn a_client_reconnecting_from_a_reset_connections_port_is_not_held_behind_its_old_poll() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let server = TestServer::start();
+    let connect = |from: &SockAddr| {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.bind(from).expect("bind the client's port");
+        socket.connect(&server.addr.into()).expect("connect");
+        socket
+    };
+    let poll = |socket: &Socket, category: &str| {
+        let req = server.req("GET", &format!("/events?category={category}&timeout=100"));
+        socket.send(&req.bytes()).expect("send the poll");
+    };
+    let reset = |socket: Socket| {
+        socket.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    };
+    let any_port = SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let old = connect(&any_port);
+    poll(&old, "reused");
+    wait_parked(&server, 1, Duration::from_secs(5));
+    // A poll parked after it, from a connection that resets, is released only by a look
+    // for gone clients begun after both parked: one that saw the old connection.
+    let marker = connect(&any_port);
+    poll(&marker, "marker");
+    wait_parked(&server, 2, Duration::from_secs(5));
+    reset(marker);
+    wait_parked(&server, 1, Duration::from_secs(15));
+    let port = old.local_addr().expect("the client's address");
+    reset(old);
+    let mut new = TcpStream::from(connect(&port));
+    new.write_all(&server.req("GET", "/healthz").bytes())
+        .expect("send a request on the new connection");
+    // Far short of the old poll's 100 s.
+    new.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let resp = read_response(&mut BufReader::new(new)).expect("an answer on the new connection");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(server.handle().parked(), 0);
+}
+
 /// A server too busy to queue a long-poll request refuses it with 503 in golongpoll's error
 /// shape, as the README promises, not with a bare string.
 #[test]
