@@ -35,6 +35,8 @@ pub enum Poll<R> {
     Parked {
         /// Whether the timer needs a poke.
         earliest: bool,
+        /// The sequence number it waits after.
+        cursor: u64,
     },
     /// Too many parked already: answer 503.
     Full(R),
@@ -214,12 +216,18 @@ impl<R> Registry<R> {
                 deadline: wait.deadline,
             },
         );
-        Poll::Parked { earliest }
+        Poll::Parked { earliest, cursor }
     }
 
     /// Registers events just committed to `category` (oldest first) and takes the waiters
-    /// they answer.
-    pub fn publish(&self, category: &str, events: &[Arc<Event>]) -> Vec<Woken<R>> {
+    /// they answer. A waiter for which `resident` gives a handle (a stream, answered again
+    /// and again) stays parked past the events, and the handle is woken in its place.
+    pub fn publish(
+        &self,
+        category: &str,
+        events: &[Arc<Event>],
+        resident: impl Fn(&R) -> Option<R>,
+    ) -> Vec<Woken<R>> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Vec::new();
         };
@@ -260,8 +268,7 @@ impl<R> Registry<R> {
                 still.push(id);
                 continue;
             }
-            let w = inner.waiters.remove(&id).expect("just found");
-            inner.deadlines.remove(&(w.deadline, id));
+            let handle = resident(&w.reply);
             let key = (w.cursor, w.filter.clone(), w.limit);
             let slot = *groups.entry(key).or_insert_with(|| {
                 woken.push(Woken {
@@ -275,6 +282,14 @@ impl<R> Registry<R> {
                 });
                 woken.len() - 1
             });
+            if let Some(handle) = handle {
+                w.cursor = w.cursor.max(last.seq);
+                still.push(id);
+                woken[slot].replies.push(handle);
+                continue;
+            }
+            let w = inner.waiters.remove(&id).expect("just found");
+            inner.deadlines.remove(&(w.deadline, id));
             woken[slot].replies.push(w.reply);
         }
         cat.waiting = still;
@@ -425,25 +440,47 @@ mod tests {
         ));
         assert!(matches!(
             reg.park_after("c", 0, wait(1, None, later)),
-            Poll::Parked { earliest: true }
+            Poll::Parked { earliest: true, .. }
         ));
         assert!(matches!(
             reg.poll("c", &Start::Now, wait(2, None, later)),
-            Poll::Parked { earliest: false }
+            Poll::Parked {
+                earliest: false,
+                ..
+            }
         ));
-        let woken = reg.publish("c", &[event(1, 5, None), event(2, 5, None)]);
+        let woken = reg.publish("c", &[event(1, 5, None), event(2, 5, None)], |_| None);
         assert_eq!(woken.len(), 1, "same cursor, same answer: one group");
         assert_eq!(woken[0].replies, vec![1, 2]);
         assert_eq!(woken[0].events.len(), 2);
         assert_eq!(reg.parked(), 0);
-        assert!(reg.publish("c", &[event(3, 6, None)]).is_empty());
+        assert!(reg.publish("c", &[event(3, 6, None)], |_| None).is_empty());
+    }
+
+    #[test]
+    fn a_resident_waiter_stays_parked_past_each_wake_up() {
+        let reg = Registry::new(100, 8);
+        let later = Instant::now() + Duration::from_secs(60);
+        assert!(matches!(
+            reg.park_after("c", 0, wait(1, None, later)),
+            Poll::Parked { cursor: 0, .. }
+        ));
+        // Reply 1 is resident: its handle (101) is woken, and it stays parked.
+        let resident = |r: &u32| (*r == 1).then_some(r + 100);
+        let woken = reg.publish("c", &[event(1, 5, None)], resident);
+        assert_eq!(woken[0].replies, vec![101]);
+        assert_eq!(reg.parked(), 1);
+        let woken = reg.publish("c", &[event(2, 6, None), event(3, 6, None)], resident);
+        let seqs: Vec<u64> = woken[0].events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [2, 3], "each wake-up after the one before");
+        assert_eq!(reg.expire(later), vec![1], "it leaves at its deadline");
     }
 
     #[test]
     fn park_after_sees_events_registered_since_the_read() {
         let reg = Registry::new(100, 8);
         let later = Instant::now() + Duration::from_secs(60);
-        reg.publish("c", &[event(1, 5, None)]);
+        reg.publish("c", &[event(1, 5, None)], |_| None);
         match reg.park_after("c", 0, wait(1, None, later)) {
             Poll::Ready(1, events) => assert_eq!(events[0].seq, 1),
             _ => panic!("an event registered after the read must answer at once"),
@@ -458,8 +495,11 @@ mod tests {
             reg.park_after("s", 0, wait(7, Some("A"), later)),
             Poll::Parked { .. }
         ));
-        assert!(reg.publish("s", &[event(1, 1, Some("B"))]).is_empty());
-        let woken = reg.publish("s", &[event(2, 2, Some("A"))]);
+        assert!(
+            reg.publish("s", &[event(1, 1, Some("B"))], |_| None)
+                .is_empty()
+        );
+        let woken = reg.publish("s", &[event(2, 2, Some("A"))], |_| None);
         assert_eq!(woken[0].replies, vec![7]);
         assert_eq!(woken[0].events[0].seq, 2);
     }
@@ -508,6 +548,7 @@ mod tests {
                 event(2, 105, None),
                 event(3, 110, None),
             ],
+            |_| None,
         );
         let fourth = event(4, 115, None);
         let start = Start::Since {
@@ -523,7 +564,7 @@ mod tests {
             Poll::Parked { .. }
         ));
         assert!(
-            reg.publish("c", &[fourth]).is_empty(),
+            reg.publish("c", &[fourth], |_| None).is_empty(),
             "event 4 was already delivered"
         );
     }
@@ -537,7 +578,7 @@ mod tests {
             event(3, 20, None),
             event(4, 30, None),
         ];
-        reg.publish("c", &e);
+        reg.publish("c", &e, |_| None);
         let inner = reg.lock();
         let cat = inner.categories.get("c").unwrap();
         assert_eq!(resolve_in_tail(cat, 20, None), Some(3));
@@ -557,7 +598,7 @@ mod tests {
         assert_eq!(resolve_in_tail(cat, 30, Some(&Uuid::new_v4())), None);
         drop(inner);
         let late = [event(9, 50, None), event(10, 60, None)];
-        reg.publish("d", &late);
+        reg.publish("d", &late, |_| None);
         let inner = reg.lock();
         let cat = inner.categories.get("d").unwrap();
         assert_eq!(

@@ -45,6 +45,8 @@ const API_HEADERS: &[&str] = &[
     "Sec-Fetch-Mode",
     "X-Requested-With",
     "X-Forwarded-For",
+    "Accept",
+    "Last-Event-ID",
 ];
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
@@ -74,6 +76,7 @@ pub(super) fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Opti
             rq: Some(rq),
             unread: None,
             order,
+            port: shared.self_addr.port(),
         };
         return responder.send(api::Response::json(204, api::JSON_UTF8, &b""[..]));
     }
@@ -130,6 +133,7 @@ pub(super) fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Opti
         rq: Some(rq),
         unread,
         order,
+        port: shared.self_addr.port(),
     };
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
@@ -231,8 +235,12 @@ pub(super) fn write_response(answer: Answer) {
     let Answer {
         rq,
         unread,
-        response,
+        mut response,
+        port,
     } = answer;
+    if let Some(handover) = response.stream.take() {
+        return stream(rq, unread, port, &response, &handover);
+    }
     let Some(remaining) = unread else {
         let _ = rq.respond(tiny_response(&response, false));
         return;
@@ -259,6 +267,72 @@ pub(super) fn write_response(answer: Answer) {
         DRAINS.fetch_sub(1, Ordering::SeqCst);
     }
     abandon(rq, &response);
+}
+
+/// Writes the head of a streamed answer through `upgrade` and hands the connection over,
+/// made non-blocking so that a client that stops reading can never hold a thread.
+///
+/// What tiny_http 0.12 does with the connection then (its `client.rs` and `request.rs`):
+/// a request without a body hands the socket's reading half back to the connection's
+/// thread at once, which reads for a next request. On our non-blocking socket that read
+/// fails, the thread ends and shuts the reading half down (`shutdown(SHUT_RD)`): the
+/// stream then costs no thread at all, only tiny_http's writing descriptor (held in the
+/// upgraded stream) and our duplicate. A read already blocked before the switch waits for
+/// the client or the read timeout, then for the stream to end. A request with a body
+/// keeps the reading half in the upgraded stream, and the thread waits for it.
+///
+/// The descriptor is found through the kernel's socket tables (`sys::connection_socket`),
+/// since tiny_http hands out none: without a /proc the stream is refused with 503 rather
+/// than written with blocking writes. `sse::a_reader_that_stops_reading_is_cut_and_others_still_get_their_events`
+/// shows a stalled reader never delaying the others.
+fn stream(
+    rq: tiny_http::Request,
+    unread: Option<usize>,
+    port: u16,
+    head: &api::Response,
+    handover: &api::Handover,
+) {
+    let socket = rq
+        .remote_addr()
+        .and_then(|peer| crate::sys::connection_socket(port, *peer))
+        .filter(|socket| socket.set_nonblocking(true).is_ok());
+    let (Some(socket), None) = (socket, unread) else {
+        handover.give(None);
+        let refusal = api::Response::json(503, "text/plain", &b"cannot stream here"[..]);
+        return write_response(Answer {
+            rq,
+            unread,
+            response: refusal,
+            port,
+        });
+    };
+    // No length and no chunking: the body is everything until the connection closes.
+    let raw = rq.upgrade("none\r\nConnection: close", tiny_response(head, false));
+    handover.give(Some(Box::new(StreamPipe { socket, _raw: raw })));
+}
+
+/// A connection handed over for a stream: our non-blocking duplicate of its socket, and
+/// tiny_http's side of it, held so that tiny_http neither reads nor closes it meanwhile.
+struct StreamPipe {
+    socket: socket2::Socket,
+    _raw: Box<dyn tiny_http::ReadWrite + Send>,
+}
+
+impl api::Pipe for StreamPipe {
+    fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.socket.send(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            other => other,
+        }
+    }
+}
+
+impl Drop for StreamPipe {
+    fn drop(&mut self) {
+        // Ends the connection for the client and for tiny_http's thread, which reads it
+        // once `_raw` is dropped after this.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// Answers through `upgrade`, which hands us the connection instead of draining it, then

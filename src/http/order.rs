@@ -174,6 +174,8 @@ pub(super) struct Answer {
     /// The declared length of a body that was never read.
     pub(super) unread: Option<usize>,
     pub(super) response: api::Response,
+    /// The local port the connection came in on (a streamed answer looks its socket up).
+    pub(super) port: u16,
 }
 
 /// Answers one request exactly once, in its connection's order; dropped unanswered, it
@@ -184,6 +186,8 @@ pub(super) struct Responder {
     pub(super) unread: Option<usize>,
     /// The request's place among its connection's requests.
     pub(super) order: Option<(Arc<Shared>, Order)>,
+    /// The local port the connection came in on.
+    pub(super) port: u16,
 }
 
 impl Responder {
@@ -202,6 +206,7 @@ impl Responder {
             rq,
             unread: self.unread,
             response,
+            port: self.port,
         };
         let Some((shared, order)) = self.order.take() else {
             return write_response(answer);
