@@ -459,12 +459,12 @@ mod tests {
 
     #[test]
     fn a_resident_waiter_stays_parked_past_each_wake_up() {
-        let reg = Registry::new(100, 8);
-        let later = Instant::now() + Duration::from_secs(60);
-        assert!(matches!(
-            reg.park_after("c", 0, wait(1, None, later)),
-            Poll::Parked { cursor: 0, .. }
-        ));
+        let (reg, later) = (
+            Registry::new(100, 8),
+            Instant::now() + Duration::from_secs(60),
+        );
+        let parked = reg.park_after("c", 0, wait(1, None, later));
+        assert!(matches!(parked, Poll::Parked { cursor: 0, .. }));
         // Reply 1 is resident: its handle (101) is woken, and it stays parked.
         let resident = |r: &u32| (*r == 1).then_some(r + 100);
         let woken = reg.publish("c", &[event(1, 5, None)], resident);

@@ -269,17 +269,26 @@ pub(super) fn write_response(answer: Answer) {
     abandon(rq, &response);
 }
 
-/// Writes the head of a streamed answer through `upgrade` and hands the connection over,
-/// made non-blocking so that a client that stops reading can never hold a thread.
+/// Writes the head of a streamed answer through tiny_http's raw writer (`into_writer`)
+/// and hands the connection over, made non-blocking so that a client that stops reading
+/// can never hold a thread.
 ///
 /// What tiny_http 0.12 does with the connection then (its `client.rs` and `request.rs`):
-/// a request without a body hands the socket's reading half back to the connection's
-/// thread at once, which reads for a next request. On our non-blocking socket that read
-/// fails, the thread ends and shuts the reading half down (`shutdown(SHUT_RD)`): the
-/// stream then costs no thread at all, only tiny_http's writing descriptor (held in the
-/// upgraded stream) and our duplicate. A read already blocked before the switch waits for
-/// the client or the read timeout, then for the stream to end. A request with a body
-/// keeps the reading half in the upgraded stream, and the thread waits for it.
+/// by the time a request is handed over, its body (none, or up to 1 KiB, buffered; a
+/// stream with a body left unread is refused here) no longer needs the socket, so the
+/// reading half is already back with the connection's thread, which reads for a next
+/// request. A request that said `Connection: close` ends the thread at once. Otherwise the
+/// thread is usually blocked in that read already, which the switch to non-blocking does
+/// not wake: it stays, as it would for a parked long-poll, until the client sends more, or
+/// the read timeout passes and its answer (a 408) waits for the stream to end and finds
+/// the connection shut. Either way the stream costs no thread beyond tiny_http's own for
+/// the connection, and the descriptors are tiny_http's writing one (held in the
+/// [`StreamPipe`]) and our duplicate.
+///
+/// A request pipelined behind a stream on the same connection is read by that thread, and
+/// its answer waits in tiny_http for the stream to end, holding the worker that writes it:
+/// no client does this (a stream is the connection's last answer), and it costs the client
+/// its own stream's lifetime at most.
 ///
 /// The descriptor is found through the kernel's socket tables (`sys::connection_socket`),
 /// since tiny_http hands out none: without a /proc the stream is refused with 503 rather
@@ -306,16 +315,31 @@ fn stream(
             port,
         });
     };
-    // No length and no chunking: the body is everything until the connection closes.
-    let raw = rq.upgrade("none\r\nConnection: close", tiny_response(head, false));
+    // Written by hand: `upgrade` would add `Connection: upgrade` and `Upgrade`, which nginx
+    // refuses on a 200 to an HTTP/2 client. No length and no chunking: the body is
+    // everything until the connection closes.
+    let mut text = format!("HTTP/1.1 {} OK\r\nServer: eventserver\r\n", head.status);
+    for (name, value) in &head.headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("Connection: close\r\n\r\n");
+    let mut raw = rq.into_writer();
+    if raw
+        .write_all(text.as_bytes())
+        .and_then(|()| raw.flush())
+        .is_err()
+    {
+        return handover.give(None);
+    }
     handover.give(Some(Box::new(StreamPipe { socket, _raw: raw })));
 }
 
 /// A connection handed over for a stream: our non-blocking duplicate of its socket, and
-/// tiny_http's side of it, held so that tiny_http neither reads nor closes it meanwhile.
+/// tiny_http's writing side of it, held because dropping it would shut the socket's
+/// writing half down.
 struct StreamPipe {
     socket: socket2::Socket,
-    _raw: Box<dyn tiny_http::ReadWrite + Send>,
+    _raw: Box<dyn Write + Send>,
 }
 
 impl api::Pipe for StreamPipe {
