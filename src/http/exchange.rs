@@ -23,7 +23,7 @@ use std::io::{Cursor, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::order::{Answer, Order, Responder};
+use super::order::{Answer, Order, Release, Responder};
 use super::prober::PROBE_PATH;
 use super::{Shared, spawn_small};
 use crate::api::{self, Body, Method};
@@ -237,9 +237,10 @@ pub(super) fn write_response(answer: Answer) {
         unread,
         mut response,
         port,
+        held,
     } = answer;
     if let Some(handover) = response.stream.take() {
-        return stream(rq, unread, port, &response, &handover);
+        return stream(rq, unread, port, &response, &handover, held);
     }
     let Some(remaining) = unread else {
         let _ = rq.respond(tiny_response(&response, false));
@@ -300,6 +301,7 @@ fn stream(
     port: u16,
     head: &api::Response,
     handover: &api::Handover,
+    held: Option<Release>,
 ) {
     let socket = rq
         .remote_addr()
@@ -313,6 +315,7 @@ fn stream(
             unread,
             response: refusal,
             port,
+            held: None,
         });
     };
     // Written by hand: `upgrade` would add `Connection: upgrade` and `Upgrade`, which nginx
@@ -331,7 +334,11 @@ fn stream(
     {
         return handover.give(None);
     }
-    handover.give(Some(Box::new(StreamPipe { socket, _raw: raw })));
+    handover.give(Some(Box::new(StreamPipe {
+        socket,
+        _raw: raw,
+        _held: held,
+    })));
 }
 
 /// A connection handed over for a stream: our non-blocking duplicate of its socket, and
@@ -340,6 +347,9 @@ fn stream(
 struct StreamPipe {
     socket: socket2::Socket,
     _raw: Box<dyn Write + Send>,
+    /// Dropped after `_raw` (fields drop in order): what waited behind the stream on its
+    /// connection is written once tiny_http's writer is free.
+    _held: Option<Release>,
 }
 
 impl api::Pipe for StreamPipe {

@@ -43,6 +43,12 @@ impl Stream {
     fn open_on(mut tcp: TcpStream, req: Req) -> Stream {
         let req = req.header("Accept", "text/event-stream");
         tcp.write_all(&req.bytes()).expect("send");
+        Stream::head(tcp)
+    }
+
+    /// Reads a 200 head on a connection where a stream was asked for.
+    #[track_caller]
+    fn head(tcp: TcpStream) -> Stream {
         tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut reader = BufReader::new(tcp);
         let mut line = String::new();
@@ -375,4 +381,29 @@ fn shutdown_closes_every_stream() {
         stream.expect_end(Duration::from_secs(3));
     }
     stopper.join().expect("shutdown");
+}
+
+#[test]
+fn a_request_pipelined_behind_a_stream_leaves_the_workers_free() {
+    let server = TestServer::start_with(|c| c.workers = 1);
+    let mut tcp = TcpStream::connect(server.addr).unwrap();
+    let stream = stream_req(&server, "category=piped")
+        .header("Accept", "text/event-stream")
+        .keep_alive();
+    let behind = subscribe_req(&server, "timeout=1&category=other").keep_alive();
+    let mut both = stream.bytes();
+    both.extend(behind.bytes());
+    tcp.write_all(&both).unwrap();
+    let mut piped = Stream::head(tcp);
+    // The one worker is free: others are served, and the stream goes on.
+    for _ in 0..3 {
+        let resp = send_within(
+            server.addr,
+            &subscribe_req(&server, "timeout=1&category=x"),
+            PROMPT,
+        );
+        assert_eq!(resp.status, 200);
+    }
+    let event = published(&server, "piped", json!("still streaming"));
+    expect_event(piped.event(PROMPT), &event);
 }
