@@ -19,9 +19,16 @@
 //! The connection is handed over by the HTTP layer after the head (`Handover`) as a
 //! non-blocking [`Pipe`]: a write takes what the socket takes and never waits, so a reader
 //! that stops reading delays nobody. What the socket does not take waits in the stream's
-//! buffer; past [`MAX_PENDING`] bytes the stream is closed (`sse::a_reader_that_stops_reading_is_cut`).
-//! tiny_http keeps its own thread for the connection, waiting while the stream lives; no
-//! other thread is spent on it.
+//! buffer; past [`MAX_PENDING`] bytes the stream is closed
+//! (`sse::a_reader_that_stops_reading_is_cut_and_others_still_get_their_events`). No thread
+//! is spent on a stream beyond tiny_http's own for its connection (`http::exchange` says
+//! when that one ends early), and answers pipelined behind a stream wait in the HTTP
+//! layer's order book, not on a worker
+//! (`sse::a_request_pipelined_behind_a_stream_leaves_the_workers_free`).
+//!
+//! A client that hangs up is noticed when a write fails: at the latest at the second
+//! heartbeat after it left (the first write after the hang-up still succeeds). Until then
+//! its stream holds its parked place.
 //!
 //! A stream that would find the cap reached is refused with 503 before its head is sent.
 //! Another taking the last place between that check and the park closes the new stream
