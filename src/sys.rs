@@ -184,7 +184,8 @@ fn proc_net_addr(field: &str) -> Option<SocketAddr> {
 /// A descriptor of our own for the connection accepted on local `port` from `peer`, found
 /// through the kernel's socket tables, while the caller holds that connection open
 /// (tiny_http owns its descriptors and hands out none). `None` without a /proc, or if it
-/// is gone.
+/// is gone. It costs a pass over the socket tables and the process's descriptors, so its
+/// time grows with the number of open connections.
 pub(crate) fn connection_socket(port: u16, peer: SocketAddr) -> Option<socket2::Socket> {
     let links: HashSet<PathBuf> = ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
         .into_iter()
