@@ -56,6 +56,14 @@ pub struct Config {
     pub longpoll_max_timeout: u64,
     /// Most events in one long-poll answer (default 250); clients page for the rest.
     pub longpoll_max_batch: usize,
+    /// How long a stream of events (Server-Sent Events) stays open (default 300 s) before it
+    /// closes and its client reconnects with `Last-Event-ID`: bounded, so that a stream
+    /// cannot hold its connection and its parked place forever, and a long-lived client
+    /// goes through authentication again now and then.
+    pub sse_lifetime: Duration,
+    /// How often an idle stream of events sends a comment line (default 15 s): proxies and
+    /// load balancers close connections idle for a minute or so.
+    pub sse_heartbeat: Duration,
     /// Most parked long-polls at once; beyond it new ones get 503. Default: derived from the
     /// open-files limit, since tiny_http spends two descriptors per connection.
     pub max_parked: usize,
@@ -118,6 +126,8 @@ impl Config {
             max_limit: 1000,
             sync: SyncMode::Full,
             longpoll_max_timeout: 110,
+            sse_lifetime: Duration::from_secs(300),
+            sse_heartbeat: Duration::from_secs(15),
             longpoll_max_batch: 250,
             max_parked: default_max_parked(),
             max_connections: Config::connections_for(default_max_parked()),

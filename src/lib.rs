@@ -31,7 +31,7 @@
 //! | 3 | `server` | wiring and shutdown order; spawns threads (with `pool`, `http`) | hold request logic |
 //! | 3 | [`service`] | running as a daemon: thread stacks, signals, systemd (its watchdog asks the server's own `/healthz` through `http`) | reach into the server's internals |
 //! | 2 | `http/` | the only module naming tiny_http: decoding and answering (`exchange`), per-connection answer order (`order`), accept loops and their replacement (`engine`), the prober (`prober`) | know routes |
-//! | 1 | `api/` | routes and handlers (`mod`, `streams`, `longpoll`), which lane a request waits in (`admission`), what browsers and proxies add (`edge`), the failure catalogue rendered per API (`error`), the runtime that answers later (`runtime`) | name tiny_http or rusqlite |
+//! | 1 | `api/` | routes and handlers (`mod`, `streams`, `longpoll`, its Server-Sent Events `sse`), which lane a request waits in (`admission`), what browsers and proxies add (`edge`), the failure catalogue rendered per API (`error`), the runtime that answers later (`runtime`) | name tiny_http or rusqlite |
 //! | 0 | `store/` | the only module naming rusqlite: schema, writer (group commit), readers | know HTTP |
 //! | 0 | `longpoll` | parked replies per category, deadlines; no I/O, no threads | block |
 //! | 0 | `auth`, `clock`, `config`, `event`, `metrics`, `pool`, `lock`, `sys`, [`log`], [`settings`], [`admin`] | | |
@@ -60,8 +60,9 @@
 //!   shutdown. A dropped reply answers 500 rather than vanishing.
 //! - Cursors are sequence numbers; `since_time`/`last_id` are resolved to one.
 //! - Everything is bounded by [`Config`]: queues, bodies, parked requests, batch sizes.
-//! - No unsafe code outside `store::walbuf` (a SQLite VFS that batches WAL writes) and one
-//!   adoption of systemd's socket in `sys`.
+//! - No unsafe code outside `store::walbuf` (a SQLite VFS that batches WAL writes) and, in
+//!   `sys`, one adoption of systemd's socket and one duplicate of a connection's descriptor
+//!   for a stream of events.
 //!
 //! # Embedding
 //!

@@ -6,7 +6,7 @@
 //! Each `/proc` format is parsed from text by a function of its own, unit-tested below on
 //! well-formed and malformed input; without a /proc the readers answer `None`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::RawFd;
@@ -201,6 +201,76 @@ fn proc_net_addr(field: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// A descriptor of our own for the connection accepted on local `port` from `peer`, found
+/// through the kernel's socket tables, while the caller holds that connection open
+/// (tiny_http owns its descriptors and hands out none). `None` without a /proc, or if it
+/// is gone. It costs a pass over the socket tables and the process's descriptors, so its
+/// time grows with the number of open connections.
+pub(crate) fn connection_socket(port: u16, peer: SocketAddr) -> Option<socket2::Socket> {
+    let links: HashSet<PathBuf> = ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .into_iter()
+        .filter_map(|table| std::fs::File::open(table).ok())
+        .flat_map(|file| connection_inodes(io::BufReader::new(file), port, peer))
+        .map(|inode| PathBuf::from(format!("socket:[{inode}]")))
+        .collect();
+    // tiny_http holds two descriptors of a connection and may be closing one right now: any
+    // of them that is still the connection will do.
+    std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|entry| std::fs::read_link(entry.path()).is_ok_and(|l| links.contains(&l)))
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<RawFd>().ok())
+        .filter_map(duplicate)
+        .map(socket2::Socket::from)
+        .find(|socket| {
+            // A descriptor number can be reused between the lookup and the duplicate: the
+            // copy is trusted only if it is the connection asked for.
+            let addr = |a: io::Result<socket2::SockAddr>| a.ok().and_then(|a| a.as_socket());
+            let local = addr(socket.local_addr()).map(|a| a.port());
+            let remote = addr(socket.peer_addr()).map(canonical);
+            local == Some(port) && remote == Some(canonical(peer))
+        })
+}
+
+/// A duplicate of descriptor `fd`, which the process holds open.
+#[allow(unsafe_code)]
+fn duplicate(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: `fd` was just listed in /proc/self/fd as a socket of a connection that the
+    // caller holds open. The borrow lives for the one `dup` below and nothing else is done
+    // with it: if another thread closed that number meanwhile, `dup` fails, and if the
+    // number was reused, the copy is of another descriptor, which the caller's check of
+    // its peer address rejects and closes. No descriptor but our own copy is ever closed.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    borrowed.try_clone_to_owned().ok()
+}
+
+/// The socket inodes of the connections on local `port` from `peer` in one
+/// `/proc/net/tcp{,6}` table (`sl local rem st tx:rx tr:when retrnsmt uid timeout inode`):
+/// one, unless a closed one lingers.
+fn connection_inodes(table: impl BufRead, port: u16, peer: SocketAddr) -> Vec<u64> {
+    let inode = |row: &str| {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        let local = proc_net_addr(fields.get(1)?)?;
+        let remote = proc_net_addr(fields.get(2)?)?;
+        if local.port() != port || canonical(remote) != canonical(peer) {
+            return None;
+        }
+        fields.get(9)?.parse().ok().filter(|inode| *inode != 0)
+    };
+    table
+        .lines()
+        .skip(1)
+        .map_while(Result::ok)
+        .filter_map(|row| inode(&row))
+        .collect()
+}
+
+/// `addr` with an IPv4-mapped IPv6 address written as IPv4, as a dual-stack listener's
+/// table writes an IPv4 client.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +429,26 @@ mod tests {
         let link = fd_link(listener.as_raw_fd()).expect("the listener's descriptor");
         assert!(link.to_string_lossy().starts_with("socket:["), "{link:?}");
         assert!(open_fds().is_some_and(|n| n >= 4), "stdio and the listener");
+    }
+
+    #[test]
+    fn a_connection_socket_is_found_by_its_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (held, peer) = listener.accept().unwrap();
+        let port = held.local_addr().unwrap().port();
+        let socket = connection_socket(port, peer).expect("found through /proc");
+        assert_eq!(socket.peer_addr().unwrap().as_socket(), Some(peer));
+        assert!(
+            connection_socket(port + 1, peer).is_none(),
+            "another port's"
+        );
+        drop(held);
+        let table = format!("heading\n{}", row(8080, 50000, "01"));
+        let peer: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        assert_eq!(connection_inodes(table.as_bytes(), 8080, peer), [12345]);
+        assert!(connection_inodes(table.as_bytes(), 8081, peer).is_empty());
+        let other: SocketAddr = "127.0.0.1:50001".parse().unwrap();
+        assert!(connection_inodes(table.as_bytes(), 8080, other).is_empty());
     }
 }

@@ -95,6 +95,7 @@ impl Edge {
             status: 204,
             headers: Vec::new(),
             body: Vec::new().into(),
+            stream: None,
         };
         match self.allowed {
             None => response,

@@ -47,21 +47,33 @@ pub(crate) fn events_response(category: &str, events: &[Arc<Event>]) -> Response
         if i > 0 {
             body.push(',');
         }
-        body.push_str("{\"timestamp\":");
-        body.push_str(&e.ts.to_string());
-        body.push_str(",\"category\":");
-        body.push_str(&quoted);
-        body.push_str(",\"data\":");
-        body.push_str(&e.data);
-        body.push_str(",\"id\":\"");
-        body.push_str(
-            e.id.hyphenated()
-                .encode_lower(&mut uuid::Uuid::encode_buffer()),
-        );
-        body.push_str("\"}");
+        push_event_object(&mut body, &quoted, e);
     }
     body.push_str("]}");
     golongpoll_response(200, body.into_bytes())
+}
+
+/// Writes event `e` of `category` into `out` as the object a long-poll answer carries.
+pub(super) fn event_object(out: &mut String, category: &str, e: &Event) {
+    let mut quoted = String::new();
+    push_json_str(&mut quoted, category);
+    push_event_object(out, &quoted, e);
+}
+
+/// [`event_object`] with the category already quoted.
+fn push_event_object(out: &mut String, quoted_category: &str, e: &Event) {
+    out.push_str("{\"timestamp\":");
+    out.push_str(&e.ts.to_string());
+    out.push_str(",\"category\":");
+    out.push_str(quoted_category);
+    out.push_str(",\"data\":");
+    out.push_str(&e.data);
+    out.push_str(",\"id\":\"");
+    out.push_str(
+        e.id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    out.push_str("\"}");
 }
 
 /// Whether `category` is open without credentials by one of `patterns`.
@@ -109,15 +121,22 @@ fn valid_category(category: &str) -> bool {
 /// Parses and checks subscribe parameters, in golongpoll's order and wording:
 /// `(category, timeout in seconds, start)` or the error message.
 pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, Start), String> {
-    let form = Form::parse(query);
-    let present = |name| form.first(name).filter(|v| !v.is_empty());
-    let timeout = form
+    let timeout = Form::parse(query)
         .first("timeout")
         .and_then(|t| t.parse::<u64>().ok())
         .filter(|t| (1..=max_timeout).contains(t))
         .ok_or(format!(
             "Invalid or missing 'timeout' arg.  Must be 1-{max_timeout}."
         ))?;
+    let (category, start) = stream_params(query)?;
+    Ok((category, timeout, start))
+}
+
+/// The subscribe parameters besides `timeout` (all a stream of events takes):
+/// `(category, start)` or golongpoll's error message.
+pub(super) fn stream_params(query: &str) -> Result<(String, Start), String> {
+    let form = Form::parse(query);
+    let present = |name| form.first(name).filter(|v| !v.is_empty());
     let category = form.first("category").unwrap_or_default();
     if !valid_category(category) {
         return Err(INVALID_SUBSCRIPTION.into());
@@ -145,12 +164,18 @@ pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, S
         None => Start::Now,
         Some(ms) => Start::Since { ms, last_id },
     };
-    Ok((category.to_owned(), timeout, start))
+    Ok((category.to_owned(), start))
 }
 
-/// `GET` (or `POST`) on the subscribe path.
+/// `GET` (or `POST`) on the subscribe path; a stream of events for a client that accepts
+/// one.
 pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    let (category, timeout, start) = match subscription(app, reader, &req) {
+    if super::sse::wanted(&req) {
+        return super::sse::subscribe(app, reader, req, reply);
+    }
+    let max = app.config.longpoll_max_timeout;
+    let params = |query: &str| subscribe_params(query, max).map(|(c, t, s)| (c, (t, s)));
+    let (category, (timeout, start)) = match subscription(app, reader, &req, params) {
         Ok(params) => params,
         Err(failure) => return reply.send(failure.render(Api::LongPoll)),
     };
@@ -164,12 +189,14 @@ pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
     app.runtime.wait(reader, &category, want, parked);
 }
 
-/// Authenticates and checks a subscribe: `(category, timeout in seconds, start)`.
-fn subscription(
+/// Authenticates and checks a subscribe whose query `params` parses into the category and
+/// what else the subscribe takes.
+pub(super) fn subscription<T>(
     app: &App,
     reader: &Reader,
     req: &Request,
-) -> Result<(String, u64, Start), Failure> {
+    params: impl FnOnce(&str) -> Result<(String, T), String>,
+) -> Result<(String, T), Failure> {
     let public = &app.config.public_subscribe;
     // The query is read once more below; only open categories need it before auth.
     let category = match public.is_empty() {
@@ -177,10 +204,10 @@ fn subscription(
         false => Form::parse(&req.query).first("category").map(str::to_owned),
     };
     let grants = authenticate(app, reader, req, public, category.as_deref())?;
-    let (category, timeout, start) = subscribe_params(&req.query, app.config.longpoll_max_timeout)
-        .map_err(|message| Failure::BadSubscription(message.into()))?;
+    let (category, rest) =
+        params(&req.query).map_err(|message| Failure::BadSubscription(message.into()))?;
     check_grant(grants, |g| g.may_consume(&category))?;
-    Ok((category, timeout, start))
+    Ok((category, rest))
 }
 
 #[derive(Deserialize)]

@@ -16,6 +16,7 @@ pub mod error;
 pub mod longpoll;
 mod query;
 pub mod runtime;
+mod sse;
 pub mod streams;
 
 use std::sync::Arc;
@@ -94,6 +95,47 @@ pub struct Response {
     pub headers: Vec<(&'static str, String)>,
     /// The body, shared so one rendering can answer many waiters.
     pub body: Arc<[u8]>,
+    /// For a streamed answer (Server-Sent Events): this response is only the head, and the
+    /// connection goes to the [`Handover`] once the head is written.
+    pub stream: Option<Handover>,
+}
+
+/// A connection handed over for an answer that goes on (Server-Sent Events), written to
+/// without ever blocking the thread that writes.
+pub trait Pipe: Send {
+    /// Writes what the connection takes of `buf` now: the bytes taken, `Ok(0)` when its
+    /// buffers are full. An error means the connection is lost.
+    fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize>;
+}
+
+/// What takes a streamed answer's connection once its head is written: `Some` pipe, or
+/// `None` when the connection could not be handed over (then the HTTP layer answered
+/// with an error instead of the head). Called at most once.
+#[derive(Clone)]
+pub struct Handover(Arc<std::sync::Mutex<Option<HandoverFn>>>);
+
+/// The receiving end of a [`Handover`].
+type HandoverFn = Box<dyn FnOnce(Option<Box<dyn Pipe>>) + Send>;
+
+impl Handover {
+    /// A handover that passes the connection to `take`.
+    pub fn new(take: impl FnOnce(Option<Box<dyn Pipe>>) + Send + 'static) -> Handover {
+        Handover(Arc::new(std::sync::Mutex::new(Some(Box::new(take)))))
+    }
+
+    /// Hands `pipe` over (the first call only).
+    pub fn give(&self, pipe: Option<Box<dyn Pipe>>) {
+        let take = crate::lock::lock(&self.0).take();
+        if let Some(take) = take {
+            take(pipe);
+        }
+    }
+}
+
+impl std::fmt::Debug for Handover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Handover")
+    }
 }
 
 /// A request's way back to its connection: the HTTP layer's responder, which writes the
@@ -128,6 +170,7 @@ impl Response {
             status,
             headers: vec![("Content-Type", content_type.to_owned())],
             body: body.into(),
+            stream: None,
         }
     }
 

@@ -13,6 +13,10 @@
 //! it is answered at once from memory or the store, or parked in the registry until a
 //! commit wakes it (`Runtime::answer`), its deadline passes or its client goes away
 //! (`Runtime::expire`), or the server stops.
+//!
+//! A stream of events (`sse`) is a long-poll that stays: a commit hands it its events and
+//! leaves it parked, and at its deadline the timer gives it a heartbeat and parks it again
+//! (`Runtime::renew`), until its lifetime ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,11 +27,12 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use super::error::{Api, Failure};
 use super::longpoll::{self, Polled};
+use super::sse::{self, Messages, Sse};
 use super::{JSON_UTF8, Reply, Response, Want, streams};
 use crate::clock::Clock;
-use crate::event::Event;
+use crate::event::{Event, Start};
 use crate::lock::lock;
-use crate::longpoll::{Registry, Woken};
+use crate::longpoll::{Poll, Registry, Wait, Woken};
 use crate::pool::Task;
 use crate::store::Reader;
 use crate::store::Retention;
@@ -51,6 +56,8 @@ enum Waiter {
     Consumer(Reply),
     /// An in-process subscriber of a category ([`crate::ServerHandle::subscribe`]).
     InProcess(Arc<str>, Sender<Result<Polled, Failure>>),
+    /// A stream of events (Server-Sent Events), which stays parked when woken.
+    Stream(Arc<Sse>),
 }
 
 /// One answer for many parked requests, rendered once in each shape a waiter needs.
@@ -59,6 +66,7 @@ struct Answers {
     longpoll: Option<Response>,
     consumer: Option<Response>,
     in_process: Option<Result<Polled, Failure>>,
+    stream: Option<Arc<Messages>>,
 }
 
 /// The channels and state that outlive a handler: whatever answers a request after its
@@ -151,54 +159,76 @@ impl Runtime {
         }
     }
 
-    /// Parks `parked` or answers it, for a long-poll on `category`.
+    /// Parks `parked` or answers it, for a long-poll on `category`. A stream is fed what
+    /// is there and parked after it.
     pub(crate) fn wait(&self, reader: &mut Reader, category: &str, want: Want, parked: Parked) {
-        use crate::longpoll::{Poll, Wait};
         let Want {
-            start,
+            mut start,
             filter,
             limit,
             timeout,
         } = want;
-        let start = &start;
         let filter = filter.as_deref();
         let deadline = Instant::now() + timeout;
+        // A stream parks for every event: a limit would leave the rest of a commit behind.
+        let parked_limit = match parked.stream() {
+            Some(_) => usize::MAX,
+            None => limit,
+        };
         let wait = |reply| Wait {
             reply,
             filter: filter.map(Into::into),
-            limit,
+            limit: parked_limit,
             deadline,
         };
-        let mut poll = self.registry.poll(category, start, wait(parked));
-        // The store decides what memory cannot. New commits can race the read; each retry
-        // means another commit landed, and memory answers once it holds them.
-        for _ in 0..8 {
-            let Poll::Unknown(parked) = poll else { break };
-            poll = match reader.since(category, start, filter, limit) {
-                Ok(view) if !view.events.is_empty() => {
-                    let events = view.events.into_iter().map(Arc::new).collect();
-                    Poll::Ready(parked, events)
-                }
-                Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
-                Err(e) => {
-                    crate::log::error(&format!("long-poll read failed: {e}"));
-                    return parked.fail(&Failure::StreamUnreadable);
-                }
-            };
-        }
-        match poll {
-            Poll::Ready(parked, events) => {
-                let answers = Answers::events(std::slice::from_ref(&parked), &events);
-                parked.answer(&answers);
+        let streaming = parked.stream().cloned();
+        let mut parked = parked;
+        loop {
+            let mut poll = self.registry.poll(category, &start, wait(parked));
+            // The store decides what memory cannot. New commits can race the read; each retry
+            // means another commit landed, and memory answers once it holds them.
+            for _ in 0..8 {
+                let Poll::Unknown(parked) = poll else { break };
+                poll = match reader.since(category, &start, filter, limit) {
+                    Ok(view) if !view.events.is_empty() => {
+                        let events = view.events.into_iter().map(Arc::new).collect();
+                        Poll::Ready(parked, events)
+                    }
+                    Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
+                    Err(e) => {
+                        crate::log::error(&format!("long-poll read failed: {e}"));
+                        return parked.fail(&Failure::StreamUnreadable);
+                    }
+                };
             }
-            Poll::Parked { earliest } => {
-                if earliest {
-                    let _ = self.timer.try_send(());
+            match poll {
+                Poll::Ready(ready, events) => {
+                    if let Some(sse) = &streaming {
+                        sse.queue_events(&events);
+                        sse.flush();
+                        if !sse.closed() {
+                            start = Start::After(sse.last_seq());
+                            parked = ready;
+                            continue;
+                        }
+                        return;
+                    }
+                    let answers = Answers::events(std::slice::from_ref(&ready), &events);
+                    ready.answer(&answers);
                 }
+                Poll::Parked { earliest, cursor } => {
+                    if let Some(sse) = &streaming {
+                        sse.seen(cursor);
+                    }
+                    if earliest {
+                        let _ = self.timer.try_send(());
+                    }
+                }
+                Poll::Full(parked) => parked.fail(&Failure::TooManyParked),
+                Poll::Closed(parked) => self.expire(|_| vec![parked]),
+                Poll::Unknown(parked) => parked.fail(&Failure::ChangingTooFast),
             }
-            Poll::Full(parked) => parked.fail(&Failure::TooManyParked),
-            Poll::Closed(parked) => self.expire(|_| vec![parked]),
-            Poll::Unknown(parked) => parked.fail(&Failure::ChangingTooFast),
+            return;
         }
     }
 
@@ -256,10 +286,17 @@ impl Runtime {
         });
     }
 
-    /// Answers woken waiters, spread over workers.
+    /// Answers woken waiters, spread over workers. Streams take their events here, in
+    /// commit order (the commit hook calls this on one thread): the workers that write them
+    /// may run in any order.
     pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
         for group in woken {
             let answers = Answers::events(&group.replies, &group.events);
+            for parked in &group.replies {
+                if let (Some(sse), Some(messages)) = (parked.stream(), &answers.stream) {
+                    sse.queue(messages);
+                }
+            }
             self.spawn_answers(group.replies, answers);
         }
     }
@@ -295,7 +332,10 @@ impl Runtime {
     /// still receives it.
     pub(crate) fn expire(&self, take: impl FnOnce(&Registry<Parked>) -> Vec<Parked>) {
         let stamp = self.clock.answer_stamp();
-        let replies = take(&self.registry);
+        let (streams, replies): (Vec<Parked>, Vec<Parked>) = take(&self.registry)
+            .into_iter()
+            .partition(|parked| parked.stream().is_some());
+        self.renew(streams);
         if replies.is_empty() {
             return;
         }
@@ -303,8 +343,67 @@ impl Runtime {
             longpoll: Some(longpoll::timeout_response(stamp)),
             consumer: Some(Response::json(200, JSON_UTF8, &b"[]"[..])),
             in_process: Some(Ok(Polled::Timeout { timestamp: stamp })),
+            stream: None,
         };
         self.spawn_answers(replies, answers);
+    }
+
+    /// Streams whose deadline came (or that were taken out for their client hanging up, or
+    /// for shutdown): each gets a heartbeat and is parked again from its last event, or is
+    /// closed when its lifetime is over, the server stops, or it cannot be parked again.
+    /// The writes are left to workers.
+    fn renew(&self, streams: Vec<Parked>) {
+        let mut flushes = Vec::with_capacity(streams.len());
+        for parked in streams {
+            let sse = parked.stream().expect("only streams are renewed").clone();
+            let now = Instant::now();
+            if self.stopping() || now >= sse.ends || !sse.beat() {
+                sse.close();
+            } else {
+                self.repark(parked, &sse, (now + sse.heartbeat).min(sse.ends));
+            }
+            flushes.push(sse);
+        }
+        let mut flushes = flushes.into_iter().peekable();
+        while flushes.peek().is_some() {
+            let chunk: Vec<Arc<Sse>> = flushes.by_ref().take(ANSWER_CHUNK).collect();
+            self.spawn(Box::new(move || chunk.iter().for_each(|sse| sse.flush())));
+        }
+    }
+
+    /// Parks stream `parked` again after the last event it has, until `deadline`, feeding
+    /// it from memory whatever came meanwhile. Without the store at hand, a stream that
+    /// memory cannot place (it fell behind the tail) is closed: its client resumes from its
+    /// last event.
+    fn repark(&self, mut parked: Parked, sse: &Sse, deadline: Instant) {
+        let wait = |reply| Wait {
+            reply,
+            filter: None,
+            limit: usize::MAX,
+            deadline,
+        };
+        loop {
+            let start = Start::After(sse.last_seq());
+            let poll = match self.registry.poll(&sse.category, &start, wait(parked)) {
+                // Memory forgets a category only when it had no event when the stream
+                // parked and got none since (a commit keeps it): the store has none either.
+                Poll::Unknown(reply) if sse.last_seq() == 0 => {
+                    self.registry.park_after(&sse.category, 0, wait(reply))
+                }
+                poll => poll,
+            };
+            match poll {
+                Poll::Ready(ready, events) if sse.queue_events(&events) => parked = ready,
+                Poll::Parked { earliest, cursor } => {
+                    sse.seen(cursor);
+                    if earliest {
+                        self.poke_timer();
+                    }
+                    return;
+                }
+                _ => return sse.close(),
+            }
+        }
     }
 
     /// The writer's commit hook: registers the new events, then answers the writers and
@@ -315,7 +414,10 @@ impl Runtime {
         let woken: Vec<_> = committed
             .appended
             .iter()
-            .flat_map(|appended| self.registry.publish(&appended.stream, &appended.events))
+            .flat_map(|appended| {
+                self.registry
+                    .publish(&appended.stream, &appended.events, Parked::resident)
+            })
             .collect();
         let mut replies = committed.replies.into_iter().peekable();
         while replies.peek().is_some() {
@@ -348,6 +450,11 @@ impl Answers {
                         answers.in_process = Some(longpoll::polled(category, events));
                     }
                 }
+                Waiter::Stream(sse) => {
+                    if answers.stream.is_none() {
+                        answers.stream = Some(Arc::new(sse::messages(&sse.category, events)));
+                    }
+                }
             }
         }
         answers
@@ -378,6 +485,31 @@ impl Parked {
         }
     }
 
+    /// A stream of events on its category, from the client at `peer`.
+    pub(crate) fn streaming(sse: Arc<Sse>, peer: Option<SocketAddr>) -> Parked {
+        Parked {
+            waiter: Waiter::Stream(sse),
+            peer,
+            since: Instant::now(),
+        }
+    }
+
+    /// The stream this waiter is, if it is one.
+    fn stream(&self) -> Option<&Arc<Sse>> {
+        match &self.waiter {
+            Waiter::Stream(sse) => Some(sse),
+            _ => None,
+        }
+    }
+
+    /// For the registry: a handle on a waiter that stays parked when woken (a stream).
+    fn resident(&self) -> Option<Parked> {
+        self.stream().map(|sse| Parked {
+            since: self.since,
+            ..Parked::streaming(sse.clone(), self.peer)
+        })
+    }
+
     /// Answers with the answer of this waiter's shape, rendered in `answers`.
     fn answer(self, answers: &Answers) {
         const RENDERED: &str = "answers are rendered for every waiter's shape";
@@ -388,6 +520,8 @@ impl Parked {
                 // The caller may have stopped waiting; nobody is left to answer.
                 let _ = tx.send(answers.in_process.clone().expect(RENDERED));
             }
+            // Queued in commit order already (`Runtime::answer`); this writes it.
+            Waiter::Stream(sse) => sse.flush(),
         }
     }
 
@@ -398,6 +532,11 @@ impl Parked {
             Waiter::Consumer(reply) => reply.send(failure.render(Api::Streams)),
             Waiter::InProcess(_, tx) => {
                 let _ = tx.send(Err(failure.clone()));
+            }
+            // Its head is out: it can only end, and its client comes back after `retry:`.
+            Waiter::Stream(sse) => {
+                sse.close();
+                sse.flush();
             }
         }
     }

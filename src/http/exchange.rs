@@ -23,7 +23,7 @@ use std::io::{Cursor, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::order::{Answer, Order, Responder};
+use super::order::{Answer, Order, Release, Responder};
 use super::prober::PROBE_PATH;
 use super::{Shared, spawn_small};
 use crate::api::{self, Body, Method};
@@ -45,6 +45,8 @@ const API_HEADERS: &[&str] = &[
     "Sec-Fetch-Mode",
     "X-Requested-With",
     "X-Forwarded-For",
+    "Accept",
+    "Last-Event-ID",
 ];
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
@@ -74,6 +76,7 @@ pub(super) fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Opti
             rq: Some(rq),
             unread: None,
             order,
+            port: shared.self_addr.port(),
         };
         return responder.send(api::Response::json(204, api::JSON_UTF8, &b""[..]));
     }
@@ -130,6 +133,7 @@ pub(super) fn dispatch(shared: &Arc<Shared>, rq: tiny_http::Request, order: Opti
         rq: Some(rq),
         unread,
         order,
+        port: shared.self_addr.port(),
     };
     let capped = !shared.uncapped.contains(&req.path.as_str());
     if capped && shared.connections.load(Ordering::Relaxed) > shared.max_connections {
@@ -231,8 +235,13 @@ pub(super) fn write_response(answer: Answer) {
     let Answer {
         rq,
         unread,
-        response,
+        mut response,
+        port,
+        held,
     } = answer;
+    if let Some(handover) = response.stream.take() {
+        return stream(rq, unread, port, &response, &handover, held);
+    }
     let Some(remaining) = unread else {
         let _ = rq.respond(tiny_response(&response, false));
         return;
@@ -259,6 +268,105 @@ pub(super) fn write_response(answer: Answer) {
         DRAINS.fetch_sub(1, Ordering::SeqCst);
     }
     abandon(rq, &response);
+}
+
+/// Writes the head of a streamed answer through tiny_http's raw writer (`into_writer`)
+/// and hands the connection over, made non-blocking so that a client that stops reading
+/// can never hold a thread.
+///
+/// What tiny_http 0.12 does with the connection then (its `client.rs` and `request.rs`):
+/// by the time a request is handed over, its body (none, or up to 1 KiB, buffered; a
+/// stream with a body left unread is refused here) no longer needs the socket, so the
+/// reading half is already back with the connection's thread, which reads for a next
+/// request. A request that said `Connection: close` ends the thread at once. Otherwise the
+/// thread is usually blocked in that read already, which the switch to non-blocking does
+/// not wake: it stays, as it would for a parked long-poll, until the client sends more, or
+/// the read timeout passes and its answer (a 408) waits for the stream to end and finds
+/// the connection shut. Either way the stream costs no thread beyond tiny_http's own for
+/// the connection, and the descriptors are tiny_http's writing one (held in the
+/// [`StreamPipe`]) and our duplicate.
+///
+/// A request pipelined behind a stream on the same connection is read by that thread, and
+/// its answer waits in tiny_http for the stream to end, holding the worker that writes it:
+/// no client does this (a stream is the connection's last answer), and it costs the client
+/// its own stream's lifetime at most.
+///
+/// The descriptor is found through the kernel's socket tables (`sys::connection_socket`),
+/// since tiny_http hands out none: without a /proc the stream is refused with 503 rather
+/// than written with blocking writes. `sse::a_reader_that_stops_reading_is_cut_and_others_still_get_their_events`
+/// shows a stalled reader never delaying the others.
+fn stream(
+    rq: tiny_http::Request,
+    unread: Option<usize>,
+    port: u16,
+    head: &api::Response,
+    handover: &api::Handover,
+    held: Option<Release>,
+) {
+    let socket = rq
+        .remote_addr()
+        .and_then(|peer| crate::sys::connection_socket(port, *peer))
+        .filter(|socket| socket.set_nonblocking(true).is_ok());
+    let (Some(socket), None) = (socket, unread) else {
+        handover.give(None);
+        let refusal = api::Response::json(503, "text/plain", &b"cannot stream here"[..]);
+        return write_response(Answer {
+            rq,
+            unread,
+            response: refusal,
+            port,
+            held: None,
+        });
+    };
+    // Written by hand: `upgrade` would add `Connection: upgrade` and `Upgrade`, which nginx
+    // refuses on a 200 to an HTTP/2 client. No length and no chunking: the body is
+    // everything until the connection closes.
+    let mut text = format!("HTTP/1.1 {} OK\r\nServer: eventserver\r\n", head.status);
+    for (name, value) in &head.headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("Connection: close\r\n\r\n");
+    let mut raw = rq.into_writer();
+    if raw
+        .write_all(text.as_bytes())
+        .and_then(|()| raw.flush())
+        .is_err()
+    {
+        return handover.give(None);
+    }
+    handover.give(Some(Box::new(StreamPipe {
+        socket,
+        _raw: raw,
+        _held: held,
+    })));
+}
+
+/// A connection handed over for a stream: our non-blocking duplicate of its socket, and
+/// tiny_http's writing side of it, held because dropping it would shut the socket's
+/// writing half down.
+struct StreamPipe {
+    socket: socket2::Socket,
+    _raw: Box<dyn Write + Send>,
+    /// Dropped after `_raw` (fields drop in order): what waited behind the stream on its
+    /// connection is written once tiny_http's writer is free.
+    _held: Option<Release>,
+}
+
+impl api::Pipe for StreamPipe {
+    fn try_write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.socket.send(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            other => other,
+        }
+    }
+}
+
+impl Drop for StreamPipe {
+    fn drop(&mut self) {
+        // Ends the connection for the client and for tiny_http's thread, which reads it
+        // once `_raw` is dropped after this.
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// Answers through `upgrade`, which hands us the connection instead of draining it, then

@@ -5,7 +5,8 @@
 //! concern:
 //!
 //! - `exchange`: decoding a request (its refusals, its body under the size cap) and writing
-//!   an answer without ever draining a large unread body on a worker;
+//!   an answer without ever draining a large unread body on a worker, or handing the
+//!   connection over, non-blocking, for a stream of events;
 //! - `order`: answering each request exactly once, in its connection's order;
 //! - `engine`: the tiny_http servers on our listener, the threads taking requests from
 //!   them, and replacing one whose accept loop died;

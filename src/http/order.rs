@@ -10,6 +10,11 @@
 //! the one before it, or for a short-lived writer of its own; no worker ever blocks behind
 //! another request's answer.
 //!
+//! A streamed answer (Server-Sent Events) goes on after its head is written: its request
+//! stays unanswered in the book ([`AnswerOrder::answer_held`]) until the stream ends
+//! ([`Release`]), so an answer pipelined behind it waits here rather than in tiny_http,
+//! where it would hold a worker for the stream's life.
+//!
 //! The bookkeeping ([`AnswerOrder`]) knows nothing of tiny_http: it is generic over the
 //! answer it holds, and unit-tested below.
 
@@ -103,9 +108,10 @@ impl<A> Outstanding<A> {
 
     /// Whether the first ready answer could be written now.
     fn has_writable(&self) -> bool {
+        // A ready answer is unanswered only when it is held (a stream's head): it may go.
         self.ready
             .first_key_value()
-            .is_some_and(|(seq, _)| self.unanswered.first().is_none_or(|first| first > seq))
+            .is_some_and(|(seq, _)| self.unanswered.first().is_none_or(|first| first >= seq))
     }
 
     /// Whether nothing is left to track: every request answered and written.
@@ -130,11 +136,41 @@ impl<A> AnswerOrder<A> {
 
     /// Records `answer` for the request `order` numbered, and says who writes it.
     pub(super) fn answer(&mut self, order: Order, answer: A) -> Turn<A> {
+        self.record(order, answer, false)
+    }
+
+    /// Like [`AnswerOrder::answer`], for an answer that goes on after it is written (a
+    /// stream): the request counts as unanswered, holding back the connection's later
+    /// answers, until [`AnswerOrder::release`].
+    pub(super) fn answer_held(&mut self, order: Order, answer: A) -> Turn<A> {
+        self.record(order, answer, true)
+    }
+
+    /// Counts a held request answered at last; `true` when the caller is to write what
+    /// became writable ([`AnswerOrder::next_to_write`] until it returns `None`).
+    pub(super) fn release(&mut self, order: Order) -> bool {
+        let Some(entry) = self.connections.get_mut(&order.peer) else {
+            return false;
+        };
+        entry.unanswered.remove(&order.seq);
+        if entry.writing || !entry.has_writable() {
+            if entry.idle() {
+                self.connections.remove(&order.peer);
+            }
+            return false;
+        }
+        entry.writing = true;
+        true
+    }
+
+    fn record(&mut self, order: Order, answer: A, held: bool) -> Turn<A> {
         let Order { peer, seq, .. } = order;
         let Some(entry) = self.connections.get_mut(&peer) else {
             return Turn::Unordered(answer);
         };
-        entry.unanswered.remove(&seq);
+        if !held {
+            entry.unanswered.remove(&seq);
+        }
         let behind = entry.unanswered.first().is_some_and(|first| *first < seq);
         if !behind && !entry.writing && entry.ready.is_empty() {
             // This thread writes it; answers that come meanwhile wait in `ready` instead of
@@ -174,6 +210,27 @@ pub(super) struct Answer {
     /// The declared length of a body that was never read.
     pub(super) unread: Option<usize>,
     pub(super) response: api::Response,
+    /// The local port the connection came in on (a streamed answer looks its socket up).
+    pub(super) port: u16,
+    /// For a streamed answer: its request's place, given back when the stream ends.
+    pub(super) held: Option<Release>,
+}
+
+/// A streamed answer's place among its connection's requests, counted answered when this
+/// is dropped (after the stream's end), which writes what waited behind it.
+pub(super) struct Release {
+    shared: Arc<Shared>,
+    order: Order,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let write = lock(&self.shared.order).release(self.order);
+        if write {
+            // Behind a closed connection: each write fails at once.
+            write_in_order(&self.shared, self.order.peer);
+        }
+    }
 }
 
 /// Answers one request exactly once, in its connection's order; dropped unanswered, it
@@ -184,6 +241,8 @@ pub(super) struct Responder {
     pub(super) unread: Option<usize>,
     /// The request's place among its connection's requests.
     pub(super) order: Option<(Arc<Shared>, Order)>,
+    /// The local port the connection came in on.
+    pub(super) port: u16,
 }
 
 impl Responder {
@@ -198,15 +257,26 @@ impl Responder {
     /// tiny_http would block this thread until the earlier answer is out.
     fn answer(&mut self, response: api::Response) {
         let Some(rq) = self.rq.take() else { return };
-        let answer = Answer {
+        let streamed = response.stream.is_some();
+        let mut answer = Answer {
             rq,
             unread: self.unread,
             response,
+            port: self.port,
+            held: None,
         };
         let Some((shared, order)) = self.order.take() else {
             return write_response(answer);
         };
-        let turn = lock(&shared.order).answer(order, answer);
+        let turn = if streamed {
+            answer.held = Some(Release {
+                shared: shared.clone(),
+                order,
+            });
+            lock(&shared.order).answer_held(order, answer)
+        } else {
+            lock(&shared.order).answer(order, answer)
+        };
         match turn {
             Turn::Unordered(answer) => write_response(answer),
             Turn::Write(answer) => {
@@ -350,6 +420,35 @@ mod tests {
         assert_eq!(book.answer(orders[1], "late"), Turn::Unordered("late"));
         // The connection's numbering starts over.
         assert_eq!(book.number(peer()).seq, 0);
+    }
+
+    #[test]
+    fn answers_behind_a_held_one_wait_for_its_release() {
+        let mut book = AnswerOrder::default();
+        let orders = numbered(&mut book, 3);
+        assert_eq!(book.answer_held(orders[0], "stream"), Turn::Write("stream"));
+        assert!(written(&mut book).is_empty());
+        assert_eq!(
+            book.answer(orders[1], "second"),
+            Turn::Wait,
+            "behind the stream"
+        );
+        assert!(written(&mut book).is_empty(), "still behind the stream");
+        assert!(
+            book.release(orders[0]),
+            "the stream ended: write what waited"
+        );
+        assert_eq!(written(&mut book), ["second"]);
+        // A held answer behind an unanswered one waits, and is then written first.
+        let mut book = AnswerOrder::default();
+        let orders = numbered(&mut book, 3);
+        assert_eq!(book.answer_held(orders[1], "stream"), Turn::Wait);
+        assert_eq!(book.answer(orders[2], "third"), Turn::Wait);
+        assert_eq!(book.answer(orders[0], "first"), Turn::StartWriter);
+        assert_eq!(written(&mut book), ["first", "stream"]);
+        assert!(book.release(orders[1]));
+        assert_eq!(written(&mut book), ["third"]);
+        assert!(book.connections.is_empty());
     }
 
     #[test]

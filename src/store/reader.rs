@@ -148,6 +148,19 @@ impl Reader {
             hwm: info.last_seq,
         })
     }
+
+    /// The sequence number of the event `id` of `stream`, if it is stored.
+    pub fn seq_of(&self, stream: &str, id: &Uuid) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT e.seq FROM events e JOIN streams s ON s.id = e.stream_id \
+                 WHERE e.id = ?1 AND s.name = ?2",
+            )?
+            .query_row(params![&id.as_bytes()[..], stream], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|seq| seq as u64))
+    }
 }
 
 impl Reader {

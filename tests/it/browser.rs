@@ -292,3 +292,59 @@ fn chromium_shows_no_login_dialog_for_a_scripts_refused_requests() {
     chromium.navigate(&format!("{base}/metrics"));
     assert_eq!(chromium.challenges, [format!("{base}/metrics")]);
 }
+
+/// A page on another origin streams a category with `EventSource` and publishes to it with
+/// `fetch`: every event arrives once and in order, across the reconnection that the
+/// stream's lifetime forces (with `Last-Event-ID`).
+const EVENT_SOURCE_PAGE: &str = r#"
+new Promise(done => {
+    const headers = {
+        'Authorization': 'Basic ' + btoa('tester:correct horse'),
+        'Content-Type': 'application/json',
+    };
+    const publish = n => fetch(BASE + '/publish', {
+        method: 'POST', headers, body: JSON.stringify({category: 'paged', data: {n}}),
+    }).then(r => r.status);
+    const got = [];
+    let opens = 0;
+    const source = new EventSource(BASE + '/events?category=paged');
+    source.onopen = async () => {
+        opens += 1;
+        if (opens <= 2) {
+            await publish(2 * opens - 2);
+            await publish(2 * opens - 1);
+        }
+    };
+    source.onmessage = e => {
+        got.push([e.lastEventId, JSON.parse(e.data).id, JSON.parse(e.data).data.n]);
+        if (got.length === 4) { source.close(); done({got, opens}); }
+    };
+    setTimeout(() => { source.close(); done({got, opens, late: true}); }, 20000);
+})"#;
+
+#[test]
+fn an_event_source_on_another_origin_gets_every_event_once() {
+    let test = "browser::an_event_source_on_another_origin_gets_every_event_once";
+    let Some(mut chromium) = crate::support::Chromium::start_or_skip(test) else {
+        return;
+    };
+    let page = TestServer::start();
+    let page_origin = format!("http://{}", page.addr);
+    let server = TestServer::start_with(|c| {
+        c.cors_origins = vec![page_origin.clone()];
+        c.public_subscribe = vec!["paged".into()];
+        c.sse_lifetime = Duration::from_secs(2);
+    });
+    chromium.navigate(&format!("{page_origin}/healthz"));
+    let script = format!("const BASE = 'http://{}';{EVENT_SOURCE_PAGE}", server.addr);
+    let result = chromium.evaluate(&script);
+    assert!(result["late"].is_null(), "{result}");
+    assert_eq!(result["opens"], 2, "one reconnection: {result}");
+    let got = result["got"].as_array().expect("events");
+    let numbers: Vec<u64> = got.iter().map(|e| e[2].as_u64().unwrap()).collect();
+    assert_eq!(numbers, [0, 1, 2, 3], "{result}");
+    assert!(
+        got.iter().all(|e| e[0] == e[1]),
+        "lastEventId is the event id: {result}"
+    );
+}

@@ -12,5 +12,6 @@ mod proxy;
 mod retention;
 mod security;
 mod service;
+mod sse;
 mod streams;
 mod support;

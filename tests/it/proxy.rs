@@ -514,18 +514,13 @@ fn streaming_upstream(finish: mpsc::Receiver<()>) -> SocketAddr {
     addr
 }
 
-/// What eventserver writes reaches the client as it is written, not when the answer ends:
-/// an event stream (and a long-poll answer) is never held in nginx's buffers.
-#[test]
-fn an_answer_reaches_the_client_as_eventserver_writes_it() {
-    let Some(nginx) = tools() else {
-        return;
-    };
-    let (finish, finished) = mpsc::channel();
-    let front = Nginx::start(&nginx, streaming_upstream(finished));
+/// curl, started with `args` on `url`, and what it prints as it arrives (read on a thread
+/// of its own).
+fn curl_streaming(url: &str, args: &[&str]) -> (std::process::Child, mpsc::Receiver<Vec<u8>>) {
     let mut client = Command::new("curl")
-        .args(["-sS", "-k", "-N", "--http2", "--max-time", "30"])
-        .arg(front.url("/events?category=streamed"))
+        .args(["-sS", "-k", "-N", "--max-time", "30"])
+        .args(args)
+        .arg(url)
         .stdout(Stdio::piped())
         .spawn()
         .expect("run curl");
@@ -539,19 +534,74 @@ fn an_answer_reaches_the_client_as_eventserver_writes_it() {
             }
         }
     });
-    let mut seen = Vec::new();
+    (client, received)
+}
+
+/// Adds what arrives to `seen` until it holds `needle`, within [`START`].
+#[track_caller]
+fn receive_until(received: &mpsc::Receiver<Vec<u8>>, seen: &mut Vec<u8>, needle: &str) {
     let deadline = Instant::now() + START;
-    while !seen.ends_with(b"data: first\n\n") {
+    while !String::from_utf8_lossy(seen).contains(needle) {
         let left = deadline.saturating_duration_since(Instant::now());
         match received.recv_timeout(left) {
             Ok(chunk) => seen.extend(chunk),
             Err(_) => panic!(
-                "the first message did not arrive while the answer was open; got {:?}",
-                String::from_utf8_lossy(&seen)
+                "{needle:?} did not arrive while the answer was open; got {:?}",
+                String::from_utf8_lossy(seen)
             ),
         }
     }
+}
+
+/// What eventserver writes reaches the client as it is written, not when the answer ends:
+/// an event stream (and a long-poll answer) is never held in nginx's buffers.
+#[test]
+fn an_answer_reaches_the_client_as_eventserver_writes_it() {
+    let Some(nginx) = tools() else {
+        return;
+    };
+    let (finish, finished) = mpsc::channel();
+    let front = Nginx::start(&nginx, streaming_upstream(finished));
+    let (mut client, received) =
+        curl_streaming(&front.url("/events?category=streamed"), &["--http2"]);
+    receive_until(&received, &mut Vec::new(), "data: first\n\n");
     finish.send(()).unwrap();
     let status = client.wait().expect("curl exits");
     assert!(status.success(), "curl: {status}");
+}
+
+/// eventserver's own stream of events, over HTTP/2 through nginx: its messages arrive as
+/// events are published, and nginx's idle timeout is well above the heartbeat.
+#[test]
+fn a_stream_of_events_over_http_2_passes_through_nginx() {
+    let defaults = eventserver::Config::new("unused.db");
+    assert!(seconds("proxy_read_timeout") > 2 * defaults.sse_heartbeat.as_secs());
+    let Some((server, front)) = front() else {
+        return;
+    };
+    let credentials = format!("{USER}:{PASSWORD}");
+    let (mut client, received) = curl_streaming(
+        &front.url("/events?category=sse-proxied"),
+        &[
+            "--http2",
+            "-u",
+            &credentials,
+            "-H",
+            "Accept: text/event-stream",
+        ],
+    );
+    wait_until(START, "the stream is parked in eventserver", || {
+        server.handle().parked() == 1
+    });
+    let mut seen = Vec::new();
+    for n in 0..2 {
+        let got = publish(&front, "--http2", "sse-proxied", &json!({ "n": n }));
+        assert_eq!(got.status, 200, "{got:?}");
+        receive_until(&received, &mut seen, &format!("\"data\":{{\"n\":{n}}}"));
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(text.starts_with("retry: 1000\n\nid: "), "{text:?}");
+    assert_eq!(text.matches("\ndata: ").count(), 2, "{text:?}");
+    client.kill().expect("stop curl");
+    let _ = client.wait();
 }

@@ -728,6 +728,20 @@ const SETTINGS: &[Setting] = &[
         logged: None,
     },
     Setting {
+        flag: "--sse-lifetime",
+        var: "EVENTSERVER_SSE_LIFETIME",
+        invalid: "0",
+        valid: "60",
+        logged: None,
+    },
+    Setting {
+        flag: "--sse-heartbeat",
+        var: "EVENTSERVER_SSE_HEARTBEAT",
+        invalid: "often",
+        valid: "5",
+        logged: None,
+    },
+    Setting {
         flag: "--max-parked",
         var: "EVENTSERVER_MAX_PARKED",
         invalid: "many",
