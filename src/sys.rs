@@ -165,20 +165,39 @@ fn established_peers(table: impl BufRead, port: u16) -> io::Result<Peers> {
     Ok(peers)
 }
 
-/// The peer and socket inode of one `/proc/net/tcp{,6}` row (`sl local_address rem_address
-/// st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode …`), if the socket is on
-/// local `port` and `ESTABLISHED` (state `01`).
+/// The peer and socket inode of one `/proc/net/tcp{,6}` row, if the socket is on local
+/// `port` and `ESTABLISHED`.
 fn established_peer(row: &str, port: u16) -> Option<(SocketAddr, u64)> {
-    const ESTABLISHED: &str = "01";
-    let mut fields = row.split_whitespace().skip(1);
-    let (Some(local), Some(remote), Some(ESTABLISHED)) =
-        (fields.next(), fields.next(), fields.next())
-    else {
-        return None;
-    };
-    let ours = proc_net_addr(local).is_some_and(|a| a.port() == port);
-    let inode = fields.nth(5)?.parse().ok()?;
-    Some((proc_net_addr(remote).filter(|_| ours)?, inode))
+    let row = TableRow::parse(row)?;
+    (row.established && row.local.port() == port).then_some((row.remote, row.inode))
+}
+
+/// What the readers here use of one `/proc/net/tcp{,6}` row (`sl local_address
+/// rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode …`).
+struct TableRow {
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// State `01`: open both ways.
+    established: bool,
+    /// The socket's inode (0 for one that is closing and has none left).
+    inode: u64,
+}
+
+impl TableRow {
+    fn parse(row: &str) -> Option<TableRow> {
+        const ESTABLISHED: &str = "01";
+        let mut fields = row.split_whitespace().skip(1);
+        let local = proc_net_addr(fields.next()?)?;
+        let remote = proc_net_addr(fields.next()?)?;
+        let established = fields.next()? == ESTABLISHED;
+        let inode = fields.nth(5)?.parse().ok()?;
+        Some(TableRow {
+            local,
+            remote,
+            established,
+            inode,
+        })
+    }
 }
 
 /// An address as `/proc/net/tcp{,6}` write it: the IP as 32-bit words in host byte order,
@@ -248,20 +267,14 @@ fn duplicate(fd: RawFd) -> Option<std::os::fd::OwnedFd> {
 /// `/proc/net/tcp{,6}` table (`sl local rem st tx:rx tr:when retrnsmt uid timeout inode`):
 /// one, unless a closed one lingers.
 fn connection_inodes(table: impl BufRead, port: u16, peer: SocketAddr) -> Vec<u64> {
-    let inode = |row: &str| {
-        let fields: Vec<&str> = row.split_whitespace().collect();
-        let local = proc_net_addr(fields.get(1)?)?;
-        let remote = proc_net_addr(fields.get(2)?)?;
-        if local.port() != port || canonical(remote) != canonical(peer) {
-            return None;
-        }
-        fields.get(9)?.parse().ok().filter(|inode| *inode != 0)
-    };
+    let peer = canonical(peer);
     table
         .lines()
         .skip(1)
         .map_while(Result::ok)
-        .filter_map(|row| inode(&row))
+        .filter_map(|row| TableRow::parse(&row))
+        .filter(|row| row.local.port() == port && canonical(row.remote) == peer && row.inode != 0)
+        .map(|row| row.inode)
         .collect()
 }
 
