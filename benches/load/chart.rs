@@ -176,7 +176,7 @@ impl Chart {
             "latency": self.latency,
             "unit": self.unit,
             "interval_s": self.width,
-            "intervals": self.intervals.iter().enumerate().map(|(i, l)| {
+            "intervals": self.intervals.iter().enumerate().filter(|(_, l)| l.n > 0).map(|(i, l)| {
                 let mut j = l.json();
                 j["t_s"] = json!(round1(i as f64 * self.width));
                 j["per_s"] = json!(round1(l.n as f64 / self.width));
@@ -219,21 +219,31 @@ impl Chart {
                 // A log axis has no zero: a sub-10 µs latency shows as 0.01 ms.
                 done.iter().map(|(t, l)| (*t, ms(f(l)).max(0.01))).collect()
             };
-            let top = done.iter().map(|(_, l)| ms(l.max)).fold(0.01, f64::max);
-            let bottom = done.iter().map(|(_, l)| ms(l.p50)).fold(top, f64::min);
+            // Whole decades, two at least: plotters then labels the powers of ten only,
+            // where a part of a decade gets a crowd of labels near its top.
+            let decade = |ms: f64, round: fn(f64) -> f64| 10f64.powf(round(ms.log10()));
+            let top = decade(
+                done.iter().map(|(_, l)| ms(l.max)).fold(0.01, f64::max),
+                f64::ceil,
+            );
+            let bottom = decade(
+                done.iter().map(|(_, l)| ms(l.p50)).fold(top, f64::min),
+                f64::floor,
+            )
+            .min(top / 100.0);
             panel(
                 lat_area,
                 &format!(
-                    "{} latency (ms, log scale), per {} s",
+                    "{} latency per {} s, ms (log scale): max black, p99 red, p50 blue",
                     self.latency, self.width
                 ),
-                // Headroom above the largest for the legend.
-                ((bottom / 2.0).max(0.01)..top * 8.0).log_scale(),
+                (bottom..top).log_scale(),
                 end,
+                // Drawn in this order so that a p99 equal to the max still shows.
                 &[
-                    ("p50", BLUE, ms_of(|l| l.p50)),
-                    ("p99", RED, ms_of(|l| l.p99)),
-                    ("max", BLACK, ms_of(|l| l.max)),
+                    (BLACK, ms_of(|l| l.max)),
+                    (RED, ms_of(|l| l.p99)),
+                    (BLUE, ms_of(|l| l.p50)),
                 ],
             )?;
             let rate: Vec<(f64, f64)> = done
@@ -244,9 +254,9 @@ impl Chart {
             panel(
                 rate_area,
                 &format!("{} per second", self.unit),
-                0.0..top * 1.3,
+                0.0..top * 1.1,
                 end,
-                &[(self.unit, GREEN_DARK, rate)],
+                &[(GREEN_DARK, rate)],
             )?;
         }
         if let (Some(rss_area), Some(threads_area)) = (areas.next(), areas.next()) {
@@ -258,18 +268,18 @@ impl Chart {
             panel(
                 rss_area,
                 "server RSS (MiB)",
-                0.0..top * 1.3,
+                0.0..top * 1.1,
                 end,
-                &[("RSS", MAGENTA, rss)],
+                &[(MAGENTA, rss)],
             )?;
             let (threads, fds) = (series(|s| s.threads as f64), series(|s| s.fds as f64));
             let top = threads.iter().chain(&fds).map(|p| p.1).fold(1.0, f64::max);
             panel(
                 threads_area,
-                "server threads and open descriptors",
-                0.0..top * 1.3,
+                "server threads (blue) and open descriptors (black)",
+                0.0..top * 1.1,
                 end,
-                &[("threads", BLUE, threads), ("descriptors", BLACK, fds)],
+                &[(BLUE, threads), (BLACK, fds)],
             )?;
         }
         root.present()?;
@@ -293,16 +303,14 @@ fn label(v: &f64) -> String {
     }
 }
 
-/// A line of a panel: its legend, its colour, its (seconds, value) points.
-type Line<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
-
-/// One panel: `lines` (label, colour, points) over seconds `0..end` against `y`.
+/// One panel: `lines` (colour, (seconds, value) points) over seconds `0..end` against
+/// `y`; the caption names the colours, where a legend box would hide part of a line.
 fn panel<Y>(
     area: &DrawingArea<SVGBackend, Shift>,
     caption: &str,
     y: Y,
     end: f64,
-    lines: &[Line],
+    lines: &[(RGBColor, Vec<(f64, f64)>)],
 ) -> Result<(), Box<dyn Error>>
 where
     Y: AsRangedCoord<Value = f64>,
@@ -321,21 +329,11 @@ where
         .x_label_formatter(&label)
         .y_label_formatter(&label)
         .draw()?;
-    for (label, colour, points) in lines {
-        let colour = *colour;
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                colour.stroke_width(2),
-            ))?
-            .label(*label)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+    for (colour, points) in lines {
+        chart.draw_series(LineSeries::new(
+            points.iter().copied(),
+            colour.stroke_width(2),
+        ))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
     Ok(())
 }

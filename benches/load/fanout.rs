@@ -166,17 +166,32 @@ pub fn categories(opts: &Opts) -> Result<Vec<Figure>, String> {
     let plan = Plan::new(&target, categories.clone(), n, opts, secs);
     let epoch = plan.epoch;
     let mut rng = crate::Rng::new(0x5eed);
-    let mut outcome = plan.run(|_| {
-        publish_paced(
-            &target.site,
-            &categories,
-            count,
-            Duration::from_secs_f64(1.0 / opts.rate),
-            epoch,
-            |_| rng.below(k as u64) as u32,
-        )
-    })?;
+    let (outcome, server) = chart::sampled(target.pid, epoch, || {
+        plan.run(|_| {
+            publish_paced(
+                &target.site,
+                &categories,
+                count,
+                Duration::from_secs_f64(1.0 / opts.rate),
+                epoch,
+                |_| rng.below(k as u64) as u32,
+            )
+        })
+    });
+    let mut outcome = outcome?;
     let v = judge(&mut outcome.shards, &outcome.published, k);
+    Report {
+        name: format!("categories-{n}-{}", target.kind),
+        title: format!(
+            "categories: {n} subscribers over {k} categories, {count} random publishes at {}/s ({} server)",
+            opts.rate, target.kind
+        ),
+        latency: "publish→delivery",
+        unit: "deliveries",
+        timeline: outcome.timeline(),
+        server,
+    }
+    .write(opts)?;
     report::table(
         &format!(
             "categories ({} server, {n} subscribers over {k} categories, {count} random publishes at {}/s)",
