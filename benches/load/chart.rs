@@ -5,11 +5,13 @@
 //! one bucket per tenth of a second of the run (a push onto a vector), so the chart can show
 //! the p50, p99 and largest latency of each interval and how many requests or deliveries
 //! completed in it; the interval is 0.1 s for short runs and widens to keep a long one under
-//! 150 points. When the
-//! server is a process of its own, [`sampled`] reads its memory, threads and descriptors
-//! from `/proc` every 500 ms alongside. [`Report::write`] then saves `NAME.json` (the
-//! figures) and `NAME.svg` (up to four panels sharing the time axis: latency on a log scale,
-//! throughput, RSS, threads and descriptors), drawn with plotters' SVG backend.
+//! 150 points. When the server is a process of its own, [`sampled`] reads its memory,
+//! threads and descriptors from `/proc` every 500 ms alongside. [`Report::write`] then saves
+//! `NAME.json` (the figures) and `NAME.svg` (up to four panels sharing the time axis:
+//! latency on a log scale, throughput, RSS, threads and descriptors), drawn with plotters'
+//! SVG backend. NAME is the scenario, its size and the server's kind (`fanout-9000-spawned`),
+//! so with `--versus-floor` eventserver's and the bare engine's charts sit side by side, the
+//! last round's of each.
 
 use std::error::Error;
 use std::path::Path;

@@ -29,8 +29,8 @@
 //!   --close-with-reset   subscribers end with a reset (SO_LINGER 0) instead of a FIN, as
 //!                        killed clients or NATs timing out do
 //!   --report DIR         also write, per scenario run, DIR/NAME.svg (latency percentiles
-//!                        and throughput per second, the server's RSS and threads) and the
-//!                        DIR/NAME.json it is drawn from (see chart.rs)
+//!                        and throughput over time, and the server's RSS and threads) and
+//!                        the DIR/NAME.json it is drawn from (see chart.rs)
 //! ```
 //!
 //! # Scenarios

@@ -43,7 +43,7 @@ pub struct Appender {
     pub lost: u64,
     /// Latency of each 200, µs.
     pub lat: Vec<u64>,
-    /// The same latencies by the second since the first request, for `--report`.
+    /// The same latencies by their time since the first request, for `--report`.
     pub timeline: Timeline,
     /// Whether each 200's body looked right (an id, or `{"success": true}`).
     pub bad_bodies: u64,

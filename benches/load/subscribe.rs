@@ -79,7 +79,7 @@ pub struct Subscribers {
     waiting: Vec<usize>,
     /// Publish→delivery latency of every event received, µs.
     pub(crate) lat: Vec<u64>,
-    /// The same latencies by the second of the run they arrived in, for `--report`.
+    /// The same latencies by their arrival time on the bench clock, for `--report`.
     pub(crate) timeline: Timeline,
     /// Per sequence number: when the last subscriber here got it (µs on the bench clock).
     pub(crate) last_arrival: Vec<u64>,
