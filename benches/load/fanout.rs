@@ -3,11 +3,12 @@
 //! **idle** (N parked subscribers held: the server's memory, threads and descriptors).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::Opts;
+use crate::chart::{self, Report};
 use crate::report::{self, Figure, Latency, ProcSample, cell_ms, percent};
 use crate::subscribe::{Plan, Published, publish_paced};
 use crate::target::{Need, Target};
@@ -39,17 +40,20 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
         let plan = Plan::new(&target, categories.clone(), n, opts, secs);
         let epoch = plan.epoch;
         let mut parked_sample = None;
-        let mut outcome = plan.run(|_| {
-            parked_sample = target.pid.and_then(ProcSample::read);
-            publish_paced(
-                &target.site,
-                &categories,
-                opts.events,
-                interval,
-                epoch,
-                |_| 0,
-            )
-        })?;
+        let (outcome, server) = chart::sampled(target.pid, epoch, || {
+            plan.run(|_| {
+                parked_sample = target.pid.and_then(ProcSample::read);
+                publish_paced(
+                    &target.site,
+                    &categories,
+                    opts.events,
+                    interval,
+                    epoch,
+                    |_| 0,
+                )
+            })
+        });
+        let mut outcome = outcome?;
         let v = judge(&mut outcome.shards, &outcome.published, 1);
         let ack = Latency::of(&mut outcome.published.ack_lat);
         eprintln!(
@@ -59,6 +63,18 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
             v.expected
         );
         figures.extend(headline(&format!("fanout {n}"), &v));
+        Report {
+            name: format!("fanout-{n}-{}", target.kind),
+            title: format!(
+                "fanout: {n} subscribers, {} events one every {} ms ({} server)",
+                opts.events, opts.interval_ms, target.kind
+            ),
+            latency: "publish→delivery",
+            unit: "deliveries",
+            timeline: outcome.timeline(),
+            server,
+        }
+        .write(opts)?;
         rows.push(vec![
             n.to_string(),
             target.kind.to_owned(),
@@ -150,17 +166,32 @@ pub fn categories(opts: &Opts) -> Result<Vec<Figure>, String> {
     let plan = Plan::new(&target, categories.clone(), n, opts, secs);
     let epoch = plan.epoch;
     let mut rng = crate::Rng::new(0x5eed);
-    let mut outcome = plan.run(|_| {
-        publish_paced(
-            &target.site,
-            &categories,
-            count,
-            Duration::from_secs_f64(1.0 / opts.rate),
-            epoch,
-            |_| rng.below(k as u64) as u32,
-        )
-    })?;
+    let (outcome, server) = chart::sampled(target.pid, epoch, || {
+        plan.run(|_| {
+            publish_paced(
+                &target.site,
+                &categories,
+                count,
+                Duration::from_secs_f64(1.0 / opts.rate),
+                epoch,
+                |_| rng.below(k as u64) as u32,
+            )
+        })
+    });
+    let mut outcome = outcome?;
     let v = judge(&mut outcome.shards, &outcome.published, k);
+    Report {
+        name: format!("categories-{n}-{}", target.kind),
+        title: format!(
+            "categories: {n} subscribers over {k} categories, {count} random publishes at {}/s ({} server)",
+            opts.rate, target.kind
+        ),
+        latency: "publish→delivery",
+        unit: "deliveries",
+        timeline: outcome.timeline(),
+        server,
+    }
+    .write(opts)?;
     report::table(
         &format!(
             "categories ({} server, {n} subscribers over {k} categories, {count} random publishes at {}/s)",
@@ -226,29 +257,31 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         drain: Duration::ZERO,
         ..Plan::new(&target, categories, n, opts, hold.as_secs_f64())
     };
-    let mut samples = Vec::new();
-    let mut outcome = plan.run(|_| {
-        let end = Instant::now() + hold;
-        while Instant::now() < end {
-            samples.extend(ProcSample::read(pid));
-            std::thread::sleep(
-                Duration::from_millis(500).min(end.saturating_duration_since(Instant::now())),
-            );
-        }
-        Published::default()
-    })?;
-    std::thread::sleep(Duration::from_secs(2));
-    let after = ProcSample::read(pid);
-    // By then a server has let go of the polls of clients that went away, and tiny_http's
-    // pool has ended the threads that were left idle for its 5 s.
-    std::thread::sleep(Duration::from_secs(6));
-    let settled = ProcSample::read(pid);
+    let epoch = plan.epoch;
+    let mut last = None;
+    let (outcome, mut samples) = chart::sampled(Some(pid), epoch, || {
+        plan.run(|_| {
+            std::thread::sleep(hold);
+            last = ProcSample::read(pid);
+            Published::default()
+        })
+    });
+    let mut outcome = outcome?;
+    let last = last.unwrap_or_default();
+    let ((after, settled), closed) = chart::sampled(Some(pid), epoch, || {
+        std::thread::sleep(Duration::from_secs(2));
+        let after = ProcSample::read(pid);
+        // By then a server has let go of the polls of clients that went away, and
+        // tiny_http's pool has ended the threads that were left idle for its 5 s.
+        std::thread::sleep(Duration::from_secs(6));
+        (after, ProcSample::read(pid))
+    });
     let peak = samples
         .iter()
-        .copied()
+        .map(|(_, s)| *s)
         .max_by_key(|s| s.rss_kib)
         .unwrap_or_default();
-    let last = samples.last().copied().unwrap_or_default();
+    samples.extend(closed);
     let per = (last.rss_kib.saturating_sub(before.rss_kib)) as f64 / n.max(1) as f64;
     let answered: u64 = outcome
         .shards
@@ -257,6 +290,19 @@ pub fn idle(opts: &Opts) -> Result<(), String> {
         .sum();
     let v = judge(&mut outcome.shards, &Published::default(), 1);
     let errors = v.error_count();
+    Report {
+        name: format!("idle-{n}-{}", target.kind),
+        title: format!(
+            "idle: {n} parked subscribers held {:.0} s, then closed ({} server)",
+            hold.as_secs_f64(),
+            target.kind
+        ),
+        latency: "poll",
+        unit: "early answers",
+        timeline: outcome.timeline(),
+        server: samples,
+    }
+    .write(opts)?;
     let row = |label: &str, sample: Option<ProcSample>| {
         vec![
             label.to_owned(),

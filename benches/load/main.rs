@@ -28,6 +28,9 @@
 //!                        fanout, categories; see versus.rs)
 //!   --close-with-reset   subscribers end with a reset (SO_LINGER 0) instead of a FIN, as
 //!                        killed clients or NATs timing out do
+//!   --report DIR         also write, per scenario run, DIR/NAME.svg (latency percentiles
+//!                        and throughput over time, and the server's RSS and threads) and
+//!                        the DIR/NAME.json it is drawn from (see chart.rs)
 //! ```
 //!
 //! # Scenarios
@@ -100,6 +103,7 @@
 //! (other work on the machine skews everything). Each scenario prints a table and one JSON
 //! line (`{"scenario": …}`) for tooling.
 
+mod chart;
 mod consume;
 mod engine;
 mod fanout;
@@ -179,6 +183,8 @@ pub struct Opts {
     pub versus_floor: Option<usize>,
     /// Subscribers end with a reset instead of a FIN.
     pub close_with_reset: bool,
+    /// `--report`: where to write each run's chart and its data.
+    pub report: Option<PathBuf>,
 }
 
 const SCENARIOS: &[&str] = &[
@@ -230,6 +236,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         run_id: uuid::Uuid::new_v4().simple().to_string()[..8].to_owned(),
         versus_floor: None,
         close_with_reset: false,
+        report: None,
     };
     let (mut url, mut user, mut password, mut pid, mut workers, mut bin) =
         (None, None, None, None, None, None);
@@ -285,6 +292,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--engine-floor" => floor = true,
             "--versus-floor" => versus = true,
             "--close-with-reset" => opts.close_with_reset = true,
+            "--report" => opts.report = Some(PathBuf::from(value()?)),
             "--rounds" => rounds = Some((num(value()?)? as usize).clamp(1, 100)),
             "--duration" => opts.duration = Some(num(value()?)?.clamp(0.1, 3600.0)),
             "--conns" => opts.conns = list(&flag, &value()?)?,
@@ -465,6 +473,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(dir) = &opts.report
+        && let Err(e) = std::fs::create_dir_all(dir)
+    {
+        eprintln!("load: cannot create {}: {e}", dir.display());
+        return ExitCode::FAILURE;
+    }
     let nofile = raise_nofile();
     eventserver::log::set_level(eventserver::log::Level::Warn);
     eprintln!(

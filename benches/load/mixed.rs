@@ -5,11 +5,11 @@
 //! threads at the start, at the end and at their peak (no growth beyond the working set).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::chart::{self, Report};
 use crate::consume::Consumers;
 use crate::engine::{self, Options};
 use crate::publish::Appender;
@@ -51,61 +51,45 @@ pub fn run(opts: &Opts) -> Result<(), String> {
     let mut parts = None;
     let mut outcome = plan.run(|_| {
         let start = pid.and_then(ProcSample::read);
-        let sampling = AtomicBool::new(true);
-        let began = Instant::now();
-        let (published, app, cons, samples) = std::thread::scope(|s| {
-            let producers = s.spawn(|| {
-                let mut app =
-                    Appender::new(site, Api::Streams, &streams, PRODUCERS, Some(span), None);
-                let mut eo = Options::new(Instant::now() + span + Duration::from_secs(60));
-                eo.connect_all_first = true;
-                let stats = engine::run(site.addr, PRODUCERS, &mut app, &eo);
-                (app, stats)
-            });
-            let consumers = s.spawn(|| {
-                let until = Instant::now() + span;
-                let mut c = Consumers::new(
+        let ((published, app, cons), samples) = chart::sampled(pid, epoch, || {
+            std::thread::scope(|s| {
+                let producers = s.spawn(|| {
+                    let mut app =
+                        Appender::new(site, Api::Streams, &streams, PRODUCERS, Some(span), None);
+                    let mut eo = Options::new(Instant::now() + span + Duration::from_secs(60));
+                    eo.connect_all_first = true;
+                    let stats = engine::run(site.addr, PRODUCERS, &mut app, &eo);
+                    (app, stats)
+                });
+                let consumers = s.spawn(|| {
+                    let until = Instant::now() + span;
+                    let mut c = Consumers::new(
+                        site,
+                        &streams[0],
+                        "mixed",
+                        CONSUMERS,
+                        opts.limit,
+                        None,
+                        Some(until),
+                    );
+                    let eo = Options::new(until + Duration::from_secs(60));
+                    let stats = engine::run(site.addr, CONSUMERS, &mut c, &eo);
+                    (c, stats)
+                });
+                let mut rng = Rng::new(0x3141);
+                let count = (PUBLISH_RATE * secs) as usize;
+                let published = publish_paced(
                     site,
-                    &streams[0],
-                    "mixed",
-                    CONSUMERS,
-                    opts.limit,
-                    None,
-                    Some(until),
+                    &categories,
+                    count,
+                    Duration::from_secs_f64(1.0 / PUBLISH_RATE),
+                    epoch,
+                    |_| rng.below(k as u64) as u32,
                 );
-                let eo = Options::new(until + Duration::from_secs(60));
-                let stats = engine::run(site.addr, CONSUMERS, &mut c, &eo);
-                (c, stats)
-            });
-            let sampler = s.spawn(|| {
-                let mut samples = Vec::new();
-                while sampling.load(Ordering::Relaxed) {
-                    if let Some(s) = pid.and_then(ProcSample::read) {
-                        samples.push((began.elapsed().as_secs_f64(), s));
-                    }
-                    std::thread::sleep(Duration::from_millis(1000));
-                }
-                samples
-            });
-            let mut rng = Rng::new(0x3141);
-            let count = (PUBLISH_RATE * secs) as usize;
-            let published = publish_paced(
-                site,
-                &categories,
-                count,
-                Duration::from_secs_f64(1.0 / PUBLISH_RATE),
-                epoch,
-                |_| rng.below(k as u64) as u32,
-            );
-            let app = producers.join().expect("producer thread");
-            let cons = consumers.join().expect("consumer thread");
-            sampling.store(false, Ordering::Relaxed);
-            (
-                published,
-                app,
-                cons,
-                sampler.join().expect("sampler thread"),
-            )
+                let app = producers.join().expect("producer thread");
+                let cons = consumers.join().expect("consumer thread");
+                (published, app, cons)
+            })
         });
         parts = Some((start, app, cons, samples));
         published
@@ -210,5 +194,17 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         "server_peak": peak.map(|s| s.json()),
         "rss_samples_kib": samples.iter().map(|(t, s)| json!([(t * 10.0).round() / 10.0, s.rss_kib])).collect::<Vec<_>>(),
     }));
+    Report {
+        name: format!("mixed-{n}-{}", target.kind),
+        title: format!(
+            "mixed: {n} subscribers over {k} categories, {PRODUCERS} appenders, {CONSUMERS} consumers, {secs:.0} s ({} server)",
+            target.kind
+        ),
+        latency: "publish→delivery",
+        unit: "deliveries",
+        timeline: outcome.timeline(),
+        server: samples,
+    }
+    .write(opts)?;
     Ok(())
 }

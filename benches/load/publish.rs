@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::chart::{self, Report, Timeline};
 use crate::engine::{self, Client, Ctl, Options};
 use crate::report::{self, Figure, Latency, cell_ms};
 use crate::target::{Need, Target};
@@ -42,6 +43,8 @@ pub struct Appender {
     pub lost: u64,
     /// Latency of each 200, µs.
     pub lat: Vec<u64>,
+    /// The same latencies by their time since the first request, for `--report`.
+    pub timeline: Timeline,
     /// Whether each 200's body looked right (an id, or `{"success": true}`).
     pub bad_bodies: u64,
 }
@@ -89,6 +92,7 @@ impl Appender {
             statuses: BTreeMap::new(),
             lost: 0,
             lat: Vec::new(),
+            timeline: Timeline::default(),
             bad_bodies: 0,
         }
     }
@@ -173,7 +177,12 @@ impl Client for Appender {
         self.last = Some(now);
         if status == 200 {
             self.ok += 1;
-            self.lat.push(now.duration_since(sent).as_micros() as u64);
+            let lat = now.duration_since(sent).as_micros() as u64;
+            self.lat.push(lat);
+            if let Some(began) = self.began {
+                self.timeline
+                    .record(now.duration_since(began).as_micros() as u64, lat);
+            }
             let good = match self.api {
                 Api::Streams => body.len() == 38 && body[0] == b'"',
                 Api::Publish => body.windows(4).any(|w| w == b"true"),
@@ -314,7 +323,9 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
             eo.connect_all_first = true;
             let before = WriterStats::scrape(&target.site);
             let disk_before = disk_of(&target);
-            let transport = engine::run(target.site.addr, k, &mut app, &eo);
+            let (transport, server) = chart::sampled(target.pid, Instant::now(), || {
+                engine::run(target.site.addr, k, &mut app, &eo)
+            });
             let writer = before
                 .zip(WriterStats::scrape(&target.site))
                 .map(|(b, a)| a.since(b));
@@ -326,6 +337,19 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
                 api.name(),
                 app.rate()
             );
+            Report {
+                name: format!("publish-{}-x{k}-{}", api.name(), target.kind),
+                title: format!(
+                    "publish: {k} connections appending through {} ({} server, 200s only)",
+                    api.name(),
+                    target.kind
+                ),
+                latency: "request",
+                unit: "events",
+                timeline: std::mem::take(&mut app.timeline),
+                server,
+            }
+            .write(opts)?;
             runs.push(Run {
                 api,
                 conns: k,

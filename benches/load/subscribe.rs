@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use crate::chart::Timeline;
 use crate::engine::{self, Client, Ctl, Options};
 use crate::target::Target;
 use crate::wire::{Blocking, Site};
@@ -78,6 +79,8 @@ pub struct Subscribers {
     waiting: Vec<usize>,
     /// Publish→delivery latency of every event received, µs.
     pub(crate) lat: Vec<u64>,
+    /// The same latencies by their arrival time on the bench clock, for `--report`.
+    pub(crate) timeline: Timeline,
     /// Per sequence number: when the last subscriber here got it (µs on the bench clock).
     pub(crate) last_arrival: Vec<u64>,
     /// Non-200 answers.
@@ -124,6 +127,7 @@ impl Subscribers {
                 .collect(),
             waiting: Vec::new(),
             lat: Vec::new(),
+            timeline: Timeline::default(),
             last_arrival: Vec::new(),
             statuses: BTreeMap::new(),
             error_bodies: 0,
@@ -200,7 +204,9 @@ impl Client for Subscribers {
         for e in &reply.events {
             let seq = e.data.seq as usize;
             sub.got.push(e.data.seq);
-            self.lat.push(now_us.saturating_sub(e.data.t));
+            let lat = now_us.saturating_sub(e.data.t);
+            self.lat.push(lat);
+            self.timeline.record(now_us, lat);
             if self.last_arrival.len() <= seq {
                 self.last_arrival.resize(seq + 1, 0);
             }
@@ -375,6 +381,17 @@ pub struct Outcome {
     pub published: Published,
     /// From the first connection until every subscriber was parked (or presumed so).
     pub park_time: Duration,
+}
+
+impl Outcome {
+    /// Every thread's delivery latencies by second, taken out of the shards.
+    pub fn timeline(&mut self) -> Timeline {
+        let mut all = Timeline::default();
+        for (shard, _) in &mut self.shards {
+            all.merge(std::mem::take(&mut shard.timeline));
+        }
+        all
+    }
 }
 
 impl Plan<'_> {
