@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [SCENARIO...] [OPTIONS]
-//!   SCENARIO   publish consume fanout idle categories mixed, or all (the default)
+//!   SCENARIO   publish consume fanout idle categories mixed retention, or all (the
+//!              default)
 //!   --url http://127.0.0.1:PORT --user U --password P [--pid PID]
 //!              load a server that is already running (loopback only); --pid lets the
 //!              idle and mixed scenarios read its memory and threads from /proc
@@ -43,6 +44,9 @@
 //! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
 //!   for `--duration` (10 s): each subscriber must get exactly its category's events.
 //! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.
+//! - **retention**: `--retain-events 1000` turned on over 1,000,000 events while the
+//!   largest of `--conns` publishes for `--duration` (10 s): p99, max, and the time until
+//!   trimmed; see `retention.rs`.
 //!
 //! # Which server is loaded
 //!
@@ -87,6 +91,7 @@ mod floor;
 mod mixed;
 mod publish;
 mod report;
+mod retention;
 mod subscribe;
 mod target;
 mod verdict;
@@ -162,6 +167,7 @@ const SCENARIOS: &[&str] = &[
     "idle",
     "categories",
     "mixed",
+    "retention",
 ];
 
 fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
@@ -410,6 +416,7 @@ fn main() -> ExitCode {
             "idle" => fanout::idle(&opts),
             "categories" => fanout::categories(&opts),
             "mixed" => mixed::run(&opts),
+            "retention" => retention::run(&opts),
             _ => unreachable!("checked when parsing"),
         };
         eprintln!("load: {scenario} done — load average {}", load_average());
