@@ -7,8 +7,9 @@
 //! 1. stop accepting and close the request queue (new requests get 503);
 //! 2. close the registry: every parked long-poll is answered now, later ones at once;
 //! 3. wait until each worker has taken its last request;
-//! 4. stop the writer after it commits everything queued; its end disconnects the
-//!    checkpoint thread's pokes, which stops it; then checkpoint the database one last time;
+//! 4. stop the writer after it commits everything queued; it then drops the checkpoint
+//!    thread's pokes, which stops that thread, waits for it to end, and checkpoints the
+//!    database one last time;
 //! 5. stop the workers once the last answers are sent, then the timer.
 
 use std::collections::HashSet;
@@ -90,6 +91,8 @@ impl Server {
 
         let checkpointer = Checkpointer::open(&app.config.db)?;
         let (pokes_tx, pokes_rx) = bounded::<()>(1);
+        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
+        let (ended_tx, ended_rx) = bounded::<()>(0);
         let writer = {
             let app = app.clone();
             thread::Builder::new()
@@ -103,7 +106,14 @@ impl Server {
                         // Full means a poke is pending already, which is as good.
                         let _ = pokes_tx.try_send(());
                     };
-                    writer::run(conn, writer_rx, clock, hook)
+                    let conn = writer::run(conn, writer_rx, clock, hook);
+                    // The checkpoint thread stops once its pokes are gone; the last
+                    // checkpoint waits for it, so that it runs alone.
+                    drop(pokes_tx);
+                    let _ = ended_rx.recv();
+                    if let Err(e) = store::checkpoint(&conn) {
+                        crate::log::warn(&format!("final checkpoint failed: {e}"));
+                    }
                 })?
         };
         let checkpoints = {
@@ -112,6 +122,7 @@ impl Server {
                 .name("checkpoint".into())
                 .stack_size(THREAD_STACK)
                 .spawn(move || {
+                    let _ended = ended_tx;
                     checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
                 })?
         };
@@ -271,8 +282,7 @@ struct Running {
     lanes: Arc<Lanes>,
     pool: Pool,
     done: Receiver<()>,
-    /// Returns the write connection, for the last checkpoint.
-    writer: JoinHandle<store::WriteConnection>,
+    writer: JoinHandle<()>,
     checkpoints: JoinHandle<()>,
     timer: JoinHandle<()>,
     tasks: Sender<Task>,
@@ -354,18 +364,9 @@ impl ServerHandle {
         }
         // No request can queue a write any more; Stop goes after everything queued.
         self.app.runtime.stop_writer();
-        let writer = running.writer.join();
-        // The writer's end disconnected the checkpoint thread's pokes.
+        let writer = running.writer.join().err();
+        // The writer's end stopped the checkpoint thread (it waited for it).
         let checkpoints = running.checkpoints.join().err();
-        let writer = match writer {
-            Ok(conn) => {
-                if let Err(e) = store::checkpoint(&conn) {
-                    crate::log::warn(&format!("final checkpoint failed: {e}"));
-                }
-                None
-            }
-            Err(panic) => Some(panic),
-        };
         for _ in 0..self.app.config.workers {
             let _ = running.tasks.send(Task::Stop);
         }

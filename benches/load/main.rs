@@ -44,9 +44,9 @@
 //! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
 //!   for `--duration` (10 s): each subscriber must get exactly its category's events.
 //! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.
-//! - **retention**: `--retain-events 1000` turned on over 1,000,000 events while the
-//!   largest of `--conns` publishes for `--duration` (10 s): p99, max, and the time until
-//!   trimmed; see `retention.rs`.
+//! - **retention**: `--retain-events 1000` turned on over 1,000,000 events while 64
+//!   connections (`--conns K`) publish for `--duration` (10 s): p99, max, and the time
+//!   until trimmed, beside the same load without retention; see `retention.rs`.
 //!
 //! # Which server is loaded
 //!

@@ -223,15 +223,15 @@ impl Checkpointer {
         ))
     }
 
-    /// A RESTART attempt, prepared so that it holds the write lock briefly: the dirty
-    /// pages earlier passes wrote are synced first, without any lock, so the sync inside
-    /// the checkpoint has little left to do (fsync flushes a file's data whichever
-    /// descriptor asks).
+    /// A RESTART attempt, prepared so that it holds the write lock briefly: a passive pass
+    /// copies all but the last commits' frames and the database file is synced, both
+    /// without any lock, so the RESTART itself copies and syncs only what came since
+    /// (fsync flushes a file's data whichever descriptor asks).
     fn restart(&self) -> Result<(bool, Wal), StoreError> {
+        self.pass("PASSIVE")?;
         std::fs::File::open(&self.db)
             .and_then(|file| file.sync_data())
             .map_err(|e| StoreError::File(self.db.clone(), e))?;
-        self.pass("PASSIVE")?;
         GIVE_UP_AT.with(|at| at.set(Some(Instant::now() + RESTART_PATIENCE)));
         let outcome = self.pass("RESTART");
         GIVE_UP_AT.with(|at| at.set(None));

@@ -194,9 +194,6 @@ const MIGRATIONS: &[&str] = &[
 "#,
 ];
 
-/// The writer's connection, handed back when the writer stops, for the last checkpoint.
-pub type WriteConnection = Connection;
-
 /// How long a connection waits for another one's lock (admin commands, checkpoints).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -14,8 +14,8 @@
 //! away for good is dropped with `consumer remove`, which lets the next run delete them.
 //!
 //! A run goes in chunks ([`Sweep`]): each is a transaction of its own that visits at most
-//! [`CHUNK`] events, and the writer commits a batch of whatever else is queued between two
-//! chunks. So the first run over a large database (`--retain-events` added to a server
+//! [`CHUNK`] events in commit order, and the writer commits a batch of whatever else is
+//! queued between two chunks. So the first run over a large database (`--retain-events` added to a server
 //! holding millions of events) holds producers up for one chunk at a time, never for the
 //! whole run: `cargo bench --bench load -- retention` publishes while it trims 1,000,000
 //! events, and `retention::a_large_backlog_is_trimmed_in_chunks_between_appends` checks
@@ -36,84 +36,70 @@ pub struct Retention {
     pub acked_only: bool,
 }
 
-/// Most events one chunk visits (deleted or held back), so that one transaction of
-/// retention takes about as long as a commit of appends (`cargo bench --bench load --
-/// retention`); visiting a stream counts as one.
+/// Most events one chunk visits (deleted or kept), so that one transaction of retention
+/// takes about as long as a commit of appends (`cargo bench --bench load -- retention`).
 pub(super) const CHUNK: i64 = 2_000;
 
-/// A retention run under way, one chunk (a transaction) at a time: its limits, and where
-/// its next chunk starts.
+/// A retention run under way, one chunk (a transaction) at a time.
+///
+/// Its first chunk computes each stream's cutoff (into the temporary table `retain_cut`
+/// of the writer's connection) and empties `retention_held`; then each chunk visits the
+/// next [`CHUNK`] events in commit order (`gid`), deleting those at or below their
+/// stream's cutoff, until it passes the newest event any cutoff reaches. Commit order,
+/// not stream by stream, because a commit interleaves the streams it touches: one
+/// stream's consecutive events lie one per table page when 64 streams are written
+/// together, so deleting them stream by stream rewrites a page per event, where commit
+/// order empties whole pages. What `acked_only` keeps of each chunk is added to
+/// `retention_held`, so mid-run it counts what the run has seen so far.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Sweep {
     limits: Retention,
-    /// The stream the next chunk starts with (streams go by id)…
-    stream: i64,
-    /// …and the sequence number in it deleted through so far (0: not started).
-    through: i64,
+    /// The newest event the cutoffs reach; `None` until the first chunk computed them.
+    last_gid: Option<i64>,
+    /// Events up to this one have been visited.
+    after_gid: i64,
     /// Events deleted by the earlier chunks.
     deleted: usize,
 }
 
 impl Sweep {
-    /// A run of `limits` over every stream, from the first.
+    /// A run of `limits` over every stream.
     pub(super) fn new(limits: Retention) -> Sweep {
         Sweep {
             limits,
-            stream: 0,
-            through: 0,
+            last_gid: None,
+            after_gid: 0,
             deleted: 0,
         }
     }
 
-    /// Deletes in `tx` what the limits reach at `now_ms`, visiting at most [`CHUNK`] events,
-    /// and returns where the next chunk starts; `None` once every stream is done.
-    ///
-    /// A stream's prefix goes as a range of sequence numbers from its first stored event,
-    /// so a chunk never walks what earlier runs deleted, and each range is bounded by the
-    /// events left to visit. What a range keeps under `acked_only` is added to
-    /// `retention_held` as the range is done; a stream's rows there are emptied when the
-    /// run reaches it, so mid-run they count what the run has seen so far.
+    /// The same run from its start, for a new connection (which has no `retain_cut`).
+    pub(super) fn anew(self) -> Sweep {
+        Sweep::new(self.limits)
+    }
+
+    /// Deletes in `tx` what the limits reach at `now_ms` (at the run's first chunk),
+    /// visiting at most [`CHUNK`] events; returns where the next chunk starts, `None` once
+    /// the run is done.
     pub(super) fn chunk(
         mut self,
         tx: &Transaction<'_>,
         now_ms: u64,
     ) -> Result<Option<Sweep>, StoreError> {
-        let streams: Vec<(i64, i64)> = tx
-            .prepare_cached("SELECT id, last_seq FROM streams WHERE id >= ?1 ORDER BY id")?
-            .query_map([self.stream], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        let mut left = CHUNK;
-        for (id, last_seq) in streams {
-            if left <= 0 {
-                (self.stream, self.through) = (id, 0);
-                return Ok(Some(self));
-            }
-            left -= 1;
-            let from = match id == self.stream {
-                true => self.through,
-                false => 0,
-            };
-            if from == 0 {
-                tx.prepare_cached("DELETE FROM retention_held WHERE stream_id = ?1")?
-                    .execute([id])?;
-            }
-            let cutoff = cutoff(tx, &self.limits, id, last_seq, now_ms)?;
-            let first: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT seq FROM events WHERE stream_id = ?1 AND seq > ?2 \
-                     ORDER BY seq LIMIT 1",
-                )?
-                .query_row(params![id, from], |r| r.get(0))
-                .optional()?;
-            let Some(first) = first.filter(|first| *first <= cutoff) else {
-                continue;
-            };
-            let after = first - 1;
-            let through = cutoff.min(after + left);
-            left -= through - after;
-            self.deleted += self.delete(tx, id, after, through)?;
-            if through < cutoff {
-                (self.stream, self.through) = (id, through);
+        let last_gid = match self.last_gid {
+            Some(gid) => gid,
+            None => *self.last_gid.insert(self.cut(tx, now_ms)?),
+        };
+        // Skip what earlier runs deleted: the oldest event left, by the rowid.
+        let first: Option<i64> = tx
+            .prepare_cached("SELECT gid FROM events WHERE gid > ?1 ORDER BY gid LIMIT 1")?
+            .query_row([self.after_gid], |r| r.get(0))
+            .optional()?;
+        if let Some(first) = first.filter(|first| *first <= last_gid) {
+            let through = last_gid.min(first - 1 + CHUNK);
+            self.deleted += self.delete(tx, first - 1, through)?;
+            self.after_gid = through;
+            if through < last_gid {
                 return Ok(Some(self));
             }
         }
@@ -123,37 +109,65 @@ impl Sweep {
         Ok(None)
     }
 
-    /// Deletes the events of stream `id` in `after + 1 ..= through` that the limits let go,
+    /// Records every stream's cutoff in `retain_cut` and empties `retention_held`; returns
+    /// the newest event the cutoffs reach (0: none). One lookup per stream.
+    fn cut(&self, tx: &Transaction<'_>, now_ms: u64) -> Result<i64, StoreError> {
+        tx.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS retain_cut \
+             (stream_id INTEGER PRIMARY KEY, seq INTEGER NOT NULL); \
+             DELETE FROM temp.retain_cut; DELETE FROM retention_held;",
+        )?;
+        let streams: Vec<(i64, i64)> = tx
+            .prepare_cached("SELECT id, last_seq FROM streams")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut last_gid = 0;
+        for (id, last_seq) in streams {
+            let cutoff = cutoff(tx, &self.limits, id, last_seq, now_ms)?;
+            let newest: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT gid FROM events WHERE stream_id = ?1 AND seq <= ?2 \
+                     ORDER BY seq DESC LIMIT 1",
+                )?
+                .query_row(params![id, cutoff], |r| r.get(0))
+                .optional()?;
+            if let Some(gid) = newest {
+                tx.prepare_cached("INSERT INTO temp.retain_cut (stream_id, seq) VALUES (?1, ?2)")?
+                    .execute(params![id, cutoff])?;
+                last_gid = last_gid.max(gid);
+            }
+        }
+        Ok(last_gid)
+    }
+
+    /// Deletes the events in `after + 1 ..= through` (by `gid`) that the limits let go,
     /// and counts what `acked_only` keeps of them; returns the events deleted.
-    fn delete(
-        &self,
-        tx: &Transaction<'_>,
-        id: i64,
-        after: i64,
-        through: i64,
-    ) -> Result<usize, StoreError> {
+    fn delete(&self, tx: &Transaction<'_>, after: i64, through: i64) -> Result<usize, StoreError> {
+        // A stream without a cutoff has no row in retain_cut: `seq <= NULL` keeps its events.
         if !self.limits.acked_only {
-            let sql = "DELETE FROM events WHERE stream_id = ?1 AND seq > ?2 AND seq <= ?3";
-            return Ok(tx
-                .prepare_cached(sql)?
-                .execute(params![id, after, through])?);
+            let sql = "DELETE FROM events WHERE gid > ?1 AND gid <= ?2 AND seq <= \
+                       (SELECT seq FROM temp.retain_cut c WHERE c.stream_id = events.stream_id)";
+            return Ok(tx.prepare_cached(sql)?.execute(params![after, through])?);
         }
         let deleted = tx
             .prepare_cached(
-                "DELETE FROM events WHERE stream_id = ?1 AND seq > ?2 AND seq <= ?3 \
-                 AND NOT EXISTS (SELECT 1 FROM offsets o WHERE o.stream_id = ?1 \
+                "DELETE FROM events WHERE gid > ?1 AND gid <= ?2 AND seq <= \
+                 (SELECT seq FROM temp.retain_cut c WHERE c.stream_id = events.stream_id) \
+                 AND NOT EXISTS (SELECT 1 FROM offsets o WHERE o.stream_id = events.stream_id \
                  AND o.name = events.name AND o.seq < events.seq)",
             )?
-            .execute(params![id, after, through])?;
-        // What is left of the range is held back, by whom.
+            .execute(params![after, through])?;
+        // What is left of the chunk within the cutoffs is held back, by whom.
         tx.prepare_cached(
             "INSERT INTO retention_held (stream_id, consumer, events) \
-             SELECT ?1, o.consumer, COUNT(*) FROM events e JOIN offsets o \
-             ON o.stream_id = e.stream_id AND o.name = e.name AND o.seq < e.seq \
-             WHERE e.stream_id = ?1 AND e.seq > ?2 AND e.seq <= ?3 GROUP BY o.consumer \
+             SELECT e.stream_id, o.consumer, COUNT(*) FROM events e \
+             JOIN temp.retain_cut c ON c.stream_id = e.stream_id \
+             JOIN offsets o ON o.stream_id = e.stream_id AND o.name = e.name AND o.seq < e.seq \
+             WHERE e.gid > ?1 AND e.gid <= ?2 AND e.seq <= c.seq \
+             GROUP BY e.stream_id, o.consumer \
              ON CONFLICT (stream_id, consumer) DO UPDATE SET events = events + excluded.events",
         )?
-        .execute(params![id, after, through])?;
+        .execute(params![after, through])?;
         Ok(deleted)
     }
 }

@@ -212,6 +212,10 @@ pub fn run(
                         // The cache may hold what the rolled-back transaction did: start
                         // afresh.
                         streams = StreamCache::default();
+                        // A reopened connection lost the retention run's cutoffs.
+                        if e.is_disk_failure() {
+                            sweep = sweep.map(Sweep::anew);
+                        }
                         conn = failed(conn, &format!("commit of {jobs} jobs"), &e);
                         fail(batch, WriteError::Storage(Arc::new(e)))
                     }
