@@ -7,8 +7,8 @@
 //! does the copying instead, on SQLite's documented checkpoint modes
 //! (sqlite.org/c3ref/wal_checkpoint_v2.html):
 //!
-//! - **PASSIVE, after commits** (at most every [`PASS_GAP`]). It takes no lock a writer or reader waits for; it copies
-//!   every frame no reader still needs. Under steady load it never finishes the log, as new
+//! - **PASSIVE, every [`PASS_EVERY`] commits.** It takes no lock a writer or reader waits
+//!   for; it copies every frame no reader still needs. Under steady load it never finishes the log, as new
 //!   commits land while it copies, but it keeps what is left to copy small.
 //! - **RESTART, once the log passes [`RESTART_BYTES`].** The log only starts over from its
 //!   beginning when every frame in it is in the database and no reader uses it; under steady
@@ -57,14 +57,16 @@ const RESTART_PATIENCE: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 
-/// Least time between two passes. A pass after every commit copies the pages each commit
-/// rewrites (the tails of the tables and indexes) once per commit: in the publish bench at
-/// 64 connections that wrote 17–19 KiB per event against 13–14 with this gap, which is
-/// what the automatic checkpoint every 4,000 frames wrote.
-const PASS_GAP: Duration = Duration::from_millis(10);
+/// Commits between two passes (the writer pokes after each; pokes that come while a pass
+/// runs count once). As often as SQLite's automatic checkpoint at 4,000 frames ran under
+/// the publish bench at 64 connections (~130 frames a commit), so the database file takes
+/// each rewritten page as often as before: a pass after every commit wrote 17–19 KiB per
+/// event there, against 13–14. Counting commits rather than time keeps a lightly loaded
+/// server's log to a few dozen commits, and leaves a log that a full disk stopped as it is
+/// (`abuse::a_full_disk_fails_writes_cleanly_and_they_resume_when_space_returns`).
+const PASS_EVERY: u32 = 32;
 
-/// A pass runs at least this often without commits, so a RESTART that gave up is retried
-/// on an idle server too.
+/// After this long without commits, a pass retries a RESTART that gave up.
 const IDLE_PASS: Duration = Duration::from_secs(1);
 
 /// How long the log may stay over its bound before it is logged, and between warnings.
@@ -149,23 +151,28 @@ impl Checkpointer {
         })
     }
 
-    /// Checkpoints after every poke (and every [`IDLE_PASS`]) until `pokes` disconnects;
-    /// hands `report` the log's state after each pass.
+    /// Checkpoints every [`PASS_EVERY`] pokes (and after [`IDLE_PASS`] without one while
+    /// the log is over its bound) until `pokes` disconnects; hands `report` the log's state
+    /// after each pass.
     pub fn run(self, pokes: &Receiver<()>, report: impl Fn(Wal)) {
         let mut retry_at = Instant::now();
-        let mut last_pass = Instant::now();
         let mut retry_in = RETRY_FIRST;
         let mut stuck = Stuck::default();
+        let mut unpassed = 0;
+        let mut over = false;
         loop {
-            match pokes.recv_timeout(IDLE_PASS) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            let due = match pokes.recv_timeout(IDLE_PASS) {
+                Ok(()) => {
+                    unpassed += 1;
+                    unpassed >= PASS_EVERY
+                }
+                Err(RecvTimeoutError::Timeout) => over,
                 Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if !due {
+                continue;
             }
-            // Pokes during the wait coalesce into one pass.
-            if let Some(wait) = (last_pass + PASS_GAP).checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            last_pass = Instant::now();
+            unpassed = 0;
             let Some((_, mut wal)) = self.logged(self.pass("PASSIVE")) else {
                 continue;
             };
@@ -186,7 +193,8 @@ impl Checkpointer {
                 }
             }
             report(wal);
-            if let Some(stuck_for) = stuck.after(now, wal.bytes >= RESTART_BYTES, restarted) {
+            over = wal.bytes >= RESTART_BYTES;
+            if let Some(stuck_for) = stuck.after(now, over, restarted) {
                 crate::log::warn(&format!(
                     "the write-ahead log holds {} MiB ({} MiB not yet in the database) and \
                      could not start over for {} s: a long-held read (an open transaction, a \

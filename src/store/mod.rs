@@ -21,6 +21,10 @@
 //! - **WAL readers never block the writer, nor it them**: each worker has its own read
 //!   connection; `tests/it/crash.rs` kills the server mid-load and checks that every
 //!   acknowledged event is there, once and in order.
+//! - **A checkpoint on another connection holds commits up only when it must**: a PASSIVE
+//!   one takes no lock the writer waits for; only the RESTART that lets the log start over
+//!   takes the write lock, briefly ([`checkpoint`]). The writer's busy handler waits in
+//!   short steps, so it resumes as soon as that lock is let go.
 
 pub mod admin;
 mod checkpoint;
