@@ -234,7 +234,12 @@ impl Checkpointer {
     /// A RESTART attempt, prepared so that it holds the write lock briefly: a passive pass
     /// copies all but the last commits' frames and the database file is synced, both
     /// without any lock, so the RESTART itself copies and syncs only what came since
-    /// (fsync flushes a file's data whichever descriptor asks).
+    /// (fsync flushes a file's data whichever descriptor asks). Timed in a build of this
+    /// function under `cargo bench --bench load -- publish --conns 64 --duration 20 --api
+    /// streams` (167 RESTARTs, all completed): the passive pass took 2.2 ms at the median
+    /// (4.8 ms at p90) and the sync 2.6 ms (4.9 ms), both while commits went on; the RESTART,
+    /// its wait for the write lock included, 3.5 ms (6.4 ms, at most 13 ms). So most of
+    /// what a commit used to wait for is off its path, but not all of it.
     fn restart(&self) -> Result<(bool, Wal), StoreError> {
         self.pass("PASSIVE")?;
         std::fs::File::open(&self.db)
