@@ -23,7 +23,7 @@
 //!   acknowledged event is there, once and in order.
 //! - **A checkpoint on another connection holds commits up only when it must**: a PASSIVE
 //!   one takes no lock the writer waits for; only the RESTART that lets the log start over
-//!   takes the write lock, briefly ([`checkpoint`]). The writer's busy handler waits in
+//!   takes the write lock, briefly ([`mod@checkpoint`]). The writer's busy handler waits in
 //!   short steps, so it resumes as soon as that lock is let go.
 
 pub mod admin;
