@@ -75,6 +75,8 @@ struct State {
     appended: HashMap<String, u64>,
     batch: Option<Histogram>,
     commit: Option<Histogram>,
+    /// The write-ahead log's bytes and those not yet checkpointed.
+    wal: (u64, u64),
 }
 
 /// The server's metrics.
@@ -134,6 +136,12 @@ impl Metrics {
         }
     }
 
+    /// Records the write-ahead log as the checkpoint thread's last pass left it: its bytes,
+    /// and those not yet copied into the database file.
+    pub fn wal(&self, bytes: u64, pending: u64) {
+        self.lock().wal = (bytes, pending);
+    }
+
     /// Renders everything in the Prometheus text format.
     pub fn render(&self, gauges: &Gauges) -> String {
         let s = self.lock();
@@ -188,6 +196,12 @@ impl Metrics {
             .clone()
             .unwrap_or_else(|| Histogram::new(SECONDS))
             .render(&mut out, "eventserver_writer_commit_seconds", "");
+        out.push_str("# HELP eventserver_wal_bytes Size of the write-ahead log's frames at the last checkpoint; it stays near 16 MiB unless a long-held read keeps it from starting over.\n");
+        out.push_str("# TYPE eventserver_wal_bytes gauge\n");
+        let _ = writeln!(out, "eventserver_wal_bytes {}", s.wal.0);
+        out.push_str("# HELP eventserver_wal_pending_bytes Frames of the write-ahead log not yet copied into the database file at the last checkpoint.\n");
+        out.push_str("# TYPE eventserver_wal_pending_bytes gauge\n");
+        let _ = writeln!(out, "eventserver_wal_pending_bytes {}", s.wal.1);
         drop(s);
         out.push_str("# HELP eventserver_longpoll_parked Long-poll requests parked now.\n");
         out.push_str("# TYPE eventserver_longpoll_parked gauge\n");
@@ -238,6 +252,7 @@ mod tests {
         m.request("publish", 200, Duration::from_millis(2));
         m.request("publish", 200, Duration::from_millis(30));
         m.commit(3, Duration::from_millis(1), [("a\"b", 3)].into_iter());
+        m.wal(8192, 4096);
         let text = m.render(&Gauges {
             parked: 7,
             database_bytes: 4096,
@@ -256,6 +271,8 @@ mod tests {
         assert!(text.contains("eventserver_events_appended_total{stream=\"a\\\"b\"} 3\n"));
         assert!(text.contains("eventserver_writer_batch_size_bucket{le=\"4\"} 1\n"));
         assert!(text.contains("eventserver_longpoll_parked 7\n"));
+        assert!(text.contains("eventserver_wal_bytes 8192\n"));
+        assert!(text.contains("eventserver_wal_pending_bytes 4096\n"));
         assert!(text.contains(
             "eventserver_consumer_lag{stream=\"s\",consumer=\"c\",event_name=\"E\"} 5\n"
         ));

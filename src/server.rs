@@ -1,12 +1,15 @@
 //! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns the server's
 //! threads; `service` adds the systemd watchdog's for the binary.
 //!
-//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one timer.
+//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one checkpoint thread
+//! (poked by the writer after its commits), one timer.
 //! Shutdown order, each step waiting for the one before:
 //! 1. stop accepting and close the request queue (new requests get 503);
 //! 2. close the registry: every parked long-poll is answered now, later ones at once;
 //! 3. wait until each worker has taken its last request;
-//! 4. stop the writer after it commits everything queued, and checkpoint the database;
+//! 4. stop the writer after it commits everything queued; it then drops the checkpoint
+//!    thread's pokes, which stops that thread, waits for it to end, and checkpoints the
+//!    database one last time;
 //! 5. stop the workers once the last answers are sent, then the timer.
 
 use std::net::{SocketAddr, TcpListener};
@@ -29,7 +32,7 @@ use crate::http::HttpServer;
 use crate::longpoll::Registry;
 use crate::pool::{Pool, Task};
 use crate::store::writer::{self, Job};
-use crate::store::{self, Reader, Retention};
+use crate::store::{self, Checkpointer, Reader, Retention};
 
 /// Stack for the writer and timer threads: explicit, because the binary runs with a small
 /// default (RUST_MIN_STACK) sized for tiny_http's per-connection threads; SQLite needs more.
@@ -85,6 +88,10 @@ impl Server {
             config,
         });
 
+        let checkpointer = Checkpointer::open(&app.config.db)?;
+        let (pokes_tx, pokes_rx) = bounded::<()>(1);
+        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
+        let (ended_tx, ended_rx) = bounded::<()>(0);
         let writer = {
             let app = app.clone();
             thread::Builder::new()
@@ -93,11 +100,29 @@ impl Server {
                 // for tiny_http's threads, too little for SQLite's commits and checkpoints.
                 .stack_size(THREAD_STACK)
                 .spawn(move || {
-                    let hook = |committed: writer::Committed| on_commit(&app, committed);
+                    let hook = |committed: writer::Committed| {
+                        on_commit(&app, committed);
+                        // Full means a poke is pending already, which is as good.
+                        let _ = pokes_tx.try_send(());
+                    };
                     let conn = writer::run(conn, writer_rx, clock, hook);
+                    // The checkpoint thread stops once its pokes are gone; the last
+                    // checkpoint waits for it, so that it runs alone.
+                    drop(pokes_tx);
+                    let _ = ended_rx.recv();
                     if let Err(e) = store::checkpoint(&conn) {
                         crate::log::warn(&format!("final checkpoint failed: {e}"));
                     }
+                })?
+        };
+        let checkpoints = {
+            let app = app.clone();
+            thread::Builder::new()
+                .name("checkpoint".into())
+                .stack_size(THREAD_STACK)
+                .spawn(move || {
+                    let _ended = ended_tx;
+                    checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
                 })?
         };
 
@@ -146,6 +171,7 @@ impl Server {
                 pool,
                 done: done_rx,
                 writer,
+                checkpoints,
                 timer,
                 tasks: tasks_tx,
             })),
@@ -256,6 +282,7 @@ struct Running {
     pool: Pool,
     done: Receiver<()>,
     writer: JoinHandle<()>,
+    checkpoints: JoinHandle<()>,
     timer: JoinHandle<()>,
     tasks: Sender<Task>,
 }
@@ -337,13 +364,15 @@ impl ServerHandle {
         // No request can queue a write any more; Stop goes after everything queued.
         self.app.runtime.stop_writer();
         let writer = running.writer.join().err();
+        // The writer's end stopped the checkpoint thread (it waited for it).
+        let checkpoints = running.checkpoints.join().err();
         for _ in 0..self.app.config.workers {
             let _ = running.tasks.send(Task::Stop);
         }
         let workers = running.pool.join();
         self.app.runtime.poke_timer();
         let timer = running.timer.join().err();
-        writer.or(workers).or(timer)
+        writer.or(checkpoints).or(workers).or(timer)
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo bench --bench load -- [SCENARIO...] [OPTIONS]
-//!   SCENARIO   publish consume fanout idle categories mixed, or all (the default)
+//!   SCENARIO   publish consume fanout idle categories mixed retention, or all (the
+//!              default)
 //!   --url http://127.0.0.1:PORT --user U --password P [--pid PID]
 //!              load a server that is already running (loopback only); --pid lets the
 //!              idle and mixed scenarios read its memory and threads from /proc
@@ -53,6 +54,9 @@
 //! - **categories**: 9,000 subscribers over 1,000 categories, random publishes at `--rate`
 //!   for `--duration` (10 s): each subscriber must get exactly its category's events.
 //! - **mixed**: all at once for `--duration` (60 s); see `mixed.rs`.
+//! - **retention**: `--retain-events 1000` turned on over 1,000,000 events while 64
+//!   connections (`--conns K`) publish for `--duration` (10 s): p99, max, and the time
+//!   until trimmed, beside the same load without retention; see `retention.rs`.
 //!
 //! # Comparing with the bare engine
 //!
@@ -111,6 +115,7 @@ mod floor;
 mod mixed;
 mod publish;
 mod report;
+mod retention;
 mod subscribe;
 mod target;
 mod verdict;
@@ -194,6 +199,7 @@ const SCENARIOS: &[&str] = &[
     "idle",
     "categories",
     "mixed",
+    "retention",
 ];
 
 /// The scenarios whose figures `--versus-floor` can set against the bare engine's.
@@ -449,6 +455,7 @@ pub fn run_scenario(opts: &Opts, scenario: &str, nofile: u64) -> Result<Vec<Figu
         "idle" => fanout::idle(opts).map(|()| Vec::new()),
         "categories" => fanout::categories(opts),
         "mixed" => mixed::run(opts).map(|()| Vec::new()),
+        "retention" => retention::run(opts).map(|()| Vec::new()),
         _ => unreachable!("checked when parsing"),
     }
 }

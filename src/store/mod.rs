@@ -21,8 +21,13 @@
 //! - **WAL readers never block the writer, nor it them**: each worker has its own read
 //!   connection; `tests/it/crash.rs` kills the server mid-load and checks that every
 //!   acknowledged event is there, once and in order.
+//! - **A checkpoint on another connection holds commits up only when it must**: a PASSIVE
+//!   one takes no lock the writer waits for; only the RESTART that lets the log start over
+//!   takes the write lock, briefly ([`mod@checkpoint`]). The writer's busy handler waits in
+//!   short steps, so it resumes as soon as that lock is let go.
 
 pub mod admin;
+mod checkpoint;
 mod reader;
 mod retention;
 mod walbuf;
@@ -35,6 +40,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::config::SyncMode;
 
+pub use checkpoint::Checkpointer;
 pub use reader::Reader;
 pub use retention::Retention;
 
@@ -195,6 +201,16 @@ const MIGRATIONS: &[&str] = &[
 /// How long a connection waits for another one's lock (admin commands, checkpoints).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A busy handler that waits in steps of 100 µs, up to about [`BUSY_TIMEOUT`].
+fn in_short_steps(tries: i32) -> bool {
+    const STEP: Duration = Duration::from_micros(100);
+    let waiting = STEP * u32::try_from(tries).unwrap_or(u32::MAX) < BUSY_TIMEOUT;
+    if waiting {
+        std::thread::sleep(STEP);
+    }
+    waiting
+}
+
 /// Opens (creating if needed) the database for writing and brings its schema up to date.
 pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError> {
     let mut conn = match sync {
@@ -211,7 +227,9 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
         },
         SyncMode::Normal => Connection::open(path)?,
     };
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // The checkpoint thread holds the write lock for a moment now and then; waiting in
+    // short steps (not SQLite's default 1, 2, 5, 10 ms…) resumes the writer when it lets go.
+    conn.busy_handler(Some(in_short_steps))?;
     let mode = switch_to_wal(&conn)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::NotWal(path.to_owned()));
@@ -220,12 +238,12 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
         SyncMode::Full => "FULL",
         SyncMode::Normal => "NORMAL",
     };
-    // Checkpoints run on the writer after the commit that crosses this many WAL pages.
-    // Every commit rewrites the tail pages of the streams it touches; a larger interval
-    // copies each such page once per checkpoint instead of once per 1,000 frames (the
-    // default), at the cost of a WAL of up to ~16 MiB.
+    // The writer never checkpoints: the checkpoint thread does (see `checkpoint`), and
+    // shrinks a log that grew large when it starts over.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=4000;"
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=OFF; PRAGMA wal_autocheckpoint=0; \
+         PRAGMA journal_size_limit={};",
+        checkpoint::SIZE_LIMIT
     ))?;
     migrate(&mut conn)?;
     Ok(conn)

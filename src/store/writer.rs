@@ -4,7 +4,8 @@
 //! [`MAX_BATCH`]), applies it all in one transaction, commits, and only then hands the
 //! results to the commit hook, which wakes long-poll waiters and answers the requests.
 //! Workers never wait for a commit, so batches grow with the load instead of being capped
-//! by the worker count. Retention runs in a transaction of its own.
+//! by the worker count. Retention runs in transactions of its own, one bounded chunk after
+//! each batch of other jobs ([`super::retention`]).
 //!
 //! # A failed commit
 //!
@@ -41,6 +42,7 @@ use crossbeam_channel::Receiver;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::retention::Sweep;
 use super::{Retention, StoreError};
 use crate::clock::Clock;
 use crate::event::Event;
@@ -137,7 +139,8 @@ pub enum Job {
     },
     /// Write a heartbeat row: answers `Ok` only if the database takes writes.
     Heartbeat(Done<()>),
-    /// Delete events beyond the retention limits, in every stream.
+    /// Delete events beyond the retention limits, in every stream, in chunks between
+    /// other jobs; replaces a run still under way.
     Retain(Retention),
     /// Commit everything queued before it, then stop the writer.
     Stop,
@@ -174,45 +177,97 @@ pub fn run(
 ) -> Connection {
     let mut streams = StreamCache::default();
     let mut next = None;
-    while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
-        // Retention commits alone: if deleting fails, no append or ACK fails with it.
-        let alone = matches!(first, Job::Retain(_));
-        let mut batch = vec![first];
-        while !alone && batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job @ Job::Retain(_)) => {
-                    next = Some(job);
+    // A retention run under way: a chunk of it commits after each batch of other jobs.
+    let mut sweep: Option<Sweep> = None;
+    loop {
+        let first = match (next.take(), &sweep) {
+            (Some(job), _) => Some(job),
+            (None, Some(_)) => jobs.try_recv().ok(),
+            (None, None) => match jobs.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            },
+        };
+        match first {
+            Some(Job::Retain(limits)) => sweep = Some(Sweep::new(limits)),
+            Some(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match jobs.try_recv() {
+                        Ok(job @ Job::Retain(_)) => {
+                            next = Some(job);
+                            break;
+                        }
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let stop = batch.iter().any(|job| matches!(job, Job::Stop));
+                let ts = clock.stamp_batch();
+                let started = std::time::Instant::now();
+                let jobs = batch.len();
+                let mut committed = match apply(&mut conn, &mut streams, &batch, ts) {
+                    Ok(outcomes) => finish(batch, outcomes),
+                    Err(e) => {
+                        // The cache may hold what the rolled-back transaction did: start
+                        // afresh.
+                        streams = StreamCache::default();
+                        // A reopened connection lost the retention run's cutoffs.
+                        if e.is_disk_failure() {
+                            sweep = sweep.map(Sweep::anew);
+                        }
+                        conn = failed(conn, &format!("commit of {jobs} jobs"), &e);
+                        fail(batch, WriteError::Storage(Arc::new(e)))
+                    }
+                };
+                committed.jobs = jobs;
+                committed.took = started.elapsed();
+                on_commit(committed);
+                clock.batch_done();
+                if stop {
                     break;
                 }
-                Ok(job) => batch.push(job),
-                Err(_) => break,
             }
+            None => {}
         }
-        let stop = batch.iter().any(|job| matches!(job, Job::Stop));
-        let ts = clock.stamp_batch();
-        let started = std::time::Instant::now();
-        let jobs = batch.len();
-        let mut committed = match apply(&mut conn, &mut streams, &batch, ts) {
-            Ok(outcomes) => finish(batch, outcomes),
-            Err(e) => {
-                // The cache may hold what the rolled-back transaction did: start afresh.
-                streams = StreamCache::default();
-                crate::log::error(&format!("commit of {jobs} jobs failed: {e}"));
-                if e.is_disk_failure() {
-                    conn = reopened(conn);
+        if let Some(run) = sweep.take() {
+            let ts = clock.stamp_batch();
+            let started = std::time::Instant::now();
+            // Retention commits alone: if deleting fails, no append or ACK fails with it.
+            let chunk = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(StoreError::from)
+                .and_then(|tx| {
+                    let more = run.chunk(&tx, ts)?;
+                    tx.commit()?;
+                    Ok(more)
+                });
+            sweep = match chunk {
+                Ok(more) => more,
+                Err(e) => {
+                    conn = failed(conn, "retention", &e);
+                    None
                 }
-                fail(batch, WriteError::Storage(Arc::new(e)))
-            }
-        };
-        committed.jobs = jobs;
-        committed.took = started.elapsed();
-        on_commit(committed);
-        clock.batch_done();
-        if stop {
-            break;
+            };
+            on_commit(Committed {
+                jobs: 1,
+                took: started.elapsed(),
+                appended: Vec::new(),
+                replies: Vec::new(),
+            });
+            clock.batch_done();
         }
     }
     conn
+}
+
+/// Logs a failed transaction; after a disk failure, the connection to go on with.
+fn failed(conn: Connection, what: &str, e: &StoreError) -> Connection {
+    crate::log::error(&format!("{what} failed: {e}"));
+    match e.is_disk_failure() {
+        true => reopened(conn),
+        false => conn,
+    }
 }
 
 /// A new write connection in place of `conn` after a disk failure (see the module docs);
@@ -238,7 +293,7 @@ enum Outcome {
     /// An append stored this event; the index is its stream's in the batch's `Appended`.
     Appended(usize, Arc<Event>),
     /// The job did its work and returns nothing: an ACK moved an offset, a heartbeat was
-    /// written, retention ran, or the stop barrier was reached.
+    /// written, or the stop barrier was reached.
     Finished,
     /// The job was refused; the rest of the transaction goes on.
     Refused(WriteError),
@@ -338,11 +393,8 @@ fn apply(
                     .execute([ts as i64])?;
                     Outcome::Finished
                 }
-                Job::Retain(limits) => {
-                    super::retention::run(&tx, limits, ts)?;
-                    Outcome::Finished
-                }
-                Job::Stop => Outcome::Finished,
+                // A batch never holds Retain: `run` starts a sweep with it.
+                Job::Retain(_) | Job::Stop => Outcome::Finished,
             };
             outcomes.push(outcome);
         }

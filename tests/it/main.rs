@@ -4,6 +4,7 @@
 mod abuse;
 mod bad_input;
 mod browser;
+mod checkpoint;
 mod crash;
 mod embedded;
 mod longpoll;

@@ -1,6 +1,7 @@
 //! Retention: at most N events per stream, or none older than an age, oldest deleted first,
 //! sequence numbers kept; interest retention, which keeps what known consumers have not
-//! acknowledged; and reads by time over a stream whose sequence has gaps.
+//! acknowledged; reads by time over a stream whose sequence has gaps; and a large backlog
+//! trimmed in chunks while producers go on.
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,7 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::{
-    TestServer, ack_req, append_ok, consume_req, event, publish_ok, subscribe_req, wait_until,
+    TestServer, ack_req, append_ok, consume_req, event, heavy, publish_ok, subscribe_req,
+    wait_until,
 };
 
 /// Every `E` event of `stream` (at most 100) after consumer `c`'s offset.
@@ -200,4 +202,142 @@ fn interest_retention_keeps_what_a_known_consumer_has_not_acknowledged() {
         !metrics.contains("eventserver_retention_held_events{"),
         "{metrics}"
     );
+}
+
+/// Adds `n` events to the end of `stream` (which exists) straight into the database, named
+/// by `name_of(seq)`, as a server that ran for long would hold them; returns the stream's
+/// new last sequence number. The server must not be running.
+fn backlog(db: &Path, stream: &str, n: u64, name_of: fn(u64) -> &'static str) -> u64 {
+    let mut conn = rusqlite::Connection::open(db).expect("open the database");
+    let tx = conn.transaction().unwrap();
+    let (id, last): (i64, u64) = tx
+        .query_row(
+            "SELECT id, last_seq FROM streams WHERE name = ?1",
+            [stream],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("the stream exists");
+    {
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO events (stream_id, seq, id, name, ts, data) \
+                 VALUES (?1, ?2, ?3, ?4, 1, ?5)",
+            )
+            .unwrap();
+        for seq in last + 1..=last + n {
+            let uuid = uuid::Uuid::now_v7();
+            let name = name_of(seq);
+            let data = json!({"eventId": uuid, "sequence": seq, "timestamp": 1,
+                              "event": {"name": name}});
+            insert
+                .execute(rusqlite::params![
+                    id,
+                    seq as i64,
+                    &uuid.as_bytes()[..],
+                    name,
+                    data.to_string()
+                ])
+                .unwrap();
+        }
+    }
+    tx.execute(
+        "UPDATE streams SET last_seq = ?2 WHERE id = ?1",
+        rusqlite::params![id, (last + n) as i64],
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    last + n
+}
+
+/// A stopped server whose `stream` (producer "p") holds `n + 1` events, named by
+/// `name_of(seq)`; and the stream's last sequence number.
+fn stopped_with_backlog(
+    stream: &str,
+    n: u64,
+    name_of: fn(u64) -> &'static str,
+) -> (TestServer, u64) {
+    let mut server = TestServer::start();
+    append_ok(&server, stream, "p", &event(name_of(1)));
+    server.handle.take().unwrap().shutdown();
+    let last = backlog(&server.db, stream, n, name_of);
+    (server, last)
+}
+
+/// Commits of one job in `/metrics`: each retention chunk is one, as is each lone append.
+fn single_job_commits(server: &TestServer) -> u64 {
+    let metrics = server.req("GET", "/metrics").send().text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("eventserver_writer_batch_size_bucket{le=\"1\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the batch size histogram")
+}
+
+/// Turning retention on over a large backlog deletes it in chunks, each a transaction of
+/// its own, with appends to the same stream answered 200 between them.
+#[test]
+fn a_large_backlog_is_trimmed_in_chunks_between_appends() {
+    let _heavy = heavy();
+    let (mut server, last) = stopped_with_backlog("big", 20_000, |_| "E");
+    server.restart_with(|c| c.retain_events = Some(100));
+    let reads = rusqlite::Connection::open(&server.db).unwrap();
+    let oldest = || -> u64 {
+        reads
+            .query_row("SELECT min(seq) FROM events", [], |r| r.get(0))
+            .unwrap()
+    };
+    let (mut appended, mut part_way) = (0, 0);
+    wait_until(Duration::from_secs(60), "the backlog to be trimmed", || {
+        append_ok(&server, "big", "p", &event("E"));
+        appended += 1;
+        let oldest = oldest();
+        if oldest > 1 && oldest <= last - 100 {
+            part_way += 1;
+        }
+        oldest > last - 100
+    });
+    assert!(part_way > 0, "no append was answered part-way through");
+    let chunks = single_job_commits(&server) - appended;
+    assert!(chunks >= 5, "20,000 events went in {chunks} transactions");
+}
+
+/// Interest retention over chunks: what a consumer holds back is counted once across all
+/// of them, and only the events it has not acknowledged stay.
+#[test]
+fn interest_retention_counts_what_it_holds_across_chunks() {
+    let _heavy = heavy();
+    // Odd sequence numbers are E, even ones F; "c" acknowledges E up to 9.
+    let (mut server, last) = stopped_with_backlog("h", 6_999, |seq| match seq % 2 {
+        1 => "E",
+        _ => "F",
+    });
+    server.restart();
+    let nine: String = rusqlite::Connection::open(&server.db)
+        .unwrap()
+        .query_row("SELECT id FROM events WHERE seq = 9", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .map(|id| uuid::Uuid::from_slice(&id).unwrap().to_string())
+        .unwrap();
+    let resp = ack_req(&server, "h", &nine, "c").send();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    server.restart_with(|c| {
+        c.retain_events = Some(100);
+        c.retain_acked_only = true;
+    });
+    // The limit reaches 1..=6900: every F there goes, and E up to 9; E from 11 stays.
+    let cutoff = last - 100;
+    let held = (11..=cutoff).filter(|seq| seq % 2 == 1).count();
+    wait_until(Duration::from_secs(60), "retention to run", || {
+        let shown = eventserver::admin::show_stream(&server.db, "h");
+        shown.unwrap().unwrap().held == [("c".to_owned(), held as u64)]
+    });
+    let reads = rusqlite::Connection::open(&server.db).unwrap();
+    let kept: u64 = reads
+        .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept as usize, held + 100);
+    let metrics = server.req("GET", "/metrics").send().text();
+    let line = format!("eventserver_retention_held_events{{stream=\"h\",consumer=\"c\"}} {held}\n");
+    assert!(metrics.contains(&line), "{metrics}");
 }
