@@ -58,13 +58,15 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 
 /// Commits between two passes (the writer pokes after each; pokes that come while a pass
-/// runs count once). As often as SQLite's automatic checkpoint at 4,000 frames ran under
-/// the publish bench at 64 connections (~130 frames a commit), so the database file takes
-/// each rewritten page as often as before: a pass after every commit wrote 17–19 KiB per
-/// event there, against 13–14. Counting commits rather than time keeps a lightly loaded
-/// server's log to a few dozen commits, and leaves a log that a full disk stopped as it is
+/// runs count once). On two cores the passes compete with the writer and the workers for
+/// CPU: every 32 commits cost 6–10% of the publish bench's throughput at 64 connections
+/// against the writer checkpointing itself (three interleaved pairs of `cargo bench --bench
+/// load -- publish --conns 64`), every 256 commits nothing beyond noise; the RESTART past
+/// [`RESTART_BYTES`] bounds the log either way. Counting commits rather than time keeps a
+/// lightly loaded server's log to a few hundred commits, and leaves a log that a full disk
+/// stopped as it is
 /// (`abuse::a_full_disk_fails_writes_cleanly_and_they_resume_when_space_returns`).
-const PASS_EVERY: u32 = 32;
+const PASS_EVERY: u32 = 256;
 
 /// After this long without commits, a pass retries a RESTART that gave up.
 const IDLE_PASS: Duration = Duration::from_secs(1);
