@@ -27,8 +27,8 @@
 //!   sets no timeout of its own, so a silent client would hold them forever
 //!   (`abuse::slow_heads_are_cut_while_fresh_connections_are_served`,
 //!   `abuse::a_body_that_never_finishes_is_cut_after_the_read_timeout`).
-//! - **`Server::num_connections` is `unimplemented!()`** (it panics;
-//!   `tests::tiny_http_cannot_count_its_connections`): open connections are estimated from
+//! - **`Server::num_connections` is not implemented: it panics**
+//!   (`tests::tiny_http_cannot_count_its_connections`): open connections are estimated from
 //!   the process's descriptors instead (`abuse::connections_beyond_the_cap_get_503_quickly`).
 //! - **The accept loop dies for good** on any `accept()` error (`EMFILE`, `ECONNABORTED`);
 //!   `recv` then reports the error once (`abuse::the_accept_loop_survives_emfile_and_recovers`).
@@ -437,6 +437,6 @@ mod tests {
         let (server, _) = engine();
         let counted =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.num_connections()));
-        assert!(counted.is_err(), "num_connections is unimplemented!()");
+        assert!(counted.is_err(), "tiny_http 0.12 panics in num_connections");
     }
 }
