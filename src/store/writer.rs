@@ -189,7 +189,10 @@ pub fn run(
             },
         };
         match first {
-            Some(Job::Retain(limits)) => sweep = Some(Sweep::new(limits)),
+            // A run under way goes on: restarting it each minute, a run over a large held
+            // backlog would never finish nor count what it holds.
+            Some(Job::Retain(limits)) if sweep.is_none() => sweep = Some(Sweep::new(limits)),
+            Some(Job::Retain(_)) => {}
             Some(first) => {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
