@@ -115,6 +115,17 @@ impl<R> Registry<R> {
         self.lock().waiters.len()
     }
 
+    /// Parked replies per category, for the status page: one pass over the parked
+    /// replies, which `max_parked` bounds, rather than over every category ever seen.
+    pub fn parked_by_category(&self) -> HashMap<Arc<str>, usize> {
+        let inner = self.lock();
+        let mut counts = HashMap::new();
+        for waiter in inner.waiters.values() {
+            *counts.entry(waiter.category.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
     /// The earliest deadline of any parked reply.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.lock().deadlines.first().map(|(at, _)| *at)

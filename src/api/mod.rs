@@ -17,6 +17,7 @@ pub mod longpoll;
 mod query;
 pub mod runtime;
 mod sse;
+mod status;
 pub mod streams;
 
 use std::sync::Arc;
@@ -218,6 +219,8 @@ impl App {
             "streams" => streams::handle(self, reader, req, reply),
             "subscribe" => longpoll::subscribe(self, reader, req, reply),
             "publish" => longpoll::publish(self, reader, req, reply),
+            "status-page" => status::page(self, reader, req, reply),
+            "status" => status::overview(self, reader, req, reply),
             #[cfg(feature = "test-panic-route")]
             "panic" => panic!("panic injected through the test route"),
             _ => reply.send(Failure::NotFound.render(Api::Streams)),
@@ -231,12 +234,16 @@ impl App {
             "health"
         } else if path == "/metrics" {
             "metrics"
+        } else if path == status::OVERVIEW_PATH {
+            "status"
         } else if path.starts_with("/api/v1/") {
             "streams"
         } else if path == self.config.events_path {
             "subscribe"
         } else if path == self.config.publish_path {
             "publish"
+        } else if path == status::PAGE_PATH {
+            "status-page"
         } else if cfg!(feature = "test-panic-route") && path == "/.eventserver-panic" {
             "panic"
         } else {

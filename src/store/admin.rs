@@ -130,6 +130,22 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StreamSummary, i64)> {
     ))
 }
 
+/// The consumers of stream `?1` with their offsets and lag, by consumer and event name.
+/// Each lag counts through the `(stream_id, name, seq)` index: work in proportion to it.
+pub(super) const CONSUMERS: &str = "SELECT o.consumer, o.name, o.seq, (SELECT count(*) \
+     FROM events e WHERE e.stream_id = o.stream_id AND e.name = o.name AND e.seq > o.seq) \
+     FROM offsets o WHERE o.stream_id = ?1 ORDER BY 1, 2";
+
+/// A row of [`CONSUMERS`].
+pub(super) fn consumer_offset(r: &rusqlite::Row<'_>) -> rusqlite::Result<ConsumerOffset> {
+    Ok(ConsumerOffset {
+        consumer: r.get(0)?,
+        event_name: r.get(1)?,
+        offset: r.get::<_, i64>(2)? as u64,
+        lag: r.get::<_, i64>(3)? as u64,
+    })
+}
+
 /// All streams, by name.
 pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, StoreError> {
     let conn = super::open_existing(db)?;
@@ -157,20 +173,9 @@ pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, StoreE
         [id],
         |r| r.get(0),
     )?;
-    let mut stmt = conn.prepare(
-        "SELECT o.consumer, o.name, o.seq, (SELECT count(*) FROM events e \
-         WHERE e.stream_id = o.stream_id AND e.name = o.name AND e.seq > o.seq) \
-         FROM offsets o WHERE o.stream_id = ?1 ORDER BY 1, 2",
-    )?;
-    let consumers = stmt
-        .query_map([id], |r| {
-            Ok(ConsumerOffset {
-                consumer: r.get(0)?,
-                event_name: r.get(1)?,
-                offset: r.get::<_, i64>(2)? as u64,
-                lag: r.get::<_, i64>(3)? as u64,
-            })
-        })?
+    let consumers = conn
+        .prepare(CONSUMERS)?
+        .query_map([id], consumer_offset)?
         .collect::<Result<Vec<_>, _>>()?;
     let held = conn
         .prepare("SELECT consumer, events FROM retention_held WHERE stream_id = ?1 ORDER BY 1")?

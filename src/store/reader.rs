@@ -7,6 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use uuid::Uuid;
 
 use super::StoreError;
+use super::admin::{CONSUMERS, ConsumerOffset, StreamSummary, consumer_offset};
 use crate::event::{Event, Start};
 
 /// A user as stored.
@@ -195,6 +196,92 @@ impl Reader {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+}
+
+/// A stream as the status page lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStatus {
+    /// Its name, owner and event count.
+    pub summary: StreamSummary,
+    /// Its consumers' offsets and lag.
+    pub consumers: Vec<ConsumerOffset>,
+}
+
+/// What the status page shows of the store, in one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overview {
+    /// The first streams by name that were asked for.
+    pub streams: Vec<StreamStatus>,
+    /// Whether more streams were left out.
+    pub more_streams: bool,
+    /// Whether consumers of the listed streams were left out.
+    pub more_consumers: bool,
+}
+
+impl Reader {
+    /// The first `max_streams` streams by name that `visible` admits, with their event
+    /// counts and their first `max_consumers` consumers (in all). Names are walked without
+    /// counting; only the listed streams are counted, each through its index, so the work
+    /// grows with what is listed and the events it holds, never with the streams skipped.
+    pub fn overview(
+        &mut self,
+        visible: impl Fn(&str) -> bool,
+        max_streams: usize,
+        max_consumers: usize,
+    ) -> Result<Overview, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut listed = Vec::new();
+        let mut more_streams = false;
+        {
+            let mut stmt = tx.prepare_cached(
+                "SELECT name, owner, last_seq, last_ms, id FROM streams ORDER BY name",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let name: String = row.get(0)?;
+                if !visible(&name) {
+                    continue;
+                }
+                if listed.len() == max_streams {
+                    more_streams = true;
+                    break;
+                }
+                let summary = StreamSummary {
+                    name,
+                    owner: row.get(1)?,
+                    events: 0,
+                    last_seq: row.get::<_, i64>(2)? as u64,
+                    last_ms: row.get::<_, i64>(3)? as u64,
+                };
+                listed.push((summary, row.get::<_, i64>(4)?));
+            }
+        }
+        let mut streams = Vec::with_capacity(listed.len());
+        let mut room = max_consumers;
+        let mut more_consumers = false;
+        for (mut summary, id) in listed {
+            summary.events = tx
+                .prepare_cached("SELECT count(*) FROM events WHERE stream_id = ?1")?
+                .query_row([id], |r| r.get::<_, i64>(0))? as u64;
+            let mut consumers = Vec::new();
+            let mut stmt = tx.prepare_cached(&format!("{CONSUMERS} LIMIT ?2"))?;
+            let mut rows = stmt.query(params![id, room as i64 + 1])?;
+            while let Some(row) = rows.next()? {
+                if consumers.len() == room {
+                    more_consumers = true;
+                    break;
+                }
+                consumers.push(consumer_offset(row)?);
+            }
+            room -= consumers.len();
+            streams.push(StreamStatus { summary, consumers });
+        }
+        Ok(Overview {
+            streams,
+            more_streams,
+            more_consumers,
+        })
     }
 }
 

@@ -277,8 +277,7 @@ const REFUSED_SCRIPTS: &str = r#"Promise.all([
 /// (12 prompts in 6 s), because every 401 carried `WWW-Authenticate: Basic`.
 #[test]
 fn chromium_shows_no_login_dialog_for_a_scripts_refused_requests() {
-    let test = "browser::chromium_shows_no_login_dialog_for_a_scripts_refused_requests";
-    let Some(mut chromium) = crate::support::Chromium::start_or_skip(test) else {
+    let Some(mut chromium) = crate::support::Chromium::start_or_skip() else {
         return;
     };
     let server = TestServer::start();
@@ -324,8 +323,7 @@ new Promise(done => {
 
 #[test]
 fn an_event_source_on_another_origin_gets_every_event_once() {
-    let test = "browser::an_event_source_on_another_origin_gets_every_event_once";
-    let Some(mut chromium) = crate::support::Chromium::start_or_skip(test) else {
+    let Some(mut chromium) = crate::support::Chromium::start_or_skip() else {
         return;
     };
     let page = TestServer::start();

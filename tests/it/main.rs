@@ -14,5 +14,6 @@ mod retention;
 mod security;
 mod service;
 mod sse;
+mod status;
 mod streams;
 mod support;

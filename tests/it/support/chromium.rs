@@ -1,6 +1,7 @@
 //! A real headless Chromium (Debian's `chromium`), driven over the DevTools protocol on a
-//! pipe: one page, scripts evaluated in it, and every authentication challenge the browser
-//! meets recorded (it would show its login dialog for each) and cancelled.
+//! pipe: one page, scripts evaluated in it, screenshots, and every authentication challenge
+//! the browser meets recorded (it would show its login dialog for each) and cancelled, or
+//! answered as a person signing in would.
 //!
 //! Chromium speaks the protocol on file descriptors 3 (commands in) and 4 (answers out)
 //! with `--remote-debugging-pipe`, each message JSON ended by a NUL byte. A shell hands it
@@ -27,14 +28,17 @@ pub struct Chromium {
     session: String,
     /// The URLs whose answers challenged the browser for credentials, in order.
     pub challenges: Vec<String>,
+    /// What a person types into the login dialog; `None` dismisses it.
+    credentials: Option<(String, String)>,
     dir: tempfile::TempDir,
 }
 
 impl Chromium {
     /// Starts Chromium with a blank page; `None`, after saying why on stderr, when it is
     /// not installed and this is not CI (in CI, where `.ci/run` installs it, its absence
-    /// fails the test).
-    pub fn start_or_skip(test: &str) -> Option<Chromium> {
+    /// fails the test). The test is named by its thread, which the test harness names after
+    /// it.
+    pub fn start_or_skip() -> Option<Chromium> {
         let installed = Command::new("chromium")
             .arg("--version")
             .stdout(Stdio::null())
@@ -42,6 +46,8 @@ impl Chromium {
             .status()
             .is_ok_and(|s| s.success());
         if !installed {
+            let current = std::thread::current();
+            let test = current.name().unwrap_or("a browser test");
             assert!(
                 std::env::var_os("CI").is_none(),
                 "{test}: chromium is not installed (CI must install it: apt-get install chromium)"
@@ -65,6 +71,7 @@ impl Chromium {
                 "--no-sandbox",
             ])
             .args(["--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"])
+            .args(["--window-size=1280,900", "--hide-scrollbars"])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
             .stdin(Stdio::piped())
@@ -95,6 +102,7 @@ impl Chromium {
             next_id: 0,
             session: String::new(),
             challenges: Vec::new(),
+            credentials: None,
             dir,
         };
         let target = chromium.call(None, "Target.createTarget", json!({"url": "about:blank"}));
@@ -127,6 +135,41 @@ impl Chromium {
         result["result"]["value"].clone()
     }
 
+    /// Answers every later login dialog with these credentials, as a person would.
+    pub fn sign_in(&mut self, user: &str, password: &str) {
+        self.credentials = Some((user.to_owned(), password.to_owned()));
+    }
+
+    /// Waits until `cond` holds, failing the test after `within`. The browser goes on
+    /// meanwhile: its requests wait for this harness to let them through.
+    pub fn wait_until(
+        &mut self,
+        within: Duration,
+        what: &str,
+        mut cond: impl FnMut(&mut Chromium) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        while !cond(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            self.pump(Instant::now() + Duration::from_millis(5), |_| false);
+        }
+    }
+
+    /// Waits until `expression` is true in the page, failing the test after `within`.
+    pub fn wait_for(&mut self, within: Duration, expression: &str) {
+        self.wait_until(within, expression, |c| c.evaluate(expression) == true);
+    }
+
+    /// Writes a PNG of the page as shown to `path`.
+    pub fn screenshot(&mut self, path: &std::path::Path) {
+        use base64::Engine;
+        let shot = self.page("Page.captureScreenshot", json!({"format": "png"}));
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().expect("the picture"))
+            .expect("base64");
+        std::fs::write(path, png).expect("write the screenshot");
+    }
+
     /// Sends a command and returns its result, handling the events that come meanwhile.
     fn call(&mut self, session: Option<String>, method: &str, params: Value) -> Value {
         let id = self.send(session, method, params);
@@ -147,16 +190,23 @@ impl Chromium {
         self.next_id
     }
 
-    /// Handles messages until one satisfies `done`, which it returns: paused requests go
-    /// on, and each authentication challenge is recorded and cancelled, as a user would
-    /// dismiss the login dialog.
+    /// Handles messages until one satisfies `done`, which it returns, failing the test if
+    /// none comes in time.
     fn pump_until(&mut self, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + PATIENT;
+        let answer = self.pump(Instant::now() + PATIENT, done);
+        answer.expect("chromium did not answer in time")
+    }
+
+    /// Handles messages until one satisfies `done` (returned) or `deadline` passes
+    /// (`None`): paused requests go on, and each authentication challenge is recorded and
+    /// answered with the credentials given to [`Chromium::sign_in`], or cancelled, as a
+    /// user would dismiss the login dialog.
+    fn pump(&mut self, deadline: Instant, done: impl Fn(&Value) -> bool) -> Option<Value> {
         loop {
             let wait = deadline.saturating_duration_since(Instant::now());
             let message = match self.messages.recv_timeout(wait) {
                 Ok(message) => message,
-                Err(RecvTimeoutError::Timeout) => panic!("chromium did not answer in time"),
+                Err(RecvTimeoutError::Timeout) => return None,
                 Err(RecvTimeoutError::Disconnected) => panic!(
                     "chromium exited; its log:\n{}",
                     std::fs::read_to_string(self.dir.path().join("chromium.log"))
@@ -175,14 +225,18 @@ impl Chromium {
                 Some("Fetch.authRequired") => {
                     let url = message["params"]["request"]["url"].as_str().unwrap_or("?");
                     self.challenges.push(url.to_owned());
-                    let cancel = json!({"requestId": request,
-                        "authChallengeResponse": {"response": "CancelAuth"}});
-                    self.send(session, "Fetch.continueWithAuth", cancel);
+                    let response = match &self.credentials {
+                        Some((user, password)) => json!({"response": "ProvideCredentials",
+                            "username": user, "password": password}),
+                        None => json!({"response": "CancelAuth"}),
+                    };
+                    let answer = json!({"requestId": request, "authChallengeResponse": response});
+                    self.send(session, "Fetch.continueWithAuth", answer);
                 }
                 _ => {}
             }
             if done(&message) {
-                return message;
+                return Some(message);
             }
         }
     }
