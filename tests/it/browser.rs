@@ -1,9 +1,12 @@
 //! Browsers: CORS for pages on other origins (`--cors-origins`), and no login dialog for
-//! a script refused for its credentials.
+//! a script refused for its credentials. In a real headless Chromium, a page served from
+//! another origin follows a category by long-poll (fetch) and by `EventSource` and
+//! publishes to it: every event arrives once with the origin listed, and the browser
+//! blocks all of it without.
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::support::{Req, Resp, TestServer, publish_ok, send_within};
 
@@ -345,4 +348,140 @@ fn an_event_source_on_another_origin_gets_every_event_once() {
         got.iter().all(|e| e[0] == e[1]),
         "lastEventId is the event id: {result}"
     );
+}
+
+/// How many events the cross-origin page publishes.
+const PUBLISHED: usize = 6;
+
+/// How long a page may take to show what a test waits for.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// What a page on another origin runs to follow category `feed` both ways at once:
+/// golongpoll's long-poll by fetch (`since_time` and `last_id` from the last event seen,
+/// with credentials, so every poll is preflighted) and an `EventSource`. What each gets
+/// goes to `window.got`, what the browser refuses to `window.failures`.
+const SUBSCRIBING_PAGE: &str = r#"
+window.got = {poll: [], stream: []};
+window.failures = [];
+window.auth = {'Authorization': 'Basic ' + btoa('tester:correct horse')};
+(async () => {
+    let since = 1, last = null;
+    while (window.got.poll.length < PUBLISHED) {
+        const url = BASE + '/events?category=feed&timeout=5&since_time=' + since
+            + (last ? '&last_id=' + last : '');
+        let answer;
+        try {
+            answer = await (await fetch(url, {headers: window.auth})).json();
+        } catch (e) {
+            window.failures.push('poll: ' + e.name);
+            return;
+        }
+        for (const event of answer.events || []) {
+            window.got.poll.push([event.id, event.data.n]);
+            since = event.timestamp;
+            last = event.id;
+        }
+    }
+})();
+const source = new EventSource(BASE + '/events?category=feed');
+source.onmessage = e => window.got.stream.push([e.lastEventId, JSON.parse(e.data).data.n]);
+source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) window.failures.push('stream: closed');
+};
+"#;
+
+/// The page's publishes to `feed`, one after another: each one's status, or the name of
+/// the error its fetch was rejected with.
+const PUBLISHING_PAGE: &str = r#"(async () => {
+    const outcomes = [];
+    for (let n = 0; n < PUBLISHED; n++) {
+        const headers = {...window.auth, 'Content-Type': 'application/json'};
+        const body = JSON.stringify({category: 'feed', data: {n}});
+        try {
+            outcomes.push((await fetch(BASE + '/publish', {method: 'POST', headers, body})).status);
+        } catch (e) {
+            outcomes.push(e.name);
+        }
+    }
+    return outcomes;
+})()"#;
+
+/// A browser with a page open on one server's origin that follows `feed` on another server
+/// ([`SUBSCRIBING_PAGE`]), which allows the page's origin when `cors` is set. `feed` is
+/// public to subscribe to, so that an `EventSource` (which sends no `Authorization`) may
+/// follow it.
+fn subscribed_from_another_origin(cors: bool) -> Option<(crate::support::Chromium, TestServer)> {
+    let mut chromium = crate::support::Chromium::start_or_skip()?;
+    let page = TestServer::start();
+    let page_origin = format!("http://{}", page.addr);
+    let server = TestServer::start_with(|c| {
+        if cors {
+            c.cors_origins = vec![page_origin.clone()];
+        }
+        c.public_subscribe = vec!["feed".into()];
+    });
+    chromium.navigate(&format!("{page_origin}/healthz"));
+    chromium.evaluate(&format!(
+        "window.BASE = 'http://{}'; window.PUBLISHED = {PUBLISHED};",
+        server.addr
+    ));
+    chromium.evaluate(SUBSCRIBING_PAGE);
+    Some((chromium, server))
+}
+
+#[test]
+fn a_page_on_a_listed_origin_long_polls_and_streams_every_event_once() {
+    let Some((mut chromium, server)) = subscribed_from_another_origin(true) else {
+        return;
+    };
+    // Publishing starts once both the poll and the stream wait on the server, so that the
+    // stream (which starts at the newest event) misses none.
+    chromium.wait_until(PATIENCE, "a parked poll and stream", |_| {
+        server.handle().parked() == 2
+    });
+    let outcomes = chromium.evaluate(PUBLISHING_PAGE);
+    assert_eq!(outcomes, json!(vec![200; PUBLISHED]));
+    let all =
+        format!("window.got.poll.length >= {PUBLISHED} && window.got.stream.length >= {PUBLISHED}");
+    chromium.wait_for(PATIENCE, &all);
+    let got = chromium.evaluate("window.got");
+    // Each way's [id, n] pairs, by column.
+    let column = |way: &str, i: usize| -> Vec<Value> {
+        let events = got[way].as_array().expect("events");
+        events.iter().map(|e| e[i].clone()).collect()
+    };
+    let expected: Vec<Value> = (0..PUBLISHED).map(|n| json!(n)).collect();
+    assert_eq!(column("poll", 1), expected, "once and in order: {got}");
+    assert_eq!(column("stream", 1), expected, "once and in order: {got}");
+    assert_eq!(
+        column("poll", 0),
+        column("stream", 0),
+        "the same ids: {got}"
+    );
+    assert_eq!(chromium.evaluate("window.failures"), json!([]));
+    assert_eq!(chromium.challenges, Vec::<String>::new(), "login dialogs");
+}
+
+#[test]
+fn without_cors_origins_the_browser_blocks_a_page_on_another_origin() {
+    let Some((mut chromium, server)) = subscribed_from_another_origin(false) else {
+        return;
+    };
+    chromium.wait_for(PATIENCE, "window.failures.length === 2");
+    let mut failures = chromium.evaluate("window.failures");
+    failures
+        .as_array_mut()
+        .unwrap()
+        .sort_by_key(|f| f.to_string());
+    assert_eq!(failures, json!(["poll: TypeError", "stream: closed"]));
+    let outcomes = chromium.evaluate(PUBLISHING_PAGE);
+    assert_eq!(outcomes, json!(vec!["TypeError"; PUBLISHED]));
+    assert_eq!(
+        chromium.evaluate("window.got"),
+        json!({"poll": [], "stream": []})
+    );
+    // The browser never sent the publishes: their preflights were not allowed.
+    let poll = crate::support::subscribe_req(&server, "category=feed&timeout=1&since_time=1");
+    let answer = poll.send().json();
+    assert!(answer["timeout"].is_string(), "{answer}");
 }
