@@ -1129,8 +1129,9 @@ fn ack_rejects_bad_requests() {
 fn unknown_routes_get_404_and_wrong_methods_405() {
     let server = TestServer::start();
     let id = append_ok(&server, "routes", "p", &event("E"));
+    // `/` is the status page (`status::*`).
     for path in [
-        "/".to_owned(),
+        "/status".to_owned(),
         "/nope".to_owned(),
         "/api".to_owned(),
         "/api/v1".to_owned(),
