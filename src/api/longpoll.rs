@@ -77,7 +77,7 @@ fn push_event_object(out: &mut String, quoted_category: &str, e: &Event) {
 }
 
 /// Whether `category` is open without credentials by one of `patterns`.
-fn is_public(patterns: &[String], category: Option<&str>) -> bool {
+pub(super) fn is_public(patterns: &[String], category: Option<&str>) -> bool {
     category.is_some_and(|c| patterns.iter().any(|p| crate::auth::glob_match(p, c)))
 }
 

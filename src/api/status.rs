@@ -31,8 +31,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use super::longpoll::is_public;
 use super::{App, Failure, Method, Reply, Request, Response};
-use crate::auth::{Grants, glob_match};
+use crate::auth::Grants;
 use crate::store::Reader;
 
 /// Path of the page.
@@ -74,8 +75,7 @@ pub(super) fn overview(app: &App, reader: &mut Reader, req: Request, reply: Repl
         Err(failure) => return reply.send(failure.render(super::Api::Streams)),
     };
     let public = &app.config.public_subscribe;
-    let visible =
-        |name: &str| grants.may_consume(name) || public.iter().any(|p| glob_match(p, name));
+    let visible = |name: &str| grants.may_consume(name) || is_public(public, Some(name));
     let store = match reader.overview(visible, MAX_STREAMS, MAX_CONSUMERS) {
         Ok(store) => store,
         Err(e) => {
