@@ -121,21 +121,24 @@ fn valid_category(category: &str) -> bool {
 /// Parses and checks subscribe parameters, in golongpoll's order and wording:
 /// `(category, timeout in seconds, start)` or the error message.
 pub fn subscribe_params(query: &str, max_timeout: u64) -> Result<(String, u64, Start), String> {
-    let timeout = Form::parse(query)
+    let form = Form::parse(query);
+    let timeout = form
         .first("timeout")
         .and_then(|t| t.parse::<u64>().ok())
         .filter(|t| (1..=max_timeout).contains(t))
-        .ok_or(format!(
-            "Invalid or missing 'timeout' arg.  Must be 1-{max_timeout}."
-        ))?;
-    let (category, start) = stream_params(query)?;
+        .ok_or_else(|| format!("Invalid or missing 'timeout' arg.  Must be 1-{max_timeout}."))?;
+    let (category, start) = form_params(&form)?;
     Ok((category, timeout, start))
 }
 
 /// The subscribe parameters besides `timeout` (all a stream of events takes):
 /// `(category, start)` or golongpoll's error message.
 pub(super) fn stream_params(query: &str) -> Result<(String, Start), String> {
-    let form = Form::parse(query);
+    form_params(&Form::parse(query))
+}
+
+/// [`stream_params`] from the parsed query.
+fn form_params(form: &Form) -> Result<(String, Start), String> {
     let present = |name| form.first(name).filter(|v| !v.is_empty());
     let category = form.first("category").unwrap_or_default();
     if !valid_category(category) {

@@ -19,6 +19,7 @@ pub mod runtime;
 mod sse;
 pub mod streams;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,8 +92,9 @@ impl Request {
 pub struct Response {
     /// Status code.
     pub status: u16,
-    /// Headers besides `Content-Length`, which the HTTP layer adds.
-    pub headers: Vec<(&'static str, String)>,
+    /// Headers besides `Content-Length`, which the HTTP layer adds. Fixed values are
+    /// borrowed, so an answer shared by many waiters is cloned without copying them.
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
     /// The body, shared so one rendering can answer many waiters.
     pub body: Arc<[u8]>,
     /// For a streamed answer (Server-Sent Events): this response is only the head, and the
@@ -168,7 +170,7 @@ impl Response {
     pub fn json(status: u16, content_type: &'static str, body: impl Into<Arc<[u8]>>) -> Response {
         Response {
             status,
-            headers: vec![("Content-Type", content_type.to_owned())],
+            headers: vec![("Content-Type", content_type.into())],
             body: body.into(),
             stream: None,
         }
@@ -181,7 +183,11 @@ impl Response {
     }
 
     /// Adds a header.
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+    pub fn with_header(
+        mut self,
+        name: &'static str,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Response {
         self.headers.push((name, value.into()));
         self
     }
