@@ -339,16 +339,16 @@ impl Authenticator {
 
 /// Whether `name` matches `pattern`, where each `*` matches any run of characters.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
+    // Checked on every poll's grant: no allocation.
+    let Some((head, last)) = pattern.rsplit_once('*') else {
+        return pattern == name;
+    };
+    let mut parts = head.split('*');
     let first = parts.next().unwrap_or_default();
     let Some(mut rest) = name.strip_prefix(first) else {
         return false;
     };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty();
-    };
-    for part in middle {
+    for part in parts {
         match rest.find(part) {
             Some(at) => rest = &rest[at + part.len()..],
             None => return false,
