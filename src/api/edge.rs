@@ -74,7 +74,7 @@ impl Edge {
         };
         response
             .headers
-            .push(("Access-Control-Allow-Origin", origin));
+            .push(("Access-Control-Allow-Origin", origin.into()));
         response
             .headers
             .push(("Access-Control-Expose-Headers", EXPOSE_HEADERS.into()));

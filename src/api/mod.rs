@@ -20,6 +20,7 @@ mod sse;
 mod status;
 pub mod streams;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,8 +93,9 @@ impl Request {
 pub struct Response {
     /// Status code.
     pub status: u16,
-    /// Headers besides `Content-Length`, which the HTTP layer adds.
-    pub headers: Vec<(&'static str, String)>,
+    /// Headers besides `Content-Length`, which the HTTP layer adds. Fixed values are
+    /// borrowed, so an answer shared by many waiters is cloned without copying them.
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
     /// The body, shared so one rendering can answer many waiters.
     pub body: Arc<[u8]>,
     /// For a streamed answer (Server-Sent Events): this response is only the head, and the
@@ -169,7 +171,7 @@ impl Response {
     pub fn json(status: u16, content_type: &'static str, body: impl Into<Arc<[u8]>>) -> Response {
         Response {
             status,
-            headers: vec![("Content-Type", content_type.to_owned())],
+            headers: vec![("Content-Type", content_type.into())],
             body: body.into(),
             stream: None,
         }
@@ -182,7 +184,11 @@ impl Response {
     }
 
     /// Adds a header.
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Response {
+    pub fn with_header(
+        mut self,
+        name: &'static str,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Response {
         self.headers.push((name, value.into()));
         self
     }
@@ -253,7 +259,11 @@ impl App {
 
     /// Wraps `reply` to count the answer and log one line for it.
     fn instrument(&self, route: &'static str, req: &Request, reply: Reply) -> Reply {
-        let started = Instant::now();
+        self.meter(route, req).wrap(reply)
+    }
+
+    /// How the answer to `req` on `route` will be counted and logged, prepared now.
+    fn meter(&self, route: &'static str, req: &Request) -> Meter {
         // The log line is prepared only when it will be written. Only the claimed user name
         // is logged, never the password or the header.
         let line = crate::log::enabled(crate::log::Level::Info).then(|| {
@@ -267,17 +277,12 @@ impl App {
             let request = format!("{} {}", method_name(&req.method), req.path);
             (request, format!("user={user} client={client}"))
         });
-        let metrics = self.metrics.clone();
-        Reply::new(move |response: Response| {
-            let status = response.status;
-            reply.send(response);
-            let took = started.elapsed();
-            metrics.request(route, status, took);
-            if let Some((request, who)) = line {
-                let ms = took.as_secs_f64() * 1000.0;
-                crate::log::info(&format!("{request} {status} {ms:.1}ms {who}"));
-            }
-        })
+        Meter {
+            route,
+            started: Instant::now(),
+            line,
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// 200 when the database answers a read and commits a write, 503 otherwise. Needs no
@@ -323,6 +328,7 @@ impl App {
             .sum();
         let gauges = crate::metrics::Gauges {
             parked: self.runtime.registry.parked(),
+            in_memory: self.runtime.in_memory(),
             database_bytes,
             lag,
             held,
@@ -363,6 +369,31 @@ impl App {
                 Err(Failure::CredentialsUnreadable)
             }
         }
+    }
+}
+
+/// What an answer is counted and logged as, prepared when its request comes in.
+struct Meter {
+    route: &'static str,
+    started: Instant,
+    /// The request and who sent it, when requests are logged.
+    line: Option<(String, String)>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Meter {
+    /// `reply`, counting and logging its answer once it is sent.
+    fn wrap(self, reply: Reply) -> Reply {
+        Reply::new(move |response: Response| {
+            let status = response.status;
+            reply.send(response);
+            let took = self.started.elapsed();
+            self.metrics.request(self.route, status, took);
+            if let Some((request, who)) = self.line {
+                let ms = took.as_secs_f64() * 1000.0;
+                crate::log::info(&format!("{request} {status} {ms:.1}ms {who}"));
+            }
+        })
     }
 }
 

@@ -1,5 +1,7 @@
 //! Percent-decoding of paths and `application/x-www-form-urlencoded` strings.
 
+use std::borrow::Cow;
+
 /// Decodes `%XX` escapes (and `+` as a space when `plus_is_space`) into UTF-8 text.
 /// `None` for a malformed escape or bytes that are not UTF-8.
 pub fn decode(raw: &str, plus_is_space: bool) -> Option<String> {
@@ -27,21 +29,30 @@ pub fn decode(raw: &str, plus_is_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// A decoded form or query string.
+/// One name or value of a form, decoded; borrowed when it has nothing to decode.
+fn decode_part(raw: &str) -> Option<Cow<'_, str>> {
+    match raw.contains(['%', '+']) {
+        true => decode(raw, true).map(Cow::Owned),
+        false => Some(Cow::Borrowed(raw)),
+    }
+}
+
+/// A decoded form or query string. Names and values without escapes are borrowed from
+/// the string parsed: a poll's query usually has none, so parsing it copies nothing.
 #[derive(Debug, Default)]
-pub struct Form {
-    pairs: Vec<(String, String)>,
+pub struct Form<'a> {
+    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// Whether some pair could not be decoded (and was left out).
     pub malformed: bool,
 }
 
-impl Form {
+impl<'a> Form<'a> {
     /// Parses `a=1&b=2`; pairs that do not decode are left out and flagged.
-    pub fn parse(raw: &str) -> Form {
+    pub fn parse(raw: &'a str) -> Form<'a> {
         let mut form = Form::default();
         for part in raw.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            match (decode(k, true), decode(v, true)) {
+            match (decode_part(k), decode_part(v)) {
                 (Some(k), Some(v)) => form.pairs.push((k, v)),
                 _ => form.malformed = true,
             }
@@ -54,13 +65,13 @@ impl Form {
         self.pairs
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| &**v)
     }
 
     /// The only value of `name`: `Err` if it appears more than once.
     pub fn single(&self, name: &str) -> Result<Option<&str>, String> {
         let mut values = self.pairs.iter().filter(|(k, _)| k == name);
-        let first = values.next().map(|(_, v)| v.as_str());
+        let first = values.next().map(|(_, v)| &**v);
         if values.next().is_some() {
             return Err(format!("parameter '{name}' is given more than once"));
         }

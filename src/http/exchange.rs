@@ -16,8 +16,9 @@
 //! In `upgrade` mode tiny_http writes neither the body nor its length, so [`abandon`]
 //! writes both (`abuse::a_request_framed_two_ways_smuggles_nothing` reads such an answer).
 //!
-//! tiny_http also refuses to send a `Connection` header given to it, and chunks any body
-//! over 32 KiB unless told otherwise; [`tiny_response`] says how it gets round both.
+//! tiny_http also refuses to send a `Connection` header given to it, chunks any body over
+//! 32 KiB unless told otherwise, and copies every header into allocations of its own;
+//! [`tiny_response`] says how it gets round all three.
 
 use std::io::{Cursor, Read, Write};
 use std::sync::Arc;
@@ -200,34 +201,45 @@ fn hand_to_api(shared: &Shared, req: api::Request, responder: Responder) {
 
 /// The tiny_http response for `response`; with `close`, one that tells the client the
 /// connection ends after it.
+///
+/// Our headers travel as the value of one tiny_http header, `Server`, each after a line
+/// break: tiny_http 0.12 copies each header's name and value into two allocations of their
+/// own, and a long-poll answer has seven (`exchange::tests::our_headers_are_written_as_one`).
+/// tiny_http writes the value as it is, and looks at no header of ours but `Server` (which
+/// it would otherwise add itself) and `Connection` (which it refuses to send): packed in
+/// the value, `Connection: close` reaches the client too.
 fn tiny_response(response: &api::Response, close: bool) -> tiny_http::Response<Cursor<Arc<[u8]>>> {
-    let mut headers = Vec::with_capacity(response.headers.len() + 2);
-    headers.push(header("Server", "eventserver"));
+    let mut value = String::with_capacity(256);
+    value.push_str("eventserver");
     if close {
-        // tiny_http refuses to set `Connection` itself; a client about to send a large body
-        // should learn that it can stop.
-        headers.push(header("X-Close", "1\r\nConnection: close"));
+        // A client about to send a large body should learn that it can stop.
+        value.push_str("\r\nConnection: close");
     }
-    for (name, value) in &response.headers {
-        headers.push(header(name, value));
+    for (name, text) in &response.headers {
+        // A value that would break the line or is not ASCII becomes a harmless marker.
+        let printable = text
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b));
+        let (name, text) = match printable {
+            true => (*name, &**text),
+            false => ("X-Invalid-Header", "1"),
+        };
+        for part in ["\r\n", name, ": ", text] {
+            value.push_str(part);
+        }
     }
+    let server = tiny_http::Header::from_bytes("Server", value).expect("printable ASCII");
     let len = response.body.len();
     // The length is always known: send it rather than tiny_http's default of chunking
     // anything over 32 KiB.
     tiny_http::Response::new(
         tiny_http::StatusCode(response.status),
-        headers,
+        vec![server],
         Cursor::new(response.body.clone()),
         Some(len),
         None,
     )
     .with_chunked_threshold(usize::MAX)
-}
-
-/// A header; one tiny_http cannot represent becomes a harmless marker instead.
-fn header(name: &str, value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
-        .unwrap_or_else(|_| tiny_http::Header::from_bytes("X-Invalid-Header", "1").expect("ASCII"))
 }
 
 /// Writes an answer without ever draining a large unread body on this thread.
@@ -393,4 +405,29 @@ fn abandon(rq: tiny_http::Request, response: &api::Response) {
         "abandoned a connection rather than read the rest of it (a body too large to drain, \
          or framed two ways; {total} so far)"
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_headers_are_written_as_one() {
+        let response = api::Response::json(200, "application/json", &b"{}"[..])
+            .with_header("Expires", "0")
+            .with_header("X-Echoed", "a\r\nInjected: 1");
+        let tiny = tiny_response(&response, true);
+        assert_eq!(tiny.headers().len(), 1, "one header for tiny_http to copy");
+        let mut out = Vec::new();
+        let http11 = tiny_http::HTTPVersion(1, 1);
+        tiny.raw_print(&mut out, http11, &[], false, None)
+            .expect("writes to memory");
+        let text = String::from_utf8(out).expect("ASCII");
+        let ours = "\r\nServer: eventserver\r\nConnection: close\r\nContent-Type: application/json\
+                    \r\nExpires: 0\r\nX-Invalid-Header: 1\r\n";
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains(ours), "{text}");
+        assert!(!text.contains("Injected"), "{text}");
+        assert!(text.ends_with("\r\nContent-Length: 2\r\n\r\n{}"), "{text}");
+    }
 }

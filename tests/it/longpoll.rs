@@ -284,6 +284,39 @@ fn wait_parked(server: &TestServer, n: usize, within: Duration) {
     });
 }
 
+/// `count` subscribers of `category`, each on a keep-alive connection of its own: past
+/// `go`, each resumes from its last event until it has `n`, and returns the `n` of each
+/// event it got, in order, and how many polls that took.
+fn resuming_subscribers(
+    server: &TestServer,
+    category: &str,
+    n: u64,
+    count: usize,
+    go: &Arc<Barrier>,
+) -> Vec<JoinHandle<(Vec<u64>, usize)>> {
+    let spawn = |_| {
+        let (addr, go, category) = (server.addr, go.clone(), category.to_owned());
+        std::thread::Builder::new()
+            .stack_size(POLLER_STACK)
+            .spawn(move || {
+                let mut conn = Conn::open(addr);
+                let mut seen: Vec<Ev> = Vec::new();
+                let mut rounds = 0;
+                go.wait();
+                while (seen.len() as u64) < n {
+                    let query = resume_query(&category, 10, seen.last());
+                    let req =
+                        Req::new(addr, "GET", format!("/events?{query}")).auth(USER, PASSWORD);
+                    seen.extend(events_of(&conn.send(&req)));
+                    rounds += 1;
+                }
+                (seen.iter().map(n_of).collect(), rounds)
+            })
+            .expect("spawn subscriber")
+    };
+    (0..count).map(spawn).collect()
+}
+
 /// Asserts that an answer due `deadline` after its request came then, within [`SLACK`].
 #[track_caller]
 fn assert_answered_at(elapsed: Duration, deadline: Duration) {
@@ -843,27 +876,7 @@ fn publishes_racing_parks_never_lose_an_event() {
     const SUBSCRIBERS: usize = 3;
     let server = TestServer::start();
     let go = Arc::new(Barrier::new(SUBSCRIBERS + 1));
-    let subscribers: Vec<JoinHandle<(Vec<u64>, usize)>> = (0..SUBSCRIBERS)
-        .map(|_| {
-            let addr = server.addr;
-            let go = go.clone();
-            std::thread::spawn(move || {
-                let mut conn = Conn::open(addr);
-                let mut seen: Vec<Ev> = Vec::new();
-                let mut rounds = 0;
-                go.wait();
-                while (seen.len() as u64) < N {
-                    let query = resume_query("race", 10, seen.last());
-                    let req =
-                        Req::new(addr, "GET", format!("/events?{query}")).auth(USER, PASSWORD);
-                    let resp = conn.send(&req);
-                    rounds += 1;
-                    seen.extend(events_of(&resp));
-                }
-                (seen.iter().map(n_of).collect(), rounds)
-            })
-        })
-        .collect();
+    let subscribers = resuming_subscribers(&server, "race", N, SUBSCRIBERS, &go);
     go.wait();
     let mut conn = Conn::open(server.addr);
     for i in 0..N {
@@ -1017,6 +1030,185 @@ fn shutdown_answers_every_parked_poll_at_once() {
         );
     }
     stopper.join().expect("shutdown");
+}
+
+// ---------------------------------------------------------------------------------------
+// Parked and answered from memory where admitted
+// ---------------------------------------------------------------------------------------
+
+/// Long-polls parked or answered from memory without a worker so far, from `/metrics`.
+fn in_memory_total(server: &TestServer) -> u64 {
+    let resp = server.req("GET", "/metrics").send();
+    assert_eq!(resp.status, 200, "metrics: {}", resp.text());
+    resp.text()
+        .lines()
+        .find_map(|l| l.strip_prefix("eventserver_longpoll_in_memory_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the in-memory counter is exported")
+}
+
+#[test]
+fn a_re_poll_is_parked_from_memory_without_a_worker() {
+    let server = TestServer::start_with(|c| c.workers = 1);
+    publish_ok(&server, "fast", &json!({"n": 0}));
+    let first = events_of(&subscribe(&server, &resume_query("fast", 5, None)));
+    let before = in_memory_total(&server);
+    // Credentials in the cache, the category's tail in memory, nothing newer: parked where
+    // it was admitted.
+    let poll = Poll::start(server.addr, &resume_query("fast", 10, first.last()));
+    wait_parked(&server, 1, Duration::from_secs(5));
+    assert_eq!(in_memory_total(&server), before + 1);
+    publish_ok(&server, "fast", &json!({"n": 1}));
+    let (resp, _) = poll.answer();
+    let second = events_of(&resp);
+    assert_eq!(second.iter().map(n_of).collect::<Vec<_>>(), [1]);
+    // Newer events in memory: answered from there.
+    publish_ok(&server, "fast", &json!({"n": 2}));
+    publish_ok(&server, "fast", &json!({"n": 3}));
+    let third = events_of(&subscribe(&server, &resume_query("fast", 5, second.last())));
+    assert_eq!(third.iter().map(n_of).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(in_memory_total(&server), before + 2);
+    // From the start of time, with the category's first event still in memory: there too.
+    let from_start = events_of(&subscribe(&server, "timeout=5&category=fast&since_time=0"));
+    assert_eq!(from_start.len(), 4);
+    assert_eq!(in_memory_total(&server), before + 3);
+    // What memory cannot decide goes to a worker, which answers as before: credentials not
+    // in the cache, a category memory does not know.
+    let query = resume_query("fast", 5, None);
+    let wrong = Req::new(server.addr, "GET", format!("/events?{query}")).auth(USER, "wrong");
+    assert_eq!(wrong.send().status, 401);
+    timeout_stamp(&subscribe(&server, "timeout=1&category=never-published"));
+    assert_eq!(in_memory_total(&server), before + 3);
+}
+
+#[test]
+fn an_expired_credential_is_checked_again_and_not_parked_from_memory() {
+    let ttl = Duration::from_secs(1);
+    let server = TestServer::start_with(|c| {
+        c.auth_cache_ttl = ttl;
+        c.metrics_auth = false;
+    });
+    publish_ok(&server, "cached", &json!({"n": 0}));
+    let cached_at = Instant::now();
+    let all = events_of(&subscribe(&server, &resume_query("cached", 5, None)));
+    eventserver::admin::remove_user(&server.db, USER).expect("remove the user");
+    // Within the cache's lifetime the old credentials still pass, from memory.
+    let before = in_memory_total(&server);
+    let again = events_of(&subscribe(&server, &resume_query("cached", 5, None)));
+    if cached_at.elapsed() < ttl {
+        assert_eq!(again, all);
+        assert_eq!(in_memory_total(&server), before + 1);
+    }
+    wait_until(Duration::from_secs(5), "the cache entry to expire", || {
+        cached_at.elapsed() > ttl
+    });
+    let before = in_memory_total(&server);
+    let refused = subscribe_req(&server, &resume_query("cached", 5, all.last())).send();
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert_eq!(in_memory_total(&server), before);
+}
+
+#[test]
+fn many_subscribers_re_polling_from_memory_get_every_event_exactly_once() {
+    const N: u64 = 300;
+    const SUBSCRIBERS: usize = 24;
+    let server = TestServer::start();
+    publish_ok(&server, "many", &json!({"n": 0}));
+    let go = Arc::new(Barrier::new(SUBSCRIBERS + 1));
+    let subscribers = resuming_subscribers(&server, "many", N, SUBSCRIBERS, &go);
+    let before = in_memory_total(&server);
+    go.wait();
+    // Paced in bursts, so that subscribers both park and find events waiting.
+    let mut conn = Conn::open(server.addr);
+    for i in 1..N {
+        let resp = conn.send(&publish_req(&server, "many", &json!({"n": i})));
+        assert_eq!(resp.text(), PUBLISHED);
+        if i % 10 == 0 {
+            let parked = Instant::now();
+            while server.handle().parked() < SUBSCRIBERS / 2
+                && parked.elapsed() < Duration::from_millis(200)
+            {
+                std::thread::yield_now();
+            }
+        }
+    }
+    let mut polls = 0;
+    for s in subscribers {
+        let (seen, rounds) = s.join().expect("subscriber");
+        assert_eq!(
+            seen,
+            (0..N).collect::<Vec<_>>(),
+            "every event once, in order"
+        );
+        polls += rounds as u64;
+    }
+    let from_memory = in_memory_total(&server) - before;
+    assert!(
+        from_memory * 2 >= polls,
+        "{from_memory} of {polls} polls decided from memory"
+    );
+}
+
+/// For every kind of resume point (`since_time` before, at and after each event's
+/// millisecond, with no `last_id`, that event's id, another id of the same millisecond or
+/// an unknown one), memory answers exactly what the store answers: the same server's
+/// answers from memory, then, after a restart emptied it, from the store. 100 events, so
+/// the oldest are beyond the tail memory keeps and those polls go to the store both times.
+#[test]
+fn answers_from_memory_match_answers_from_the_store() {
+    let mut server = TestServer::start();
+    publish_many(&server, "same", 100, 8);
+    let all = all_events(&server, "same");
+    assert_eq!(all.len(), 100);
+    let newest = all.last().expect("events").ts;
+    let stranger = uuid::Uuid::new_v4();
+    let mut queries = Vec::new();
+    for (i, e) in all.iter().enumerate() {
+        let mut lasts = vec![
+            String::new(),
+            format!("&last_id={}", e.id),
+            format!("&last_id={stranger}"),
+        ];
+        if let Some(n) = all[i + 1..].iter().find(|n| n.ts == e.ts) {
+            lasts.push(format!("&last_id={}", n.id));
+        }
+        // Past the newest event a poll would wait; memory leaves those to the store.
+        for since in [e.ts.saturating_sub(1), e.ts, e.ts + 1].map(|t| t.min(newest - 1)) {
+            for last in &lasts {
+                queries.push(format!("timeout=1&category=same&since_time={since}{last}"));
+            }
+        }
+    }
+    queries.sort();
+    queries.dedup();
+    let answers = |server: &TestServer| -> Vec<Vec<Ev>> {
+        let mut conn = Conn::open(server.addr);
+        let answers = queries
+            .iter()
+            .map(|q| events_of(&conn.send(&subscribe_req(server, q))));
+        answers.collect()
+    };
+    let before = in_memory_total(&server);
+    let warm = answers(&server);
+    let from_memory = in_memory_total(&server) - before;
+    server.restart();
+    // The first poll after the restart caches the credentials; it is not among those compared.
+    subscribe(&server, "timeout=1&category=same&since_time=0");
+    let before = in_memory_total(&server);
+    let cold = answers(&server);
+    assert_eq!(
+        in_memory_total(&server),
+        before,
+        "after a restart only the store answers"
+    );
+    for ((query, warm), cold) in queries.iter().zip(&warm).zip(&cold) {
+        assert_eq!(warm, cold, "{query}");
+    }
+    assert!(
+        from_memory as usize > queries.len() / 3 && (from_memory as usize) < queries.len(),
+        "memory decided {from_memory} of {} polls: most, not all",
+        queries.len()
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -256,7 +256,8 @@ proptest! {
             .iter()
             .map(|(k, v)| format!("{}={}", encode(k, &mask, true), encode(v, &mask, true)))
             .collect();
-        let form = Form::parse(&query.join("&"));
+        let joined = query.join("&");
+        let form = Form::parse(&joined);
         prop_assert!(!form.malformed);
         for (k, v) in &pairs {
             prop_assert_eq!(form.first(k), Some(v.as_str()));
