@@ -169,8 +169,8 @@ pub fn config(flags: &[(String, String)]) -> Result<Config, Error> {
 }
 
 /// The database `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
-/// `eventserver.db` in systemd's state directory or the working directory. One this build
-/// cannot use (see [`Rule::Database`]) is an [`Error::Config`] naming where it came from.
+/// `eventserver.db` in systemd's state directory or the working directory. A PostgreSQL URL
+/// this build cannot use is an [`Error::Config`] naming where it came from.
 pub fn db(flags: &[(String, String)]) -> Result<PathBuf, Error> {
     let given = Given::from_env(flags);
     let Some((source, text)) = given.value("db") else {
