@@ -85,11 +85,10 @@ mod cluster {
         };
         let data = pg.psql("postgres", "SHOW data_directory");
         let port: u16 = pg.psql("postgres", "SHOW port").parse().unwrap();
-        let backend: u32 = pg
-            .psql("postgres", "SELECT pg_backend_pid()")
-            .parse()
-            .unwrap();
-        let uid = proc_status(backend, "Uid").expect("the backend's status");
+        // A process that lives as long as the server (psql's own backend ends with it).
+        let checkpointer = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'";
+        let server: u32 = pg.psql("postgres", checkpointer).parse().unwrap();
+        let uid = proc_status(server, "Uid").expect("the server's status");
         assert_ne!(uid, 0, "PostgreSQL runs as root");
         assert_eq!(std::fs::metadata(&data).unwrap().uid() as u64, uid);
         // A node's way in: TCP with a password, to a database of the test's own.
