@@ -1,7 +1,8 @@
 //! PostgreSQL: how `--db postgres://…` is taken in either build, and, with the `postgres`
 //! feature, the store's contracts for several nodes against a real throwaway cluster
-//! ([`Postgres`]): migrations run once when nodes start together, and a newer schema is
-//! refused.
+//! ([`Postgres`]): migrations run once when nodes start together, a newer schema is
+//! refused, appends through two nodes are gapless and totally ordered, and a race for a new
+//! stream has exactly one winner.
 //!
 //! Each "node" is a thread with a connection of its own ([`eventserver::pg::Database`]):
 //! to PostgreSQL, that is exactly what two processes are.
@@ -67,11 +68,14 @@ fn an_unreachable_database_fails_at_once_without_showing_the_password() {
 
 #[cfg(feature = "postgres")]
 mod cluster {
+    use std::collections::HashMap;
     use std::os::unix::fs::MetadataExt;
+    use std::panic::{self, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Barrier};
     use std::thread;
 
-    use eventserver::pg::{Database, PgError};
+    use eventserver::pg::{Append, Database, Outcome, Payload, PgError};
 
     use crate::support::{Postgres, proc_status};
 
@@ -118,6 +122,24 @@ mod cluster {
             })
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
+    /// The stored events of `stream`: sequence number, timestamp, data, in `seq` order.
+    fn stored(pg: &Postgres, db: &str, stream: &str) -> Vec<(u64, u64, String)> {
+        let rows = pg.psql(
+            db,
+            &format!(
+                "SELECT e.seq, e.ts, e.data FROM events e JOIN streams s ON s.id = e.stream_id \
+                 WHERE s.name = '{stream}' ORDER BY e.seq"
+            ),
+        );
+        rows.lines()
+            .map(|line| {
+                let mut fields = line.splitn(3, '|');
+                let mut next = || fields.next().unwrap().to_owned();
+                (next().parse().unwrap(), next().parse().unwrap(), next())
+            })
+            .collect()
     }
 
     #[test]
@@ -177,5 +199,176 @@ mod cluster {
         }
         let version = pg.psql("newer", "SELECT version FROM eventserver_schema");
         assert_eq!(version, newer.to_string(), "the refusal changed nothing");
+    }
+
+    /// Batches each node of the two-node test commits.
+    const BATCHES: usize = 40;
+    /// Appends in each of those batches.
+    const PER_BATCH: usize = 25;
+
+    /// Two nodes append to streams `a` and `b` at once, in batches that name them in
+    /// opposite orders, node 1's clock 5 s behind node 0's. Every stream's sequence numbers
+    /// are 1..=n with no gap, each node's events keep their order and each batch's events
+    /// for a stream are consecutive, and timestamps never decrease along a stream. Meanwhile
+    /// a reader never sees a gap: what is visible of a stream is always 1..=its newest.
+    #[test]
+    fn two_nodes_appending_to_one_stream_get_gapless_ordered_sequences() {
+        let Some(pg) = Postgres::start_or_skip(
+            "two_nodes_appending_to_one_stream_get_gapless_ordered_sequences",
+        ) else {
+            return;
+        };
+        let url = pg.database("nodes");
+        // The schema first, for the reader.
+        Database::open(&url).unwrap();
+        let writing = AtomicBool::new(true);
+        let reader = || {
+            let mut reads = 0;
+            while writing.load(Ordering::Relaxed) {
+                // One statement, one snapshot.
+                let gapless = pg.psql(
+                    "nodes",
+                    "SELECT count(*) = max(seq) FROM events GROUP BY stream_id",
+                );
+                assert!(!gapless.contains('f'), "a reader saw a gap: {gapless:?}");
+                reads += 1;
+            }
+            reads
+        };
+        let (reads, returned) = thread::scope(|s| {
+            let reads = s.spawn(reader);
+            // However the nodes end, the reader stops: a failed node fails the test
+            // rather than hang it.
+            let returned = panic::catch_unwind(AssertUnwindSafe(|| {
+                together(2, move |node| appends_of(&url, node))
+            }));
+            writing.store(false, Ordering::Relaxed);
+            let returned = returned.unwrap_or_else(|failed| panic::resume_unwind(failed));
+            (reads.join().unwrap(), returned)
+        });
+        assert!(reads > 0, "the reader read while the nodes wrote");
+        for stream in ["a", "b"] {
+            let events = stored(&pg, "nodes", stream);
+            let n = events.len() as u64;
+            assert_eq!(
+                n,
+                (BATCHES * PER_BATCH) as u64,
+                "{stream}: both nodes' halves"
+            );
+            let seqs: Vec<u64> = events.iter().map(|(seq, ..)| *seq).collect();
+            assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{stream}: gapless");
+            for pair in events.windows(2) {
+                assert!(pair[0].1 <= pair[1].1, "{stream}: time went back: {pair:?}");
+            }
+            for (node, batches) in returned.iter().enumerate() {
+                let mine: Vec<usize> = events
+                    .iter()
+                    .filter_map(|(_, _, data)| {
+                        let rest = data.trim_matches('"').strip_prefix(&format!("{node}-"))?;
+                        Some(rest.parse().unwrap())
+                    })
+                    .collect();
+                assert!(
+                    mine.windows(2).all(|w| w[0] < w[1]),
+                    "{stream}: node {node}'s events out of order"
+                );
+                for batch in &batches[stream] {
+                    assert!(
+                        batch.windows(2).all(|w| w[1] == w[0] + 1),
+                        "{stream}: node {node}'s batch interleaved: {batch:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// What node `node` of the two-node test does: [`BATCHES`] batches of [`PER_BATCH`]
+    /// appends over streams `a` and `b`, and the sequence numbers each batch got, per stream.
+    fn appends_of(url: &str, node: usize) -> HashMap<&'static str, Vec<Vec<u64>>> {
+        let mut db = Database::open(url).unwrap();
+        let streams = match node {
+            0 => ["a", "b"],
+            _ => ["b", "a"],
+        };
+        let clock = 1_000_000_u64 - 5_000 * node as u64;
+        let mut seqs: HashMap<&str, Vec<Vec<u64>>> = HashMap::new();
+        for batch in 0..BATCHES {
+            let payloads: Vec<Payload> = (0..PER_BATCH)
+                .map(|i| Payload::Data(format!("\"{node}-{}\"", batch * PER_BATCH + i)))
+                .collect();
+            let appends: Vec<Append> = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, payload)| Append {
+                    stream: streams[i * 2 / PER_BATCH],
+                    producer: None,
+                    payload,
+                })
+                .collect();
+            let outcomes = db.append(&appends, clock + batch as u64).unwrap();
+            for stream in streams {
+                seqs.entry(stream).or_default().push(Vec::new());
+            }
+            for (append, outcome) in appends.iter().zip(outcomes) {
+                let Outcome::Stored(event) = outcome else {
+                    panic!("node {node}: {outcome:?}");
+                };
+                let batches = seqs.get_mut(append.stream).unwrap();
+                batches.last_mut().unwrap().push(event.seq);
+            }
+        }
+        seqs
+    }
+
+    /// Four producers on four nodes append to the same new stream at once, many times:
+    /// each time exactly one of them creates and owns it, the others get the producer lock.
+    #[test]
+    fn a_race_for_a_new_stream_has_exactly_one_winner() {
+        let Some(pg) = Postgres::start_or_skip("a_race_for_a_new_stream_has_exactly_one_winner")
+        else {
+            return;
+        };
+        const ROUNDS: usize = 20;
+        let url = pg.database("race");
+        let round_starts = Arc::new(Barrier::new(4));
+        let won = together(4, move |node| {
+            let mut db = Database::open(&url).unwrap();
+            let producer = format!("producer-{node}");
+            let payload = Payload::Element {
+                name: "claimed".into(),
+                fields: ",\"event\":{}".into(),
+            };
+            (0..ROUNDS)
+                .map(|round| {
+                    round_starts.wait();
+                    let stream = format!("race-{round}");
+                    let append = Append {
+                        stream: &stream,
+                        producer: Some(&producer),
+                        payload: &payload,
+                    };
+                    match db.append(&[append], 1).unwrap().pop().unwrap() {
+                        Outcome::Stored(event) => {
+                            assert_eq!(event.seq, 1);
+                            true
+                        }
+                        Outcome::Locked => false,
+                    }
+                })
+                .collect::<Vec<bool>>()
+        });
+        for round in 0..ROUNDS {
+            let winners: Vec<usize> = won
+                .iter()
+                .enumerate()
+                .filter_map(|(node, won)| won[round].then_some(node))
+                .collect();
+            assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+            let owner = pg.psql(
+                "race",
+                &format!("SELECT owner FROM streams WHERE name = 'race-{round}'"),
+            );
+            assert_eq!(owner, format!("producer-{}", winners[0]));
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The durable log on PostgreSQL (cargo feature `postgres`): the only module that names the
 //! `postgres` crate, so that several eventserver nodes can share one database.
 //!
-//! What is here: a node's connection ([`Database`]: connecting, migrating) and the schema
-//! with its migrations (`schema`).
+//! What is here: a node's connection ([`Database`]: connecting, migrating, appending), the
+//! schema and its migrations (`schema`), and the append path with group commit (`append`).
 //! The server does not run on it yet: `--db postgres://…` is refused by the settings until
 //! it does. Until then this module is public (`eventserver::pg`, with the feature) so that
 //! its contracts are tested against a real PostgreSQL from outside, as a node would meet
@@ -16,7 +16,8 @@
 //! - **The writer** (`store::writer`): one thread per node takes whatever jobs are queued,
 //!   commits them in one transaction and hands the outcomes to the commit hook. Its loop
 //!   (batching, stop, retention between batches) does not depend on the engine; only
-//!   "apply this batch in one transaction" does.
+//!   "apply this batch in one transaction" does, and [`Database::append`] is that for appends
+//!   (ACKs and heartbeats follow the same shape: an `INSERT … ON CONFLICT`).
 //! - **Readers** (`store::Reader`): one connection per worker, as with SQLite; PostgreSQL's
 //!   snapshots give each read the same consistency WAL readers give.
 //! - **Admin commands** (`store::admin`): the same statements on the same tables.
@@ -31,16 +32,26 @@
 //!
 //! # What this relies on about PostgreSQL
 //!
+//! - **Row locks serialize appends to one stream across nodes**: a batch locks each stream
+//!   row it appends to (`SELECT … FOR NO KEY UPDATE`) and holds the lock until it commits,
+//!   so the next batch reads the sequence number and timestamp this one left.
+//!   `two_nodes_appending_to_one_stream_get_gapless_ordered_sequences` checks it.
+//! - **A lock is let go only once its commit is visible**, so a reader that sees a
+//!   stream's event `n` sees every event before it: the visible part of a stream is gapless.
 //! - **DDL is transactional**: all migrations run in one transaction behind a transaction
 //!   advisory lock, so nodes starting together run them once and never see half of them
 //!   (`migrations_run_once_when_nodes_start_together`).
 
+mod append;
 mod schema;
 
 use std::time::Duration;
 
 use postgres::config::SslMode;
 use postgres::{Client, NoTls};
+
+pub use super::writer::Payload;
+pub use append::{Append, Outcome};
 
 /// One node's connection to the shared database.
 pub struct Database {
@@ -60,6 +71,14 @@ impl Database {
     /// The database's schema version: how many migrations it has had.
     pub fn schema_version(&mut self) -> Result<usize, PgError> {
         schema::version(&mut self.client)
+    }
+
+    /// Appends `batch` in one transaction stamped `ts` (epoch ms, from the node's clock; a
+    /// stream whose last event is later is stamped at that instead), and returns each
+    /// append's outcome in order. A failure fails the whole batch and stores nothing; a
+    /// success is flushed to the server's disk.
+    pub fn append(&mut self, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
+        append::commit(&mut self.client, batch, ts)
     }
 }
 

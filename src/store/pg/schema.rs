@@ -6,7 +6,7 @@
 //! - `streams`: one row per stream, the lock every append takes. It holds the producer
 //!   that owns the stream (the producer lock, 423 for anyone else), the last sequence
 //!   number and the last timestamp. A batch appending to a stream locks its row until it
-//!   commits (the append path, to come), so appends through any node are totally ordered and their
+//!   commits ([`super::append`]), so appends through any node are totally ordered and their
 //!   sequence numbers gapless, and each is stamped no earlier than the last: timestamps
 //!   never decrease along a stream even when the nodes' clocks disagree. A new stream is an
 //!   `INSERT … ON CONFLICT DO NOTHING`: of two nodes creating it, the second waits for the
