@@ -52,6 +52,30 @@ fn a_postgres_url_is_refused_until_the_server_runs_on_it() {
 
 #[cfg(feature = "postgres")]
 #[test]
+fn a_url_eventserver_cannot_use_is_refused_without_quoting_its_password() {
+    use eventserver::pg::check_url;
+    assert_eq!(check_url("postgres://app:pw@db:5432/events"), Ok(()));
+    assert_eq!(check_url("postgresql://app@localhost/events"), Ok(()));
+    for (url, why) in [
+        ("postgres://db/events", "no user"),
+        (
+            "postgres://app:s3cret@db/events?sslmode=require",
+            "sslmode=require",
+        ),
+        ("postgres://app:s3cret@db:port/events", "does not parse"),
+        (
+            "postgres://app:s3cret@db/events?bogus=s3cret",
+            "does not parse",
+        ),
+    ] {
+        let refused = check_url(url).unwrap_err();
+        assert!(refused.contains(why), "{url}: {refused}");
+        assert!(!refused.contains("s3cret"), "{url}: {refused}");
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
 fn an_unreachable_database_fails_at_once_without_showing_the_password() {
     let started = std::time::Instant::now();
     let Err(e) = eventserver::pg::Database::open(URL) else {

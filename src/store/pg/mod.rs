@@ -185,30 +185,3 @@ fn connect(url: &str) -> Result<Client, PgError> {
     }
     Ok(client)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_url_eventserver_cannot_use_is_refused_without_quoting_its_password() {
-        assert_eq!(check_url("postgres://app:pw@db:5432/events"), Ok(()));
-        assert_eq!(check_url("postgresql://app@localhost/events"), Ok(()));
-        for (url, why) in [
-            ("postgres://db/events", "no user"),
-            (
-                "postgres://app:s3cret@db/events?sslmode=require",
-                "sslmode=require",
-            ),
-            ("postgres://app:s3cret@db:port/events", "does not parse"),
-            (
-                "postgres://app:s3cret@db/events?bogus=s3cret",
-                "does not parse",
-            ),
-        ] {
-            let refused = check_url(url).unwrap_err();
-            assert!(refused.contains(why), "{url}: {refused}");
-            assert!(!refused.contains("s3cret"), "{url}: {refused}");
-        }
-    }
-}
