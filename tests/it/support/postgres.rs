@@ -44,7 +44,12 @@ impl Postgres {
     }
 
     fn start(bin: PathBuf) -> Postgres {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // In /tmp whatever TMPDIR says: the account PostgreSQL runs as must reach it, and
+        // the socket's path must stay within the 107 bytes a unix socket's name may have.
+        let dir = tempfile::Builder::new()
+            .prefix("eventserver-pg-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
         let run_as = running_as_root().then(postgres_account);
         let password = dir.path().join("password");
         std::fs::write(&password, Postgres::PASSWORD).expect("password file");
