@@ -11,7 +11,7 @@
 //! # One boundary, two implementations
 //!
 //! The rest of the server meets the store at a few names, and each gets a PostgreSQL twin
-//! behind the same name, chosen once at start by [`crate::config::Engine`]:
+//! behind the same name, chosen once at start by [`crate::Engine`]:
 //!
 //! - **The writer** (`store::writer`): one thread per node takes whatever jobs are queued,
 //!   commits them in one transaction and hands the outcomes to the commit hook. Its loop
@@ -25,6 +25,11 @@
 //!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
 //!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
 //!
+//! Plugging in takes two changes to the SQLite side: `writer::run` becomes generic over the
+//! function that applies a batch (SQLite's `apply`, or [`Database::append`] grown to take
+//! ACKs and heartbeats too), and `StoreError`, which every failed job carries, gains a
+//! variant holding a [`PgError`].
+//!
 //! What differs is what several nodes add: a node's writer is not the only one, so nothing a
 //! transaction relies on may be cached across transactions without a lock (the SQLite writer
 //! caches stream rows; here every batch locks the rows it appends to), and a committed
@@ -35,9 +40,11 @@
 //! - **Row locks serialize appends to one stream across nodes**: a batch locks each stream
 //!   row it appends to (`SELECT … FOR NO KEY UPDATE`) and holds the lock until it commits,
 //!   so the next batch reads the sequence number and timestamp this one left.
-//!   `two_nodes_appending_to_one_stream_get_gapless_ordered_sequences` checks it.
+//!   `two_nodes_appending_to_one_stream_get_gapless_ordered_sequences` (in
+//!   `tests/it/pg.rs`, like every test named here) checks it.
 //! - **A lock is let go only once its commit is visible**, so a reader that sees a
-//!   stream's event `n` sees every event before it: the visible part of a stream is gapless.
+//!   stream's event `n` sees every event before it: the visible part of a stream is
+//!   gapless. The same test reads the streams while two nodes write, and never sees a gap.
 //! - **DDL is transactional**: all migrations run in one transaction behind a transaction
 //!   advisory lock, so nodes starting together run them once and never see half of them
 //!   (`migrations_run_once_when_nodes_start_together`).
