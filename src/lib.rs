@@ -19,7 +19,7 @@
 //! - [`service`]: running as a daemon (thread stacks, open-files limit, signals, systemd).
 //! - [`admin`]: the operator commands on a database file (users, streams, backup).
 //! - `pg` (cargo feature `postgres`): the PostgreSQL store that several nodes will share,
-//!   in progress: connecting, migrating and appending, not yet serving.
+//!   in progress: connecting, migrating, appending and acknowledging, not yet serving.
 //! - [`log`]: the one-line-per-event logger. [`check`]: every parser of client input, for
 //!   property tests and fuzzing.
 //!

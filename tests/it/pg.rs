@@ -1,8 +1,8 @@
 //! PostgreSQL: how `--db postgres://…` is taken in either build, and, with the `postgres`
 //! feature, the store's contracts for several nodes against a real throwaway cluster
 //! ([`Postgres`]): migrations run once when nodes start together, a newer schema is
-//! refused, appends through two nodes are gapless and totally ordered, and a race for a new
-//! stream has exactly one winner.
+//! refused, appends through two nodes are gapless and totally ordered, a race for a new
+//! stream has exactly one winner, and ACKs through two nodes only move an offset forward.
 //!
 //! Each "node" is a thread with a connection of its own ([`eventserver::pg::Database`]):
 //! to PostgreSQL, that is exactly what two processes are.
@@ -99,7 +99,7 @@ mod cluster {
     use std::sync::{Arc, Barrier};
     use std::thread;
 
-    use eventserver::pg::{Append, Database, Outcome, Payload, PgError};
+    use eventserver::pg::{Ack, Append, Database, Outcome, Payload, PgError};
 
     use crate::support::{Postgres, proc_status};
 
@@ -394,5 +394,99 @@ mod cluster {
             );
             assert_eq!(owner, format!("producer-{}", winners[0]));
         }
+    }
+
+    /// `producer`'s appends of `payloads` to `stream`, one batch: the events' ids.
+    fn ids_of(
+        db: &mut Database,
+        stream: &str,
+        producer: Option<&str>,
+        payloads: &[Payload],
+    ) -> Vec<uuid::Uuid> {
+        let appends: Vec<Append> = payloads
+            .iter()
+            .map(|payload| Append {
+                stream,
+                producer,
+                payload,
+            })
+            .collect();
+        let outcomes = db.append(&appends, 1).unwrap();
+        outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Outcome::Stored(event) => event.id,
+                Outcome::Locked => panic!("{stream} is owned by another producer"),
+            })
+            .collect()
+    }
+
+    /// One node acknowledges a consumer's 100 events oldest first, another newest first,
+    /// one ACK per transaction, at once: the offset ends at the newest, and a late ACK of
+    /// an older event does not move it back. ACKs of unknown events, of events of another
+    /// stream and of `/publish` events (no name) find nothing.
+    #[test]
+    fn acks_through_two_nodes_only_move_an_offset_forward() {
+        let Some(pg) =
+            Postgres::start_or_skip("acks_through_two_nodes_only_move_an_offset_forward")
+        else {
+            return;
+        };
+        let url = pg.database("acks");
+        let mut db = Database::open(&url).unwrap();
+        let placed: Vec<Payload> = (0..100)
+            .map(|_| Payload::Element {
+                name: "placed".into(),
+                fields: ",\"event\":{}".into(),
+            })
+            .collect();
+        let ids = ids_of(&mut db, "orders", Some("shop"), &placed);
+        let published = ids_of(&mut db, "news", None, &[Payload::Data("1".into())])[0];
+        let offset = || {
+            pg.psql(
+                "acks",
+                "SELECT o.seq FROM offsets o JOIN streams s ON s.id = o.stream_id \
+                 WHERE s.name = 'orders' AND o.consumer = 'billing' AND o.name = 'placed'",
+            )
+        };
+        let acked = {
+            let (url, ids) = (url.clone(), ids.clone());
+            together(2, move |node| {
+                let mut db = Database::open(&url).unwrap();
+                let mut order = ids.clone();
+                if node == 1 {
+                    order.reverse();
+                }
+                order.into_iter().all(|id| {
+                    let ack = Ack {
+                        stream: "orders",
+                        consumer: "billing",
+                        id,
+                    };
+                    db.ack(&[ack]).unwrap() == [true]
+                })
+            })
+        };
+        assert_eq!(acked, [true, true], "every ACK found its event");
+        assert_eq!(offset(), "100");
+        let ack = |stream, id| Ack {
+            stream,
+            consumer: "billing",
+            id,
+        };
+        let found = db
+            .ack(&[
+                ack("orders", ids[0]),
+                ack("orders", uuid::Uuid::now_v7()),
+                ack("news", ids[5]),
+                ack("news", published),
+            ])
+            .unwrap();
+        assert_eq!(found, [true, false, false, false]);
+        assert_eq!(
+            offset(),
+            "100",
+            "an older event's ACK moved the offset back"
+        );
     }
 }

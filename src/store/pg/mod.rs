@@ -1,8 +1,9 @@
 //! The durable log on PostgreSQL (cargo feature `postgres`): the only module that names the
 //! `postgres` crate, so that several eventserver nodes can share one database.
 //!
-//! What is here: a node's connection ([`Database`]: connecting, migrating, appending), the
-//! schema and its migrations (`schema`), and the append path with group commit (`append`).
+//! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
+//! acknowledging), the schema and its migrations (`schema`), the append path with group
+//! commit (`append`), and ACKs (`ack`).
 //! The server does not run on it yet: `--db postgres://…` is refused by the settings until
 //! it does. Until then this module is public (`eventserver::pg`, with the feature) so that
 //! its contracts are tested against a real PostgreSQL from outside, as a node would meet
@@ -16,8 +17,8 @@
 //! - **The writer** (`store::writer`): one thread per node takes whatever jobs are queued,
 //!   commits them in one transaction and hands the outcomes to the commit hook. Its loop
 //!   (batching, stop, retention between batches) does not depend on the engine; only
-//!   "apply this batch in one transaction" does, and [`Database::append`] is that for appends
-//!   (ACKs and heartbeats follow the same shape: an `INSERT … ON CONFLICT`).
+//!   "apply this batch in one transaction" does: [`Database::append`] and [`Database::ack`]
+//!   are that for appends and ACKs (heartbeats follow: an `INSERT … ON CONFLICT`).
 //! - **Readers** (`store::Reader`): one connection per worker, as with SQLite; PostgreSQL's
 //!   snapshots give each read the same consistency WAL readers give.
 //! - **Admin commands** (`store::admin`): the same statements on the same tables.
@@ -26,8 +27,8 @@
 //!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
 //!
 //! Plugging in takes two changes to the SQLite side: `writer::run` becomes generic over the
-//! function that applies a batch (SQLite's `apply`, or [`Database::append`] grown to take
-//! ACKs and heartbeats too), and `StoreError`, which every failed job carries, gains a
+//! function that applies a batch (SQLite's `apply`, or one transaction holding what
+//! [`Database::append`] and [`Database::ack`] do, and heartbeats), and `StoreError`, which every failed job carries, gains a
 //! variant holding a [`PgError`].
 //!
 //! What differs is what several nodes add: a node's writer is not the only one, so nothing a
@@ -49,6 +50,7 @@
 //!   advisory lock, so nodes starting together run them once and never see half of them
 //!   (`migrations_run_once_when_nodes_start_together`).
 
+mod ack;
 mod append;
 mod schema;
 
@@ -58,6 +60,7 @@ use postgres::config::SslMode;
 use postgres::{Client, NoTls};
 
 pub use super::writer::Payload;
+pub use ack::Ack;
 pub use append::{Append, Outcome};
 
 /// One node's connection to the shared database.
@@ -86,6 +89,12 @@ impl Database {
     /// success is flushed to the server's disk.
     pub fn append(&mut self, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
         append::commit(&mut self.client, batch, ts)
+    }
+
+    /// Applies `batch` of ACKs in one transaction, and returns for each whether its event
+    /// was found. An offset only moves forward, whichever node an ACK reaches.
+    pub fn ack(&mut self, batch: &[Ack<'_>]) -> Result<Vec<bool>, PgError> {
+        ack::commit(&mut self.client, batch)
     }
 }
 
