@@ -31,7 +31,8 @@ pub enum SyncMode {
 pub struct Config {
     /// Address to bind when no listener is handed in.
     pub listen: SocketAddr,
-    /// The SQLite database file.
+    /// The SQLite database file, or a PostgreSQL URL (`postgres://USER:PASS@HOST:PORT/DB`,
+    /// see [`Engine`]). Show it with [`Config::db_shown`], which leaves the password out.
     pub db: PathBuf,
     /// Worker threads serving requests (default: 2 × cores).
     pub workers: usize,
@@ -154,6 +155,20 @@ impl Config {
         crate::settings::check(self)
     }
 
+    /// The engine [`Config::db`] names.
+    pub fn engine(&self) -> Engine {
+        Engine::of(&self.db)
+    }
+
+    /// [`Config::db`] as logs and messages show it: a PostgreSQL URL without its password.
+    pub fn db_shown(&self) -> String {
+        let text = self.db.to_string_lossy();
+        match self.engine() {
+            Engine::Sqlite => text.into_owned(),
+            Engine::Postgres => without_password(&text),
+        }
+    }
+
     /// The connection cap that suits `max_parked` parked polls (the default of
     /// [`Config::max_connections`] for the default `max_parked`): every parked poll plus
     /// 1,000 others, but never past what the open-files limit leaves (two descriptors per
@@ -161,6 +176,60 @@ impl Config {
     pub fn connections_for(max_parked: usize) -> usize {
         (max_parked + 1_000).min(connections_that_fit()).max(16)
     }
+}
+
+/// The database engine a `--db` value names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// A SQLite file: any value that is not a PostgreSQL URL.
+    Sqlite,
+    /// A PostgreSQL database: a `postgres://` or `postgresql://` URL (scheme in any case).
+    Postgres,
+}
+
+impl Engine {
+    /// The engine `db` names.
+    pub fn of(db: &std::path::Path) -> Engine {
+        let text = db.to_string_lossy();
+        let scheme = text.split_once("://").map_or("", |(scheme, _)| scheme);
+        match ["postgres", "postgresql"]
+            .iter()
+            .any(|s| scheme.eq_ignore_ascii_case(s))
+        {
+            true => Engine::Postgres,
+            false => Engine::Sqlite,
+        }
+    }
+}
+
+/// `url` with the password of its user part (`user:PASS@`) and any `password=` parameter
+/// replaced by `***`, so that logs and error messages never carry it.
+fn without_password(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    // The user part ends at the last '@': a password may hold an unescaped '@' or '/'
+    // (a database name with an '@' loses more than its password, which is no leak).
+    let rest = match before_query.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => before_query.to_owned(),
+    };
+    let query = query.map(|query| {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        format!("?{}", params.join("&"))
+    });
+    format!("{scheme}://{rest}{}", query.unwrap_or_default())
 }
 
 /// Parked long-polls allowed by default: well below the open-files limit, which tiny_http
@@ -234,6 +303,42 @@ impl std::fmt::Display for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_postgres_url_selects_postgres_and_anything_else_is_a_sqlite_file() {
+        for url in [
+            "postgres://u:p@db.example:5432/events",
+            "postgresql://u@localhost/events",
+            "POSTGRES://u@h/d",
+        ] {
+            assert_eq!(Engine::of(url.as_ref()), Engine::Postgres, "{url}");
+        }
+        for path in [
+            "events.db",
+            "./postgres/events.db",
+            "postgres:events.db",
+            "/x://y",
+        ] {
+            assert_eq!(Engine::of(path.as_ref()), Engine::Sqlite, "{path}");
+        }
+    }
+
+    #[test]
+    fn the_shown_database_never_holds_the_password() {
+        let shown = |db: &str| Config::new(db).db_shown();
+        assert_eq!(shown("/var/lib/x.db"), "/var/lib/x.db");
+        assert_eq!(
+            shown("postgres://app:s3cr@t@db:5432/events"),
+            "postgres://app:***@db:5432/events"
+        );
+        assert_eq!(
+            shown("postgresql://app@db/events?password=s3cret&sslmode=disable"),
+            "postgresql://app@db/events?password=***&sslmode=disable"
+        );
+        assert_eq!(shown("postgres://app:pw@db"), "postgres://app:***@db");
+        assert_eq!(shown("postgres://app:a/b@db/e"), "postgres://app:***@db/e");
+        assert_eq!(shown("postgres://db/events"), "postgres://db/events");
+    }
 
     #[test]
     fn cidr_blocks_hold_their_addresses() {

@@ -18,6 +18,9 @@
 //! - [`settings`]: the table of `serve`'s settings (flags, environment, defaults, rules).
 //! - [`service`]: running as a daemon (thread stacks, open-files limit, signals, systemd).
 //! - [`admin`]: the operator commands on a database file (users, streams, backup).
+//! - `pg` (cargo feature `postgres`): the PostgreSQL store that several nodes will share,
+//!   in progress: connecting, migrating, appending and acknowledging, not yet serving. It
+//!   is `store::pg`, the only module naming the postgres crate.
 //! - [`log`]: the one-line-per-event logger. [`check`]: every parser of client input, for
 //!   property tests and fuzzing.
 //!
@@ -119,7 +122,9 @@ mod sys;
 pub use api::Failure;
 pub use api::check;
 pub use api::longpoll::{Polled, Received};
-pub use config::{Cidr, Config, SyncMode};
+pub use config::{Cidr, Config, Engine, SyncMode};
 pub use error::Error;
 pub use event::Start;
 pub use server::{Server, ServerHandle};
+#[cfg(feature = "postgres")]
+pub use store::pg;

@@ -99,7 +99,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
     let (_, known, command) = admin_command;
     let args = Args::parse(&args[1..], known)?;
     let words: Vec<&str> = args.positional.iter().map(String::as_str).collect();
-    command(&settings::db(&args.flags), &words, &args)
+    command(&settings::db(&args.flags)?, &words, &args)
 }
 
 /// An admin command: the database, its positional words, and all its arguments.
@@ -183,7 +183,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     let settings = format!(
         "db={} workers={} queue={} max_body={} sync={:?} longpoll_max_timeout={} max_parked={} \
          max_connections={}",
-        db.display(),
+        config.db_shown(),
         config.workers,
         config.queue,
         config.max_body,

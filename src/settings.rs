@@ -8,10 +8,10 @@
 //! a row in the README's table (the test names what is missing).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Config, SyncMode};
+use crate::config::{Config, Engine, SyncMode};
 use crate::error::Error;
 
 /// One setting of `eventserver serve`.
@@ -69,8 +69,9 @@ const fn row(
 #[rustfmt::skip]
 pub const SETTINGS: &[Setting] = &[
     row(field!(listen), "listen", "ADDR", Rule::Any, None, "address to bind"),
-    row(field!(db), "db", "PATH", Rule::Any,
-        Some("./eventserver.db, or $STATE_DIRECTORY/eventserver.db"), "SQLite database file"),
+    row(field!(db), "db", "PATH|URL", Rule::Database,
+        Some("./eventserver.db, or $STATE_DIRECTORY/eventserver.db"),
+        "SQLite database file, or postgres://USER:PASS@HOST:PORT/DB"),
     row(field!(workers), "workers", "N", Rule::Count { min: 1, max: 1024 },
         Some("2 x cores"), "worker threads"),
     row(field!(queue), "queue", "N", POSITIVE, None, "requests waiting for a worker before 503"),
@@ -167,13 +168,22 @@ pub fn config(flags: &[(String, String)]) -> Result<Config, Error> {
     Ok(Given::from_env(flags).config()?)
 }
 
-/// The database file `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
-/// `eventserver.db` in systemd's state directory or the working directory.
-pub fn db(flags: &[(String, String)]) -> PathBuf {
+/// The database `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
+/// `eventserver.db` in systemd's state directory or the working directory. A PostgreSQL URL
+/// this build cannot use is an [`Error::Config`] naming where it came from.
+pub fn db(flags: &[(String, String)]) -> Result<PathBuf, Error> {
     let given = Given::from_env(flags);
-    given
-        .value("db")
-        .map_or_else(default_db, |(_, path)| PathBuf::from(path))
+    let Some((source, text)) = given.value("db") else {
+        return Ok(default_db());
+    };
+    let db = PathBuf::from(text);
+    match Rule::Database.broken_by(&db) {
+        Some(rule) => Err(Error::Config(Invalid {
+            source,
+            why: Why::Rule(rule),
+        })),
+        None => Ok(db),
+    }
 }
 
 /// The environment variable of the setting `name`.
@@ -320,6 +330,8 @@ enum Rule {
     Path,
     /// Comma-separated `*` or origins as browsers send them: `scheme://host[:port]`.
     Origins,
+    /// A SQLite file, or a PostgreSQL URL this build can use ([`postgres_refusal`]).
+    Database,
 }
 
 /// At least 1: a zero queue, body or batch would refuse everything.
@@ -360,8 +372,36 @@ impl Rule {
                     (origin != "*" && !bare)
                         .then(|| format!("has {origin:?}: use scheme://host[:port], or *"))
                 }),
+            Rule::Database => match Engine::of(Path::new(&value.show())) {
+                Engine::Sqlite => None,
+                Engine::Postgres => postgres_refusal(&value.show()),
+            },
         }
     }
+}
+
+/// Why this build refuses the PostgreSQL URL `url`: it was built without the client. The
+/// message never quotes the URL, which may hold a password.
+#[cfg(not(feature = "postgres"))]
+fn postgres_refusal(_url: &str) -> Option<String> {
+    Some(
+        "names a PostgreSQL database, which this build cannot use: build eventserver with \
+         `cargo build --release --features postgres`"
+            .into(),
+    )
+}
+
+/// Why this build refuses the PostgreSQL URL `url`: it does not parse, or (for now) the
+/// server and the operator commands do not run on PostgreSQL yet. The message never quotes
+/// the URL, which may hold a password.
+#[cfg(feature = "postgres")]
+fn postgres_refusal(url: &str) -> Option<String> {
+    Some(match crate::store::pg::check_url(url) {
+        Err(why) => format!("is not a PostgreSQL URL eventserver can use: {why}"),
+        Ok(()) => "names a PostgreSQL database: this build has PostgreSQL's schema but \
+                   does not serve from it yet"
+            .into(),
+    })
 }
 
 /// A [`Config`] field as a setting: parsed from and shown as command-line text.

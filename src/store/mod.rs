@@ -28,6 +28,8 @@
 
 pub mod admin;
 mod checkpoint;
+#[cfg(feature = "postgres")]
+pub mod pg;
 mod reader;
 mod retention;
 mod walbuf;

@@ -468,7 +468,7 @@ fn ack(
 }
 
 /// Builds the stored event: a streams-API element carries its own id and position.
-fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
+pub(super) fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
     // Time-ordered ids keep the id index appending at its end.
     let id = Uuid::now_v7();
     let (name, data) = match payload {

@@ -8,6 +8,7 @@ mod checkpoint;
 mod crash;
 mod embedded;
 mod longpoll;
+mod pg;
 mod props;
 mod proxy;
 mod retention;

@@ -6,6 +6,8 @@
 mod api;
 mod chromium;
 mod http;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod process;
 
 use std::net::SocketAddr;
@@ -17,6 +19,8 @@ use eventserver::{Config, Server, ServerHandle};
 pub use api::*;
 pub use chromium::*;
 pub use http::*;
+#[cfg(feature = "postgres")]
+pub use postgres::*;
 pub use process::*;
 
 /// User every test server has.

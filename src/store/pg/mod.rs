@@ -1,0 +1,203 @@
+//! The durable log on PostgreSQL (cargo feature `postgres`): the only module that names the
+//! `postgres` crate, so that several eventserver nodes can share one database.
+//!
+//! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
+//! acknowledging), the schema and its migrations (`schema`), the append path with group
+//! commit (`append`), and ACKs (`ack`).
+//! The server does not run on it yet: `--db postgres://…` is refused by the settings until
+//! it does. Until then this module is public (`eventserver::pg`, with the feature) so that
+//! its contracts are tested against a real PostgreSQL from outside, as a node would meet
+//! them.
+//!
+//! # One boundary, two implementations
+//!
+//! The rest of the server meets the store at a few names, and each gets a PostgreSQL twin
+//! behind the same name, chosen once at start by [`crate::Engine`]:
+//!
+//! - **The writer** (`store::writer`): one thread per node takes whatever jobs are queued,
+//!   commits them in one transaction and hands the outcomes to the commit hook. Its loop
+//!   (batching, stop, retention between batches) does not depend on the engine; only
+//!   "apply this batch in one transaction" does: [`Database::append`] and [`Database::ack`]
+//!   are that for appends and ACKs (heartbeats follow: an `INSERT … ON CONFLICT`).
+//! - **Readers** (`store::Reader`): one connection per worker, as with SQLite; PostgreSQL's
+//!   snapshots give each read the same consistency WAL readers give.
+//! - **Admin commands** (`store::admin`): the same statements on the same tables.
+//! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's, under
+//!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
+//!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
+//!
+//! Plugging in takes two changes to the SQLite side: `writer::run` becomes generic over the
+//! function that applies a batch (SQLite's `apply`, or one transaction holding what
+//! [`Database::append`] and [`Database::ack`] do, and heartbeats), and `StoreError`, which every failed job carries, gains a
+//! variant holding a [`PgError`].
+//!
+//! What differs is what several nodes add: a node's writer is not the only one, so nothing a
+//! transaction relies on may be cached across transactions without a lock (the SQLite writer
+//! caches stream rows; here every batch locks the rows it appends to), and a committed
+//! append must wake polls parked on other nodes (LISTEN/NOTIFY, to come).
+//!
+//! # What this relies on about PostgreSQL
+//!
+//! - **Row locks serialize appends to one stream across nodes**: a batch locks each stream
+//!   row it appends to (`SELECT … FOR NO KEY UPDATE`) and holds the lock until it commits,
+//!   so the next batch reads the sequence number and timestamp this one left.
+//!   `two_nodes_appending_to_one_stream_get_gapless_ordered_sequences` (in
+//!   `tests/it/pg.rs`, like every test named here) checks it.
+//! - **A lock is let go only once its commit is visible**, so a reader that sees a
+//!   stream's event `n` sees every event before it: the visible part of a stream is
+//!   gapless. The same test reads the streams while two nodes write, and never sees a gap.
+//! - **DDL is transactional**: all migrations run in one transaction behind a transaction
+//!   advisory lock, so nodes starting together run them once and never see half of them
+//!   (`migrations_run_once_when_nodes_start_together`).
+
+mod ack;
+mod append;
+mod schema;
+
+use std::time::Duration;
+
+use postgres::config::SslMode;
+use postgres::{Client, NoTls};
+
+pub use super::writer::Payload;
+pub use ack::Ack;
+pub use append::{Append, Outcome};
+
+/// One node's connection to the shared database.
+pub struct Database {
+    client: Client,
+}
+
+impl Database {
+    /// Connects to the database `url` names and brings its schema up to date, or refuses
+    /// one a newer eventserver migrated ([`PgError::TooNew`]). Any number of nodes may open
+    /// one database at once: the migrations run once.
+    pub fn open(url: &str) -> Result<Database, PgError> {
+        let mut client = connect(url)?;
+        schema::migrate(&mut client)?;
+        Ok(Database { client })
+    }
+
+    /// The database's schema version: how many migrations it has had.
+    pub fn schema_version(&mut self) -> Result<usize, PgError> {
+        schema::version(&mut self.client)
+    }
+
+    /// Appends `batch` in one transaction stamped `ts` (epoch ms, from the node's clock; a
+    /// stream whose last event is later is stamped at that instead), and returns each
+    /// append's outcome in order. A failure fails the whole batch and stores nothing; a
+    /// success is flushed to the server's disk.
+    pub fn append(&mut self, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
+        append::commit(&mut self.client, batch, ts)
+    }
+
+    /// Applies `batch` of ACKs in one transaction, and returns for each whether its event
+    /// was found. An offset only moves forward, whichever node an ACK reaches.
+    pub fn ack(&mut self, batch: &[Ack<'_>]) -> Result<Vec<bool>, PgError> {
+        ack::commit(&mut self.client, batch)
+    }
+}
+
+/// A failure of the PostgreSQL store; its message is for logs and operators, never for
+/// clients, and never holds the password.
+#[derive(Debug)]
+pub enum PgError {
+    /// PostgreSQL refused or failed an operation, or could not be reached.
+    Postgres(postgres::Error),
+    /// `--db` is not a URL this build can connect with; the text says why.
+    Url(String),
+    /// The schema is newer than this eventserver knows: a newer node migrated it.
+    TooNew {
+        /// The database's schema version.
+        version: usize,
+    },
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PgError::Postgres(e) => f.write_str(&described(e)),
+            PgError::Url(why) => f.write_str(why),
+            PgError::TooNew { version } => write!(
+                f,
+                "the database has schema version {version}, newer than this eventserver \
+                 knows ({})",
+                schema::MIGRATIONS.len()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PgError::Postgres(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<postgres::Error> for PgError {
+    fn from(e: postgres::Error) -> PgError {
+        PgError::Postgres(e)
+    }
+}
+
+/// `e` with its causes: the crate's own message names only the kind of failure ("db
+/// error"), the server's message and the I/O error are its source.
+fn described(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text += &format!(": {c}");
+        cause = c.source();
+    }
+    text
+}
+
+/// How long connecting may take when the URL does not say (`connect_timeout`): a node
+/// whose database is down must answer, not hang.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why `url` is not a PostgreSQL URL eventserver can connect with, if it is not. The
+/// reasons name options, never values, so they carry no password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    parse(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The connection settings `url` gives.
+fn parse(url: &str) -> Result<postgres::Config, PgError> {
+    let config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+        PgError::Url(format!("the URL does not parse ({})", described(&e)))
+    })?;
+    if config.get_user().is_none() {
+        return Err(PgError::Url("the URL names no user".into()));
+    }
+    if config.get_hosts().is_empty() {
+        return Err(PgError::Url("the URL names no host".into()));
+    }
+    // TLS needs a TLS library this build does not carry yet.
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err(PgError::Url("sslmode=require is not supported yet".into()));
+    }
+    Ok(config)
+}
+
+/// A connection to the database `url` names, committing with at least PostgreSQL's default
+/// durability: a commit returns once it is flushed to the server's disk (and to any
+/// synchronous standby), whatever the server's own default says.
+fn connect(url: &str) -> Result<Client, PgError> {
+    let mut config = parse(url)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.application_name("eventserver");
+    let mut client = config.connect(NoTls)?;
+    // `off` and `local` would answer a 200 for a commit a crash of the server (or the
+    // loss of its host) could take back; stricter settings (`remote_apply`) are kept.
+    let sync: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
+    if matches!(sync.as_str(), "off" | "local") {
+        client.batch_execute("SET synchronous_commit = on")?;
+    }
+    Ok(client)
+}

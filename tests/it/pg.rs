@@ -1,0 +1,492 @@
+//! PostgreSQL: how `--db postgres://…` is taken in either build, and, with the `postgres`
+//! feature, the store's contracts for several nodes against a real throwaway cluster
+//! ([`Postgres`]): migrations run once when nodes start together, a newer schema is
+//! refused, appends through two nodes are gapless and totally ordered, a race for a new
+//! stream has exactly one winner, and ACKs through two nodes only move an offset forward.
+//!
+//! Each "node" is a thread with a connection of its own ([`eventserver::pg::Database`]):
+//! to PostgreSQL, that is exactly what two processes are.
+
+use crate::support::run;
+
+/// A URL whose password must never be printed.
+const URL: &str = "postgres://app:s3cret-pw@127.0.0.1:1/events";
+
+/// `serve` and an operator command given `url` (as a flag, then in `EVENTSERVER_DB`) exit
+/// 2 with `needle` on stderr, never showing the password.
+#[track_caller]
+fn refused(url: &str, needle: &str) {
+    let flag = run(
+        &["serve", "--db", url, "--listen", "127.0.0.1:0"],
+        &[],
+        None,
+    );
+    let flag = flag.fails(2, needle);
+    assert!(flag.stderr.contains("--db "), "{}", flag.stderr);
+    let env = run(&["user", "list"], &[("EVENTSERVER_DB", url)], None);
+    let env = env.fails(2, needle);
+    assert!(env.stderr.contains("EVENTSERVER_DB "), "{}", env.stderr);
+    for out in [flag, env] {
+        assert!(!out.stderr.contains("s3cret"), "{}", out.stderr);
+        assert!(!out.stdout.contains("s3cret"), "{}", out.stdout);
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn a_postgres_url_in_a_build_without_the_feature_says_how_to_build_one() {
+    for url in [URL, "postgresql://app:s3cret@db.example/events"] {
+        refused(url, "cargo build --release --features postgres");
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_postgres_url_is_refused_until_the_server_runs_on_it() {
+    refused(URL, "does not serve from it yet");
+    refused(
+        "postgres://app:s3cret@db/events?sslmode=require",
+        "sslmode=require is not supported yet",
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn a_url_eventserver_cannot_use_is_refused_without_quoting_its_password() {
+    use eventserver::pg::check_url;
+    assert_eq!(check_url("postgres://app:pw@db:5432/events"), Ok(()));
+    assert_eq!(check_url("postgresql://app@localhost/events"), Ok(()));
+    for (url, why) in [
+        ("postgres://db/events", "no user"),
+        (
+            "postgres://app:s3cret@db/events?sslmode=require",
+            "sslmode=require",
+        ),
+        ("postgres://app:s3cret@db:port/events", "does not parse"),
+        (
+            "postgres://app:s3cret@db/events?bogus=s3cret",
+            "does not parse",
+        ),
+    ] {
+        let refused = check_url(url).unwrap_err();
+        assert!(refused.contains(why), "{url}: {refused}");
+        assert!(!refused.contains("s3cret"), "{url}: {refused}");
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn an_unreachable_database_fails_at_once_without_showing_the_password() {
+    let started = std::time::Instant::now();
+    let Err(e) = eventserver::pg::Database::open(URL) else {
+        panic!("nothing listens on port 1");
+    };
+    let message = e.to_string();
+    assert!(
+        message.starts_with("error connecting to server: "),
+        "{message}"
+    );
+    assert!(!message.contains("s3cret"), "{message}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[cfg(feature = "postgres")]
+mod cluster {
+    use std::collections::HashMap;
+    use std::os::unix::fs::MetadataExt;
+    use std::panic::{self, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::thread;
+
+    use eventserver::pg::{Ack, Append, Database, Outcome, Payload, PgError};
+
+    use crate::support::{Postgres, proc_status};
+
+    /// The tests run as root in CI, where PostgreSQL would refuse to start: the cluster and
+    /// its files belong to another account, and nothing of it outlives the test.
+    #[test]
+    fn a_throwaway_cluster_runs_unprivileged_and_is_gone_when_dropped() {
+        let test = "a_throwaway_cluster_runs_unprivileged_and_is_gone_when_dropped";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let data = pg.psql("postgres", "SHOW data_directory");
+        let port: u16 = pg.psql("postgres", "SHOW port").parse().unwrap();
+        // A process that lives as long as the server (psql's own backend ends with it).
+        let checkpointer = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'";
+        let server: u32 = pg.psql("postgres", checkpointer).parse().unwrap();
+        let uid = proc_status(server, "Uid").expect("the server's status");
+        assert_ne!(uid, 0, "PostgreSQL runs as root");
+        assert_eq!(std::fs::metadata(&data).unwrap().uid() as u64, uid);
+        // A node's way in: TCP with a password, to a database of the test's own.
+        let url = pg.database("node");
+        assert!(url.ends_with(&format!("@127.0.0.1:{port}/node")), "{url}");
+        assert_eq!(pg.psql("node", "SELECT current_database()"), "node");
+        drop(pg);
+        assert!(!std::path::Path::new(&data).exists(), "{data} is left");
+        let refused = std::net::TcpStream::connect(("127.0.0.1", port));
+        assert!(refused.is_err(), "something still listens on {port}");
+    }
+
+    /// Runs `node(i)` on `n` threads released together, and returns what each returned.
+    fn together<T: Send + 'static>(
+        n: usize,
+        node: impl Fn(usize) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let start = Arc::new(Barrier::new(n));
+        let node = Arc::new(node);
+        let threads: Vec<_> = (0..n)
+            .map(|i| {
+                let (start, node) = (start.clone(), node.clone());
+                thread::spawn(move || {
+                    start.wait();
+                    node(i)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
+    /// The stored events of `stream`: sequence number, timestamp, data, in `seq` order.
+    fn stored(pg: &Postgres, db: &str, stream: &str) -> Vec<(u64, u64, String)> {
+        let rows = pg.psql(
+            db,
+            &format!(
+                "SELECT e.seq, e.ts, e.data FROM events e JOIN streams s ON s.id = e.stream_id \
+                 WHERE s.name = '{stream}' ORDER BY e.seq"
+            ),
+        );
+        rows.lines()
+            .map(|line| {
+                let mut fields = line.splitn(3, '|');
+                let mut next = || fields.next().unwrap().to_owned();
+                (next().parse().unwrap(), next().parse().unwrap(), next())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn migrations_run_once_when_nodes_start_together() {
+        let Some(pg) = Postgres::start_or_skip("migrations_run_once_when_nodes_start_together")
+        else {
+            return;
+        };
+        for round in 0..3 {
+            let url = pg.database(&format!("round{round}"));
+            // A second run of the migrations would fail on tables that exist.
+            let opened = together(8, move |_| Database::open(&url)?.schema_version());
+            let versions: Vec<usize> = opened
+                .into_iter()
+                .enumerate()
+                .map(|(node, result)| {
+                    result.unwrap_or_else(|e| panic!("round {round}, node {node}: {e}"))
+                })
+                .collect();
+            assert!(
+                versions.iter().all(|v| *v == versions[0] && *v > 0),
+                "{versions:?}"
+            );
+            let db = format!("round{round}");
+            assert_eq!(pg.psql(&db, "SELECT count(*) FROM eventserver_schema"), "1");
+            assert_eq!(pg.psql(&db, "SELECT count(*) FROM streams"), "0");
+        }
+    }
+
+    #[test]
+    fn a_database_migrated_by_a_newer_eventserver_is_refused() {
+        let Some(pg) =
+            Postgres::start_or_skip("a_database_migrated_by_a_newer_eventserver_is_refused")
+        else {
+            return;
+        };
+        let url = pg.database("newer");
+        let known = Database::open(&url).unwrap().schema_version().unwrap();
+        let newer = known + 1;
+        pg.psql(
+            "newer",
+            &format!("UPDATE eventserver_schema SET version = {newer}"),
+        );
+        match Database::open(&url) {
+            Err(e @ PgError::TooNew { version }) => {
+                assert_eq!(version, newer);
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "the database has schema version {newer}, newer than this eventserver \
+                         knows ({known})"
+                    )
+                );
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a newer schema was accepted"),
+        }
+        let version = pg.psql("newer", "SELECT version FROM eventserver_schema");
+        assert_eq!(version, newer.to_string(), "the refusal changed nothing");
+    }
+
+    /// Batches each node of the two-node test commits.
+    const BATCHES: usize = 40;
+    /// Appends in each of those batches.
+    const PER_BATCH: usize = 25;
+
+    /// Two nodes append to streams `a` and `b` at once, in batches that name them in
+    /// opposite orders, node 1's clock 5 s behind node 0's. Every stream's sequence numbers
+    /// are 1..=n with no gap, each node's events keep their order and each batch's events
+    /// for a stream are consecutive, and timestamps never decrease along a stream. Meanwhile
+    /// a reader never sees a gap: what is visible of a stream is always 1..=its newest.
+    #[test]
+    fn two_nodes_appending_to_one_stream_get_gapless_ordered_sequences() {
+        let Some(pg) = Postgres::start_or_skip(
+            "two_nodes_appending_to_one_stream_get_gapless_ordered_sequences",
+        ) else {
+            return;
+        };
+        let url = pg.database("nodes");
+        // The schema first, for the reader.
+        Database::open(&url).unwrap();
+        let writing = AtomicBool::new(true);
+        let reader = || {
+            let mut reads = 0;
+            while writing.load(Ordering::Relaxed) {
+                // One statement, one snapshot.
+                let gapless = pg.psql(
+                    "nodes",
+                    "SELECT count(*) = max(seq) FROM events GROUP BY stream_id",
+                );
+                assert!(!gapless.contains('f'), "a reader saw a gap: {gapless:?}");
+                reads += 1;
+            }
+            reads
+        };
+        let (reads, returned) = thread::scope(|s| {
+            let reads = s.spawn(reader);
+            // However the nodes end, the reader stops: a failed node fails the test
+            // rather than hang it.
+            let returned = panic::catch_unwind(AssertUnwindSafe(|| {
+                together(2, move |node| appends_of(&url, node))
+            }));
+            writing.store(false, Ordering::Relaxed);
+            let returned = returned.unwrap_or_else(|failed| panic::resume_unwind(failed));
+            (reads.join().unwrap(), returned)
+        });
+        assert!(reads > 0, "the reader read while the nodes wrote");
+        for stream in ["a", "b"] {
+            let events = stored(&pg, "nodes", stream);
+            let n = events.len() as u64;
+            assert_eq!(
+                n,
+                (BATCHES * PER_BATCH) as u64,
+                "{stream}: both nodes' halves"
+            );
+            let seqs: Vec<u64> = events.iter().map(|(seq, ..)| *seq).collect();
+            assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{stream}: gapless");
+            for pair in events.windows(2) {
+                assert!(pair[0].1 <= pair[1].1, "{stream}: time went back: {pair:?}");
+            }
+            for (node, batches) in returned.iter().enumerate() {
+                let mine: Vec<usize> = events
+                    .iter()
+                    .filter_map(|(_, _, data)| {
+                        let rest = data.trim_matches('"').strip_prefix(&format!("{node}-"))?;
+                        Some(rest.parse().unwrap())
+                    })
+                    .collect();
+                assert!(
+                    mine.windows(2).all(|w| w[0] < w[1]),
+                    "{stream}: node {node}'s events out of order"
+                );
+                for batch in &batches[stream] {
+                    assert!(
+                        batch.windows(2).all(|w| w[1] == w[0] + 1),
+                        "{stream}: node {node}'s batch interleaved: {batch:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// What node `node` of the two-node test does: [`BATCHES`] batches of [`PER_BATCH`]
+    /// appends over streams `a` and `b`, and the sequence numbers each batch got, per stream.
+    fn appends_of(url: &str, node: usize) -> HashMap<&'static str, Vec<Vec<u64>>> {
+        let mut db = Database::open(url).unwrap();
+        let streams = match node {
+            0 => ["a", "b"],
+            _ => ["b", "a"],
+        };
+        let clock = 1_000_000_u64 - 5_000 * node as u64;
+        let mut seqs: HashMap<&str, Vec<Vec<u64>>> = HashMap::new();
+        for batch in 0..BATCHES {
+            let payloads: Vec<Payload> = (0..PER_BATCH)
+                .map(|i| Payload::Data(format!("\"{node}-{}\"", batch * PER_BATCH + i)))
+                .collect();
+            let appends: Vec<Append> = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, payload)| Append {
+                    stream: streams[i * 2 / PER_BATCH],
+                    producer: None,
+                    payload,
+                })
+                .collect();
+            let outcomes = db.append(&appends, clock + batch as u64).unwrap();
+            for stream in streams {
+                seqs.entry(stream).or_default().push(Vec::new());
+            }
+            for (append, outcome) in appends.iter().zip(outcomes) {
+                let Outcome::Stored(event) = outcome else {
+                    panic!("node {node}: {outcome:?}");
+                };
+                let batches = seqs.get_mut(append.stream).unwrap();
+                batches.last_mut().unwrap().push(event.seq);
+            }
+        }
+        seqs
+    }
+
+    /// Four producers on four nodes append to the same new stream at once, many times:
+    /// each time exactly one of them creates and owns it, the others get the producer lock.
+    #[test]
+    fn a_race_for_a_new_stream_has_exactly_one_winner() {
+        let Some(pg) = Postgres::start_or_skip("a_race_for_a_new_stream_has_exactly_one_winner")
+        else {
+            return;
+        };
+        const ROUNDS: usize = 20;
+        let url = pg.database("race");
+        let round_starts = Arc::new(Barrier::new(4));
+        let won = together(4, move |node| {
+            let mut db = Database::open(&url).unwrap();
+            let producer = format!("producer-{node}");
+            let payload = Payload::Element {
+                name: "claimed".into(),
+                fields: ",\"event\":{}".into(),
+            };
+            (0..ROUNDS)
+                .map(|round| {
+                    round_starts.wait();
+                    let stream = format!("race-{round}");
+                    let append = Append {
+                        stream: &stream,
+                        producer: Some(&producer),
+                        payload: &payload,
+                    };
+                    match db.append(&[append], 1).unwrap().pop().unwrap() {
+                        Outcome::Stored(event) => {
+                            assert_eq!(event.seq, 1);
+                            true
+                        }
+                        Outcome::Locked => false,
+                    }
+                })
+                .collect::<Vec<bool>>()
+        });
+        for round in 0..ROUNDS {
+            let winners: Vec<usize> = won
+                .iter()
+                .enumerate()
+                .filter_map(|(node, won)| won[round].then_some(node))
+                .collect();
+            assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
+            let owner = pg.psql(
+                "race",
+                &format!("SELECT owner FROM streams WHERE name = 'race-{round}'"),
+            );
+            assert_eq!(owner, format!("producer-{}", winners[0]));
+        }
+    }
+
+    /// `producer`'s appends of `payloads` to `stream`, one batch: the events' ids.
+    fn ids_of(
+        db: &mut Database,
+        stream: &str,
+        producer: Option<&str>,
+        payloads: &[Payload],
+    ) -> Vec<uuid::Uuid> {
+        let appends: Vec<Append> = payloads
+            .iter()
+            .map(|payload| Append {
+                stream,
+                producer,
+                payload,
+            })
+            .collect();
+        let outcomes = db.append(&appends, 1).unwrap();
+        outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Outcome::Stored(event) => event.id,
+                Outcome::Locked => panic!("{stream} is owned by another producer"),
+            })
+            .collect()
+    }
+
+    /// One node acknowledges a consumer's 100 events oldest first, another newest first,
+    /// one ACK per transaction, at once: the offset ends at the newest, and a late ACK of
+    /// an older event does not move it back. ACKs of unknown events, of events of another
+    /// stream and of `/publish` events (no name) find nothing.
+    #[test]
+    fn acks_through_two_nodes_only_move_an_offset_forward() {
+        let Some(pg) =
+            Postgres::start_or_skip("acks_through_two_nodes_only_move_an_offset_forward")
+        else {
+            return;
+        };
+        let url = pg.database("acks");
+        let mut db = Database::open(&url).unwrap();
+        let placed: Vec<Payload> = (0..100)
+            .map(|_| Payload::Element {
+                name: "placed".into(),
+                fields: ",\"event\":{}".into(),
+            })
+            .collect();
+        let ids = ids_of(&mut db, "orders", Some("shop"), &placed);
+        let published = ids_of(&mut db, "news", None, &[Payload::Data("1".into())])[0];
+        let offset = || {
+            pg.psql(
+                "acks",
+                "SELECT o.seq FROM offsets o JOIN streams s ON s.id = o.stream_id \
+                 WHERE s.name = 'orders' AND o.consumer = 'billing' AND o.name = 'placed'",
+            )
+        };
+        let acked = {
+            let (url, ids) = (url.clone(), ids.clone());
+            together(2, move |node| {
+                let mut db = Database::open(&url).unwrap();
+                let mut order = ids.clone();
+                if node == 1 {
+                    order.reverse();
+                }
+                order.into_iter().all(|id| {
+                    let ack = Ack {
+                        stream: "orders",
+                        consumer: "billing",
+                        id,
+                    };
+                    db.ack(&[ack]).unwrap() == [true]
+                })
+            })
+        };
+        assert_eq!(acked, [true, true], "every ACK found its event");
+        assert_eq!(offset(), "100");
+        let ack = |stream, id| Ack {
+            stream,
+            consumer: "billing",
+            id,
+        };
+        let found = db
+            .ack(&[
+                ack("orders", ids[0]),
+                ack("orders", uuid::Uuid::now_v7()),
+                ack("news", ids[5]),
+                ack("news", published),
+            ])
+            .unwrap();
+        assert_eq!(found, [true, false, false, false]);
+        assert_eq!(
+            offset(),
+            "100",
+            "an older event's ACK moved the offset back"
+        );
+    }
+}
