@@ -60,8 +60,10 @@ pub(super) fn wanted(req: &Request) -> bool {
 
 /// `GET` on the subscribe path with `Accept: text/event-stream`.
 pub(super) fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
-    let checked = subscription(app, reader, &req, stream_params)
-        .and_then(|(category, start)| Ok((resume(reader, &req, &category, start)?, category)));
+    let checked = subscription(app, reader, &req, stream_params).and_then(|(category, start)| {
+        let start = resume(reader, &req, &category, start)?;
+        Ok((pinned(reader, &category, start)?, category))
+    });
     let (start, category) = match checked {
         Ok(checked) => checked,
         Err(failure) => return reply.send(failure.render(Api::LongPoll)),
@@ -95,6 +97,23 @@ pub(super) fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Rep
     };
     let parked = Parked::streaming(sse, req.remote);
     app.runtime.wait(reader, &category, want, parked);
+}
+
+/// `start`, with "from now on" fixed at the newest event before the head goes out: the
+/// client sees the stream open and may publish at once, and that event is after the start,
+/// whenever the stream is parked
+/// (`sse::a_stream_delivers_events_from_before_and_after_it_opened_in_order_once`).
+fn pinned(reader: &mut Reader, category: &str, start: Start) -> Result<Start, Failure> {
+    if start != Start::Now {
+        return Ok(start);
+    }
+    match reader.since(category, &start, None, 0) {
+        Ok(view) => Ok(Start::After(view.hwm)),
+        Err(e) => {
+            crate::log::error(&format!("reading where a stream starts failed: {e}"));
+            Err(Failure::StreamUnreadable)
+        }
+    }
 }
 
 /// Where a stream starts: right after the `Last-Event-ID` event when the client sends one
