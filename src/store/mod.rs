@@ -16,7 +16,8 @@
 //!   answers producers only after their commit returned, so a 200 means the event is on
 //!   disk; `tests/it/crash.rs` kills the server under load and finds every answered event
 //!   again, once and in order. Each WAL frame costs SQLite two writes (its header, then the
-//!   page) before that sync: the price of staying on the default VFS.
+//!   page) before that sync: the price of staying on the default VFS ([`schema`] says
+//!   what a commit writes).
 //! - **An fsync per commit, not per event.** With `synchronous=FULL` every commit waits for
 //!   the disk, so one event per transaction is bounded by the disk's sync rate; batching
 //!   whatever is queued into one transaction scales with the producers instead.
@@ -42,6 +43,7 @@ pub mod admin;
 mod checkpoint;
 mod reader;
 mod retention;
+mod schema;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -86,7 +88,7 @@ pub enum StoreError {
 
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let known = MIGRATIONS.len();
+        let known = schema::MIGRATIONS.len();
         match self {
             StoreError::Sqlite(e) => write!(f, "{e}"),
             StoreError::Missing(path) => write!(
@@ -148,67 +150,6 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// The schema, one migration per entry; entry `i` moves `user_version` from `i` to `i + 1`.
-/// Never edit an entry that has shipped: append a new one.
-///
-/// Events are stored in commit order (`gid`), so a commit appends to the table's last
-/// pages whatever streams it touches; ids are time-ordered (UUIDv7) for the same reason.
-/// The per-stream indexes hold only keys. Timestamps need no index: they never decrease
-/// along a stream, so a binary search over `seq` finds any time ([`seq_at_time`]).
-const MIGRATIONS: &[&str] = &[
-    r#"
-    CREATE TABLE users (
-        name TEXT PRIMARY KEY,
-        hash TEXT NOT NULL,
-        created_ms INTEGER NOT NULL
-    );
-    CREATE TABLE streams (
-        id INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        owner TEXT,
-        last_seq INTEGER NOT NULL DEFAULT 0,
-        last_ms INTEGER NOT NULL DEFAULT 0,
-        created_ms INTEGER NOT NULL
-    );
-    CREATE TABLE events (
-        gid INTEGER PRIMARY KEY,
-        stream_id INTEGER NOT NULL,
-        seq INTEGER NOT NULL,
-        id BLOB NOT NULL,
-        name TEXT,
-        ts INTEGER NOT NULL,
-        data TEXT NOT NULL
-    );
-    CREATE UNIQUE INDEX events_by_seq ON events (stream_id, seq);
-    CREATE UNIQUE INDEX events_by_id ON events (id);
-    CREATE INDEX events_by_name ON events (stream_id, name, seq) WHERE name IS NOT NULL;
-    CREATE TABLE heartbeat (
-        id INTEGER PRIMARY KEY,
-        at_ms INTEGER NOT NULL
-    );
-    CREATE TABLE offsets (
-        stream_id INTEGER NOT NULL,
-        consumer TEXT NOT NULL,
-        name TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        PRIMARY KEY (stream_id, consumer, name)
-    ) WITHOUT ROWID;
-"#,
-    r#"
-    ALTER TABLE users ADD COLUMN produce TEXT NOT NULL DEFAULT '*';
-    ALTER TABLE users ADD COLUMN consume TEXT NOT NULL DEFAULT '*';
-"#,
-    // What interest retention held back at its last run, per stream and consumer.
-    r#"
-    CREATE TABLE retention_held (
-        stream_id INTEGER NOT NULL,
-        consumer TEXT NOT NULL,
-        events INTEGER NOT NULL,
-        PRIMARY KEY (stream_id, consumer)
-    ) WITHOUT ROWID;
-"#,
-];
-
 /// How long a connection waits for another one's lock (admin commands, checkpoints).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -243,7 +184,7 @@ pub fn open_write(path: &Path, sync: SyncMode) -> Result<Connection, StoreError>
          PRAGMA journal_size_limit={};",
         checkpoint::SIZE_LIMIT
     ))?;
-    migrate(&mut conn)?;
+    schema::migrate(&mut conn)?;
     Ok(conn)
 }
 
@@ -295,7 +236,7 @@ pub fn open_existing(path: &Path) -> Result<Connection, StoreError> {
     )?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let known = MIGRATIONS.len();
+    let known = schema::MIGRATIONS.len();
     match version {
         0 => Err(StoreError::Foreign(path.to_owned())),
         version if version < known => Err(StoreError::TooOld { version }),
@@ -315,29 +256,13 @@ pub fn open_read(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    loop {
-        // The version is read inside the write transaction: a second process migrating
-        // at the same time waits for the lock and then sees the first one's work.
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let version: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > MIGRATIONS.len() {
-            return Err(StoreError::TooNew { version });
-        }
-        let Some(sql) = MIGRATIONS.get(version) else {
-            return Ok(());
-        };
-        tx.execute_batch(sql)?;
-        tx.execute_batch(&format!("PRAGMA user_version={}", version + 1))?;
-        tx.commit()?;
-    }
-}
-
 /// The newest event timestamp on disk, so the clock never stamps below it after a restart.
 pub fn newest_timestamp(conn: &Connection) -> Result<u64, StoreError> {
-    let ms: i64 = conn.query_row("SELECT coalesce(max(last_ms), 0) FROM streams", [], |r| {
-        r.get(0)
-    })?;
+    let ms: i64 = conn.query_row(
+        "SELECT coalesce(max(last_ms), 0) FROM stream_heads",
+        [],
+        |r| r.get(0),
+    )?;
     Ok(ms.max(0) as u64)
 }
 
@@ -426,7 +351,7 @@ mod tests {
             let version: usize = conn
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, MIGRATIONS.len());
+            assert_eq!(version, schema::MIGRATIONS.len());
         }
     }
 
