@@ -18,7 +18,7 @@
 //! and syncs the log. Over many streams the per-stream indexes dominate: each stream a
 //! commit appends to has its own last leaf in `events_by_seq` and, for named events, in
 //! `events_by_name`, so a commit of 16 named events over 16 streams writes ~36 index leaves
-//! and parents, against ~3 pages for the table and the id index together. Along one stream
+//! and parents, against ~5 pages for the table and the id index together. Along one stream
 //! the index tails are shared, but an index leaf that fills is rebalanced with its two left
 //! siblings (SQLite's `balance_nonroot`; only table leaves split cheaply at their end), so
 //! each index costs ~3-4 frames per commit of 64 events. Measured with `append_costs`
@@ -33,10 +33,10 @@
 //! | 16 streams-API events over 16 of 64 streams | 43.7 | 41.6 |
 //! | 64 streams-API events over 64 streams | 152–157 | 153 |
 //!
-//! Over one stream that is 8–15% fewer frames, and 30–40% fewer bytes written per event
-//! under the load bench (`-- publish --conns 64 --streams 1`: 3.2 to 1.9 KiB per
-//! streams-API event, 2.2 to 1.6 per `/publish` event); over 64 streams, a frame or two per
-//! commit of ~80–150.
+//! Over one stream that is 8–15% fewer frames, and about half the bytes the server writes
+//! per event under the load bench, checkpoints included (`-- publish --conns 64 --streams
+//! 1`, `disk KiB/ev` in interleaved pairs: 1.5–2.6 KiB against 4.2–5.6 before); over 64
+//! streams a frame or two per commit of ~80–150, and 10–25% fewer bytes.
 //!
 //! Schema 4 chose from those measurements:
 //!
@@ -403,6 +403,35 @@ mod tests {
         assert_eq!(read.hwm, 41);
         let view = reader.consume("orders", "y", "E", 10).unwrap().unwrap();
         assert_eq!(view.events, [appended[0].data.to_string()]);
+    }
+
+    /// A database of a newer schema is refused, by the server and by operator commands
+    /// alike, and left as it is: what an older eventserver does with a database this one
+    /// upgraded.
+    #[test]
+    fn a_database_of_a_newer_schema_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        drop(open_write(&path, SyncMode::Full).unwrap());
+        let newer = MIGRATIONS.len() + 1;
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(&format!("PRAGMA user_version={newer}"))
+            .unwrap();
+        for opened in [
+            open_write(&path, SyncMode::Full).map(drop),
+            crate::store::open_existing(&path).map(drop),
+        ] {
+            match opened {
+                Err(StoreError::TooNew { version }) => assert_eq!(version, newer),
+                other => panic!("expected TooNew, got {other:?}"),
+            }
+        }
+        let version: usize = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, newer);
     }
 
     /// Appends one event to each stream (named or not) through the writer; returns them.
