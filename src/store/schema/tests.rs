@@ -235,6 +235,33 @@ fn a_database_of_a_newer_schema_is_refused_and_left_alone() {
     assert_eq!(version, newer);
 }
 
+/// A stream whose every event was deleted (by retention, or an operator) goes on from its
+/// newest sequence number and keeps its newest time: the `streams` row, no longer written
+/// by appends, takes them from the deleted events.
+#[test]
+fn an_emptied_stream_never_gives_a_sequence_number_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let conn = open_write(&path, SyncMode::Full).unwrap();
+    let first = append(conn, &[("a", true), ("a", true), ("a", false)]);
+    let newest = first.last().unwrap();
+    let conn = open_write(&path, SyncMode::Full).unwrap();
+    let deleted = conn
+        .execute(
+            "DELETE FROM events WHERE stream_id = (SELECT id FROM streams WHERE name = 'a')",
+            [],
+        )
+        .unwrap();
+    assert_eq!(deleted, 3);
+    let emptied = admin::list_streams(&path).unwrap();
+    assert_eq!(
+        (emptied[0].events, emptied[0].last_seq, emptied[0].last_ms),
+        (0, 3, newest.ts)
+    );
+    let next = append(conn, &[("a", true)]);
+    assert_eq!(next[0].seq, 4);
+}
+
 /// Appends one event to each stream (named or not) through the writer; returns them.
 fn append(conn: Connection, streams: &[(&str, bool)]) -> Vec<Event> {
     let (jobs, rx) = crossbeam_channel::unbounded();
