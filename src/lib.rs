@@ -64,9 +64,8 @@
 //!   shutdown. A dropped reply answers 500 rather than vanishing.
 //! - Cursors are sequence numbers; `since_time`/`last_id` are resolved to one.
 //! - Everything is bounded by [`Config`]: queues, bodies, parked requests, batch sizes.
-//! - No unsafe code outside `store::walbuf` (a SQLite VFS that batches WAL writes) and, in
-//!   `sys`, one adoption of systemd's socket and one duplicate of a connection's descriptor
-//!   for a stream of events.
+//! - No unsafe code outside `sys`: one adoption of systemd's socket and one duplicate of a
+//!   connection's descriptor for a stream of events. `store` forbids it.
 //!
 //! # Embedding
 //!

@@ -67,7 +67,8 @@
 //! each run's usual table it prints, per headline figure, every round's value, both
 //! medians and the ratio eventserver ÷ floor, and one JSON line (`{"scenario":
 //! "versus-floor", …}`). The figures: publish, events/s on 64 connections through
-//! `/publish` (the only write path the floor serves); fanout, delivery p99 and delivered %
+//! `/publish` and the streams API, each against the floor's `/publish` (the only write path
+//! it serves); fanout, delivery p99 and delivered %
 //! at each `--subscribers` count; categories, delivery p99 and delivered %. For example
 //! `-- fanout --versus-floor --subscribers 1000,9000 --rounds 3`.
 //!

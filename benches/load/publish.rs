@@ -271,6 +271,15 @@ impl WriterStats {
         }
     }
 
+    /// The writer's time to apply and commit, per job.
+    fn us_per_job(&self) -> f64 {
+        if self.jobs > 0.0 {
+            self.commit_seconds * 1e6 / self.jobs
+        } else {
+            0.0
+        }
+    }
+
     fn mean_commit_ms(&self) -> f64 {
         if self.commits > 0.0 {
             self.commit_seconds * 1000.0 / self.commits
@@ -379,6 +388,8 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
                 .map_or("-".into(), |w| format!("{:.1}", w.mean_batch())),
             run.writer
                 .map_or("-".into(), |w| format!("{:.2}", w.mean_commit_ms())),
+            run.writer
+                .map_or("-".into(), |w| format!("{:.1}", w.us_per_job())),
             disk_per_event(run).map_or("-".into(), |b| format!("{:.1}", b / 1024.0)),
         ]);
         json_runs.push(json!({
@@ -398,6 +409,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
                 "commits": w.commits,
                 "mean_batch": (w.mean_batch() * 10.0).round() / 10.0,
                 "mean_commit_ms": (w.mean_commit_ms() * 1000.0).round() / 1000.0,
+                "us_per_event": (w.us_per_job() * 10.0).round() / 10.0,
             })),
         }));
     }
@@ -416,6 +428,7 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
             "bench CPU",
             "batch",
             "commit ms",
+            "µs/ev",
             "disk KiB/ev",
         ],
         &rows,
@@ -439,7 +452,8 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
         }
     }
     report::note(
-        "batch, commit ms: the server's mean jobs per commit and time per commit (its /metrics);",
+        "batch, commit ms, µs/ev: the server's mean jobs per commit, time per commit and the \
+         writer's time per job (its /metrics);",
     );
     report::note(
         "disk KiB/ev: bytes the server process wrote to storage per event (/proc/<pid>/io)",

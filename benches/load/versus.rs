@@ -9,8 +9,10 @@
 //! line (`{"scenario": "versus-floor", …}`).
 //!
 //! The headline figures: **publish**, events/s on 64 keep-alive connections through
-//! `/publish` (the only write path the floor serves; a ratio below 1 is what eventserver's
-//! durability and bookkeeping cost); **fanout**, delivery p99 and delivered % at each
+//! `/publish` and the streams API (`--api` picks; both by default), each against the
+//! floor's `/publish`, the only write path it serves (a ratio below 1 is what
+//! eventserver's durability and bookkeeping cost; `--streams 1` puts every connection on
+//! one stream); **fanout**, delivery p99 and delivered % at each
 //! `--subscribers` count; **categories**, delivery p99 and delivered % (for latencies a
 //! ratio above 1 is eventserver's cost).
 
@@ -46,7 +48,11 @@ impl Side {
             *own_process = true;
         }
         if scenario == "publish" {
-            opts.apis = vec![Api::Publish];
+            // The floor serves `/publish` only; eventserver's other write path is held
+            // against the same figure.
+            if self == Side::Floor {
+                opts.apis = vec![Api::Publish];
+            }
             opts.conns = vec![64];
         }
         opts
@@ -72,6 +78,28 @@ impl Series {
     fn ratio(&self) -> Option<f64> {
         let (es, floor) = (median(&self.eventserver)?, median(&self.floor)?);
         (floor != 0.0).then(|| es / floor)
+    }
+}
+
+/// Gives the figures the floor has no value for (the streams API's appends) the floor's
+/// value of the figure they are held against (`/publish`'s, on as many connections).
+fn hold_against_publish(series: &mut [Series]) {
+    let floor = |name: &str| {
+        let publish = name.replacen(Api::Streams.name(), Api::Publish.name(), 1);
+        series
+            .iter()
+            .find(|s| s.name == publish && !s.floor.is_empty())
+            .map(|s| (s.name.clone(), s.floor.clone()))
+    };
+    let found: Vec<_> = series
+        .iter()
+        .map(|s| s.floor.is_empty().then(|| floor(&s.name)).flatten())
+        .collect();
+    for (s, found) in series.iter_mut().zip(found) {
+        if let Some((name, values)) = found {
+            s.name = format!("{} (floor: {name})", s.name);
+            s.floor = values;
+        }
     }
 }
 
@@ -108,6 +136,7 @@ pub fn compare(opts: &Opts, scenario: &str, rounds: usize, nofile: u64) -> Resul
             }
         }
     }
+    hold_against_publish(&mut series);
     print(scenario, rounds, &series);
     Ok(())
 }

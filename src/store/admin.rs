@@ -115,7 +115,7 @@ pub struct StreamDetail {
 
 const SUMMARY: &str = "SELECT s.name, s.owner, \
      (SELECT count(*) FROM events e WHERE e.stream_id = s.id), s.last_seq, s.last_ms, s.id \
-     FROM streams s";
+     FROM stream_heads s";
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StreamSummary, i64)> {
     Ok((

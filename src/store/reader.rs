@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use super::admin::{CONSUMERS, ConsumerOffset, StreamSummary, consumer_offset};
+use super::schema::stored_element;
 use crate::event::{Event, Start};
 
 /// A user as stored.
@@ -101,10 +102,13 @@ impl Reader {
             .unwrap_or(0);
         let events = tx
             .prepare_cached(
-                "SELECT data FROM events WHERE stream_id = ?1 AND name = ?2 AND seq > ?3 \
-                 ORDER BY seq LIMIT ?4",
+                "SELECT id, seq, ts, data FROM events WHERE stream_id = ?1 AND name = ?2 \
+                 AND seq > ?3 ORDER BY seq LIMIT ?4",
             )?
-            .query_map(params![info.id, name, offset, limit as i64], |r| r.get(0))?
+            .query_map(params![info.id, name, offset, limit as i64], |r| {
+                let (id, seq, ts) = (id(r.get(0)?), r.get::<_, i64>(1)?, r.get::<_, i64>(2)?);
+                Ok(stored_element(&id, seq as u64, ts as u64, r.get(3)?))
+            })?
             .collect::<Result<Vec<String>, _>>()?;
         Ok(Some(ConsumeView {
             events,
@@ -134,13 +138,23 @@ impl Reader {
         )?;
         let events = stmt
             .query_map(params![info.id, cursor as i64, name, limit as i64], |r| {
-                let id: Vec<u8> = r.get(2)?;
+                let (seq, ts, id) = (
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, i64>(1)?,
+                    id(r.get(2)?),
+                );
+                let name: Option<String> = r.get(3)?;
+                let data: String = r.get(4)?;
+                let data = match name {
+                    Some(_) => stored_element(&id, seq, ts as u64, data),
+                    None => data,
+                };
                 Ok(Event {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    ts: r.get::<_, i64>(1)? as u64,
-                    id: Uuid::from_slice(&id).unwrap_or_default(),
-                    name: r.get::<_, Option<String>>(3)?.map(String::into_boxed_str),
-                    data: r.get::<_, String>(4)?.into_boxed_str(),
+                    seq,
+                    ts: ts as u64,
+                    id,
+                    name: name.map(String::into_boxed_str),
+                    data: data.into_boxed_str(),
                 })
             })?
             .collect::<Result<Vec<Event>, _>>()?;
@@ -235,7 +249,7 @@ impl Reader {
         let mut more_streams = false;
         {
             let mut stmt = tx.prepare_cached(
-                "SELECT name, owner, last_seq, last_ms, id FROM streams ORDER BY name",
+                "SELECT name, owner, last_seq, last_ms, id FROM stream_heads ORDER BY name",
             )?;
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
@@ -285,13 +299,19 @@ impl Reader {
     }
 }
 
+/// An event id as stored: 16 bytes (anything else, which this server never stores, reads
+/// as the nil id).
+fn id(bytes: Vec<u8>) -> Uuid {
+    Uuid::from_slice(&bytes).unwrap_or_default()
+}
+
 /// The catalogue entry of `stream`, if it exists.
 pub(super) fn stream_info(
     conn: &Connection,
     stream: &str,
 ) -> Result<Option<StreamInfo>, StoreError> {
     Ok(conn
-        .prepare_cached("SELECT id, owner, last_seq FROM streams WHERE name = ?1")?
+        .prepare_cached("SELECT id, owner, last_seq FROM stream_heads WHERE name = ?1")?
         .query_row([stream], |r| {
             Ok(StreamInfo {
                 id: r.get(0)?,

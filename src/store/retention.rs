@@ -118,7 +118,7 @@ impl Sweep {
              DELETE FROM temp.retain_cut; DELETE FROM retention_held;",
         )?;
         let streams: Vec<(i64, i64)> = tx
-            .prepare_cached("SELECT id, last_seq FROM streams")?
+            .prepare_cached("SELECT id, last_seq FROM stream_heads")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         let mut last_gid = 0;

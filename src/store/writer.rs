@@ -337,6 +337,7 @@ fn apply(
     let streams = &mut cache.rows;
     // The streams this batch appended to, in the order of their first event.
     let mut touched: Vec<&str> = Vec::new();
+    let mut claimed: Vec<(i64, &str)> = Vec::new(); // (id, producer) of unowned streams
     let mut outcomes = Vec::with_capacity(batch.len());
     {
         let mut insert_event = tx.prepare_cached(
@@ -363,18 +364,26 @@ fn apply(
                             outcomes.push(Outcome::Refused(WriteError::Locked));
                             continue;
                         }
-                        (None, Some(p)) => row.owner = Some(p.clone()),
+                        (None, Some(p)) => {
+                            row.owner = Some(p.clone());
+                            claimed.push((row.id, p));
+                        }
                         (None, None) => {}
                     }
                     row.last_seq += 1;
-                    let event = render(payload, row.last_seq, ts);
+                    let event = super::schema::render(payload, row.last_seq, ts);
+                    // A named event's element is put together again when read (`schema`).
+                    let stored = match payload {
+                        Payload::Element { fields, .. } => fields,
+                        Payload::Data(data) => data,
+                    };
                     insert_event.execute(params![
                         row.id,
                         event.seq as i64,
                         &event.id.as_bytes()[..],
                         event.name.as_deref(),
                         ts as i64,
-                        &*event.data,
+                        stored,
                     ])?;
                     let slot = *row.appended.get_or_insert_with(|| {
                         touched.push(stream);
@@ -401,13 +410,16 @@ fn apply(
             };
             outcomes.push(outcome);
         }
-        let mut update = tx.prepare_cached(
-            "UPDATE streams SET owner = ?2, last_seq = ?3, last_ms = ?4 WHERE id = ?1",
-        )?;
+        // Only a claim changes a stream's row (see `schema`).
+        for (id, owner) in &claimed {
+            tx.prepare_cached("UPDATE streams SET owner = ?2 WHERE id = ?1")?
+                .execute(params![id, owner])?;
+        }
         for name in &touched {
-            let row = streams.get_mut(*name).expect("touched streams are cached");
-            update.execute(params![row.id, row.owner, row.last_seq as i64, ts as i64])?;
-            row.appended = None;
+            streams
+                .get_mut(*name)
+                .expect("touched streams are cached")
+                .appended = None;
         }
     }
     tx.commit()?;
@@ -465,34 +477,6 @@ fn ack(
     )?
     .execute(params![stream_id, consumer, name, seq])?;
     Ok(Outcome::Finished)
-}
-
-/// Builds the stored event: a streams-API element carries its own id and position.
-pub(super) fn render(payload: &Payload, seq: u64, ts: u64) -> Event {
-    // Time-ordered ids keep the id index appending at its end.
-    let id = Uuid::now_v7();
-    let (name, data) = match payload {
-        Payload::Element { name, fields } => {
-            let mut data = String::with_capacity(fields.len() + 96);
-            data.push_str("{\"eventId\":\"");
-            data.push_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
-            data.push_str("\",\"sequence\":");
-            data.push_str(&seq.to_string());
-            data.push_str(",\"timestamp\":");
-            data.push_str(&ts.to_string());
-            data.push_str(fields);
-            data.push('}');
-            (Some(name.as_str().into()), data)
-        }
-        Payload::Data(data) => (None, data.clone()),
-    };
-    Event {
-        seq,
-        ts,
-        id,
-        name,
-        data: data.into_boxed_str(),
-    }
 }
 
 fn finish(batch: Vec<Job>, outcomes: Vec<Outcome>) -> Committed {

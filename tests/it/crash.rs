@@ -1248,7 +1248,7 @@ fn check_database(db: &Path, problems: &mut Problems) {
     let rows: Vec<(String, i64, i64, i64, i64)> = conn
         .prepare(
             "SELECT s.name, s.last_seq, count(e.seq), coalesce(min(e.seq), 0), coalesce(max(e.seq), 0) \
-             FROM streams s LEFT JOIN events e ON e.stream_id = s.id GROUP BY s.id ORDER BY s.name",
+             FROM stream_heads s LEFT JOIN events e ON e.stream_id = s.id GROUP BY s.id ORDER BY s.name",
         )
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))

@@ -212,7 +212,7 @@ fn backlog(db: &Path, stream: &str, n: u64, name_of: fn(u64) -> &'static str) ->
     let tx = conn.transaction().unwrap();
     let (id, last): (i64, u64) = tx
         .query_row(
-            "SELECT id, last_seq FROM streams WHERE name = ?1",
+            "SELECT id, last_seq FROM stream_heads WHERE name = ?1",
             [stream],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )

@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use super::PgError;
 use crate::event::Event;
-use crate::store::writer::{Payload, render};
+use crate::store::schema::render;
+use crate::store::writer::Payload;
 
 /// One append of a batch.
 pub struct Append<'a> {
