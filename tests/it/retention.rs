@@ -278,7 +278,7 @@ fn single_job_commits(server: &TestServer) -> u64 {
 #[test]
 fn a_large_backlog_is_trimmed_in_chunks_between_appends() {
     let _heavy = heavy();
-    let (mut server, last) = stopped_with_backlog("big", 20_000, |_| "E");
+    let (mut server, last) = stopped_with_backlog("big", 60_000, |_| "E");
     server.restart_with(|c| c.retain_events = Some(100));
     let reads = rusqlite::Connection::open(&server.db).unwrap();
     let oldest = || -> u64 {
