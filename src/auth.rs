@@ -231,30 +231,6 @@ impl Authenticator {
         Some(ip)
     }
 
-    /// The cache's key for `creds`.
-    fn key(&self, creds: &Credentials) -> CacheKey {
-        (creds.user.clone(), self.fingerprint(&creds.password))
-    }
-
-    /// The outcome of checking `creds` from `client` when it needs neither the store nor a
-    /// hash: throttled, or verified within the last `ttl`. `None` when only
-    /// [`Authenticator::check`] can tell. Takes two short locks and never blocks on more,
-    /// so a thread that must not wait (the one admitting requests) may call it.
-    pub fn cached(&self, creds: &Credentials, client: Option<IpAddr>) -> Option<Checked> {
-        self.known(&self.key(creds), self.throttled(client), Instant::now())
-    }
-
-    /// What the throttle (for the `counted` address) or the cache says of `key` at `now`.
-    fn known(&self, key: &CacheKey, counted: Option<IpAddr>, now: Instant) -> Option<Checked> {
-        // Before the cache, or a guess that matches a recently used password would pass.
-        if let Some(wait) = counted.and_then(|ip| self.refused(ip, &key.0, now)) {
-            return Some(Checked::Throttled(wait));
-        }
-        let cache = crate::lock::lock(&self.verified);
-        let (at, grants) = cache.get(key)?;
-        (now.duration_since(*at) < self.ttl).then(|| Checked::Valid(grants.clone()))
-    }
-
     /// Checks `creds` from `client`; `lookup` fetches a user's stored hash and grants on a
     /// cache miss.
     pub fn check<E>(
@@ -263,10 +239,20 @@ impl Authenticator {
         client: Option<IpAddr>,
         lookup: impl FnOnce(&str) -> Result<Option<Stored>, E>,
     ) -> Result<Checked, E> {
-        let (key, now) = (self.key(creds), Instant::now());
+        let key = (creds.user.clone(), self.fingerprint(&creds.password));
+        let now = Instant::now();
         let counted = self.throttled(client);
-        if let Some(known) = self.known(&key, counted, now) {
-            return Ok(known);
+        // Before the cache, or a guess that matches a recently used password would pass.
+        if let Some(wait) = counted.and_then(|ip| self.refused(ip, &creds.user, now)) {
+            return Ok(Checked::Throttled(wait));
+        }
+        {
+            let cache = crate::lock::lock(&self.verified);
+            if let Some((at, grants)) = cache.get(&key)
+                && now.duration_since(*at) < self.ttl
+            {
+                return Ok(Checked::Valid(grants.clone()));
+            }
         }
         let grants = match lookup(&creds.user)? {
             Some(stored) if verify(&creds.password, &stored.hash) => Some(stored.grants),

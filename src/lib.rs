@@ -43,9 +43,8 @@
 //! The path of a request, by the names that carry it: tiny_http's accept loop → `http`
 //! decodes it (reading any large body on its own short-lived thread) and hands it with its
 //! `api::Reply` to the server's `http::Front` → `api::admission` picks its lane, writes
-//! before reads, or refuses it (503), or parks a subscribe that memory can decide right
-//! there (credentials in the cache, its category's events in memory) → a worker (`pool`)
-//! runs the handler in `api` with its own read connection → a write becomes a `store::writer::Job` for the single writer
+//! before reads, or refuses it (503) → a worker (`pool`) runs the handler in `api` with its
+//! own read connection → a write becomes a `store::writer::Job` for the single writer
 //! thread, which commits whatever is queued in one transaction and hands each outcome back
 //! as an `Answer` → `api::runtime` wakes the long-polls the commit concerns and queues the
 //! answers as `pool::Task`s → a worker sends each through its `Reply`. A long-poll parks in

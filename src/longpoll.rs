@@ -133,44 +133,18 @@ impl<R> Registry<R> {
 
     /// Answers from memory or parks, if memory knows enough about `category`.
     pub fn poll(&self, category: &str, start: &Start, wait: Wait<R>) -> Poll<R> {
-        self.poll_known(category, start, wait, |reply| reply)
-            .unwrap_or_else(Poll::Unknown)
-    }
-
-    /// [`Registry::poll`] for a caller that finishes its reply only once memory is known to
-    /// decide (`finish` runs under the lock, so it must be quick): `Err` hands the unfinished
-    /// reply back when only the store can, and `Ok` never holds [`Poll::Unknown`].
-    pub fn poll_known<Q>(
-        &self,
-        category: &str,
-        start: &Start,
-        wait: Wait<Q>,
-        finish: impl FnOnce(Q) -> R,
-    ) -> Result<Poll<R>, Q> {
         let mut inner = self.lock();
         let Some(cat) = inner.categories.get(category) else {
-            return Err(wait.reply);
+            return Poll::Unknown(wait.reply);
         };
         let cursor = match start {
             Start::Now => Some(cat.hwm),
             Start::After(seq) => Some(*seq),
             Start::Since { ms, last_id } => resolve_in_tail(cat, *ms, last_id.as_ref()),
         };
-        let Some(cursor) = cursor else {
-            return Err(wait.reply);
-        };
-        match in_memory(cat, cursor, wait.filter.as_deref(), wait.limit) {
-            Found::Unknown => Err(wait.reply),
-            Found::Events(events) => Ok(Poll::Ready(finish(wait.reply), events)),
-            Found::Nothing(cursor) => {
-                let wait = Wait {
-                    reply: finish(wait.reply),
-                    filter: wait.filter,
-                    limit: wait.limit,
-                    deadline: wait.deadline,
-                };
-                Ok(self.park(&mut inner, category, cursor, wait))
-            }
+        match cursor {
+            Some(cursor) => self.answer_or_park(&mut inner, category, cursor, wait),
+            None => Poll::Unknown(wait.reply),
         }
     }
 
@@ -195,28 +169,34 @@ impl<R> Registry<R> {
         &self,
         inner: &mut Inner<R>,
         category: &str,
-        cursor: u64,
+        mut cursor: u64,
         wait: Wait<R>,
     ) -> Poll<R> {
-        let cat = inner
-            .categories
-            .get(category)
-            .expect("callers checked the category exists");
-        match in_memory(cat, cursor, wait.filter.as_deref(), wait.limit) {
-            Found::Unknown => Poll::Unknown(wait.reply),
-            Found::Events(events) => Poll::Ready(wait.reply, events),
-            Found::Nothing(cursor) => self.park(inner, category, cursor, wait),
-        }
-    }
-
-    /// Parks `wait` on `category` after `cursor`, unless the registry is closed or full.
-    fn park(&self, inner: &mut Inner<R>, category: &str, cursor: u64, wait: Wait<R>) -> Poll<R> {
-        let key = inner
+        let (key, cat) = inner
             .categories
             .get_key_value(category)
-            .expect("callers checked the category exists")
-            .0
-            .clone();
+            .expect("callers checked the category exists");
+        let key = key.clone();
+        if cursor < cat.hwm {
+            let Some(first) = cat.tail.front() else {
+                return Poll::Unknown(wait.reply);
+            };
+            if first.seq > cursor + 1 {
+                return Poll::Unknown(wait.reply);
+            }
+            let events: Vec<Arc<Event>> = cat
+                .tail
+                .iter()
+                .filter(|e| e.seq > cursor && matches(e, wait.filter.as_deref()))
+                .take(wait.limit)
+                .cloned()
+                .collect();
+            if !events.is_empty() {
+                return Poll::Ready(wait.reply, events);
+            }
+            // Nothing this waiter wants up to the head: wait from there.
+            cursor = cat.hwm;
+        }
         if inner.closed {
             return Poll::Closed(wait.reply);
         }
@@ -403,38 +383,6 @@ fn forget(categories: &mut HashMap<Arc<str>, Category>, category: &str, ids: &[u
     cat.waiting.retain(|id| !ids.contains(id));
     if cat.waiting.is_empty() && cat.hwm == 0 {
         categories.remove(category);
-    }
-}
-
-/// What memory knows about a waiter's events after its cursor.
-enum Found {
-    /// These are ready (at most the waiter's limit).
-    Events(Vec<Arc<Event>>),
-    /// None it wants up to the head: it waits after this cursor.
-    Nothing(u64),
-    /// The tail does not reach back to the cursor: only the store knows.
-    Unknown,
-}
-
-/// The events of `cat` after `cursor` that pass `filter`, as far as the tail knows them.
-fn in_memory(cat: &Category, cursor: u64, filter: Option<&str>, limit: usize) -> Found {
-    if cursor >= cat.hwm {
-        return Found::Nothing(cursor);
-    }
-    match cat.tail.front() {
-        Some(first) if first.seq <= cursor + 1 => {}
-        _ => return Found::Unknown,
-    }
-    let events: Vec<Arc<Event>> = cat
-        .tail
-        .iter()
-        .filter(|e| e.seq > cursor && matches(e, filter))
-        .take(limit)
-        .cloned()
-        .collect();
-    match events.is_empty() {
-        true => Found::Nothing(cat.hwm),
-        false => Found::Events(events),
     }
 }
 

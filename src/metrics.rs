@@ -89,8 +89,6 @@ pub struct Metrics {
 pub struct Gauges {
     /// Long-polls parked now.
     pub parked: usize,
-    /// Long-polls parked or answered from memory where they were admitted, so far.
-    pub in_memory: u64,
     /// Size of the database file and its write-ahead log, in bytes.
     pub database_bytes: u64,
     /// (stream, consumer, event name, events not yet acknowledged).
@@ -208,13 +206,6 @@ impl Metrics {
         out.push_str("# HELP eventserver_longpoll_parked Long-poll requests parked now.\n");
         out.push_str("# TYPE eventserver_longpoll_parked gauge\n");
         let _ = writeln!(out, "eventserver_longpoll_parked {}", gauges.parked);
-        out.push_str("# HELP eventserver_longpoll_in_memory_total Long-polls parked or answered from memory where they were admitted, without a worker.\n");
-        out.push_str("# TYPE eventserver_longpoll_in_memory_total counter\n");
-        let _ = writeln!(
-            out,
-            "eventserver_longpoll_in_memory_total {}",
-            gauges.in_memory
-        );
         out.push_str("# HELP eventserver_database_bytes Size of the database file and its write-ahead log.\n");
         out.push_str("# TYPE eventserver_database_bytes gauge\n");
         let _ = writeln!(out, "eventserver_database_bytes {}", gauges.database_bytes);
@@ -264,7 +255,6 @@ mod tests {
         m.wal(8192, 4096);
         let text = m.render(&Gauges {
             parked: 7,
-            in_memory: 3,
             database_bytes: 4096,
             lag: vec![("s".into(), "c".into(), "E".into(), 5)],
             held: vec![("s".into(), "gone".into(), 9)],

@@ -9,22 +9,11 @@
 //!
 //! CORS preflights take no lane: they need neither credentials nor the database, so they
 //! are answered here, at once ([`super::edge`]).
-//!
-//! Nor does a subscribe that memory can decide: credentials in the cache (or a public
-//! category), and the category's events after its cursor in memory. It is parked right
-//! here, or its answer from memory goes to the workers' task lane, with no lane, no
-//! worker and no database connection in between: in a fan-out, every subscriber re-polls
-//! after each event, and a hop between threads costs more than the poll itself (a wake-up
-//! across this machine's two CPUs takes ~45 µs, `perf bench sched pipe -T`). Deciding it
-//! takes short locks that are never held across I/O (the credential cache and the
-//! registry's); a subscribe that needs the store, an argon2 hash or a refusal goes to a
-//! worker as before. `eventserver_longpoll_in_memory_total` counts them
-//! (`longpoll::a_re_poll_is_parked_from_memory_without_a_worker`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Api, App, Failure, HEALTH_PATHS, Method, Parked, Reply, Request, longpoll};
+use super::{App, Failure, HEALTH_PATHS, Method, Reply, Request};
 
 /// A request admitted to a lane: the worker that takes it answers through its reply.
 pub struct Incoming {
@@ -97,32 +86,9 @@ impl App {
             });
             return Some((Lane::Writes, Incoming { request, reply }));
         }
-        if req.path == self.config.events_path {
-            return self
-                .wait_in_memory(incoming)
-                .map(|incoming| (Lane::Reads, incoming));
-        }
-        let write = req.method == Method::Post;
+        let write = req.method == Method::Post && req.path != self.config.events_path;
         let lane = if write { Lane::Writes } else { Lane::Reads };
         Some((lane, incoming))
-    }
-
-    /// Parks a subscribe, or answers it, from memory right here when it needs neither the
-    /// store nor a password hash: credentials in the cache (or a public category), and the
-    /// category's events after its cursor in memory. This is what most polls of a fan-out
-    /// are, each client re-polling once answered. Otherwise hands it back for a worker.
-    fn wait_in_memory(&self, incoming: Incoming) -> Option<Incoming> {
-        let Some((category, want)) = longpoll::checked_in_memory(self, &incoming.request) else {
-            return Some(incoming);
-        };
-        let Incoming { request, reply } = incoming;
-        let meter = self.meter(self.route(&request), &request);
-        let peer = request.remote;
-        let finish = |reply| Parked::http(Api::LongPoll, &category, meter.wrap(reply), peer);
-        match self.runtime.wait_in_memory(&category, want, reply, finish) {
-            Ok(()) => None,
-            Err(reply) => Some(Incoming { request, reply }),
-        }
     }
 
     /// Answers `incoming` with `failure`, in the shape of the API it was for.

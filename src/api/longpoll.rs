@@ -13,7 +13,7 @@ use super::error::{Api, Failure};
 use super::query::Form;
 use super::streams::{MAX_CLIENT_ID, valid_client_id};
 use super::{App, Body, Method, Parked, Reply, Request, Response, Want};
-use crate::auth::{Checked, Grants, parse_basic};
+use crate::auth::Grants;
 use crate::event::{Event, Start, push_json_str};
 use crate::store::Reader;
 use crate::store::writer::{Done, Job, Payload};
@@ -183,39 +183,13 @@ pub fn subscribe(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
         Err(failure) => return reply.send(failure.render(Api::LongPoll)),
     };
     let parked = Parked::http(Api::LongPoll, &category, reply, req.remote);
-    let want = wanted(app, start, Duration::from_secs(timeout));
-    app.runtime.wait(reader, &category, want, parked);
-}
-
-/// What a subscriber's poll waits for.
-fn wanted(app: &App, start: Start, timeout: Duration) -> Want {
-    Want {
+    let want = Want {
         start,
         filter: None,
         limit: app.config.longpoll_max_batch,
-        timeout,
-    }
-}
-
-/// A subscribe checked without the store or a password hash: its category and what it
-/// waits for, when the category is public or the credentials are in the cache and allow it.
-/// `None` leaves the request to [`subscribe`] on a worker, which also answers every
-/// refusal (bad parameters, unknown or throttled credentials, a missing grant).
-pub(super) fn checked_in_memory(app: &App, req: &Request) -> Option<(String, Want)> {
-    if req.method != Method::Get || super::sse::wanted(req) {
-        return None;
-    }
-    let max = app.config.longpoll_max_timeout;
-    let (category, timeout, start) = subscribe_params(&req.query, max).ok()?;
-    if !is_public(&app.config.public_subscribe, Some(&category)) {
-        let creds = req.header("Authorization").and_then(parse_basic)?;
-        match app.auth.cached(&creds, app.client(req))? {
-            Checked::Valid(grants) if grants.may_consume(&category) => {}
-            _ => return None,
-        }
-    }
-    let want = wanted(app, start, Duration::from_secs(timeout));
-    Some((category, want))
+        timeout: Duration::from_secs(timeout),
+    };
+    app.runtime.wait(reader, &category, want, parked);
 }
 
 /// Authenticates and checks a subscribe whose query `params` parses into the category and
@@ -372,7 +346,12 @@ pub(crate) fn subscribe_local(
     if !valid_category(category) {
         return Err(Failure::BadSubscription(INVALID_SUBSCRIPTION.into()));
     }
-    let want = wanted(app, start, timeout);
+    let want = Want {
+        start,
+        filter: None,
+        limit: app.config.longpoll_max_batch,
+        timeout,
+    };
     let (tx, rx) = crossbeam_channel::bounded(1);
     app.runtime
         .wait(reader, category, want, Parked::in_process(category, tx));

@@ -259,11 +259,7 @@ impl App {
 
     /// Wraps `reply` to count the answer and log one line for it.
     fn instrument(&self, route: &'static str, req: &Request, reply: Reply) -> Reply {
-        self.meter(route, req).wrap(reply)
-    }
-
-    /// How the answer to `req` on `route` will be counted and logged, prepared now.
-    fn meter(&self, route: &'static str, req: &Request) -> Meter {
+        let started = Instant::now();
         // The log line is prepared only when it will be written. Only the claimed user name
         // is logged, never the password or the header.
         let line = crate::log::enabled(crate::log::Level::Info).then(|| {
@@ -277,12 +273,17 @@ impl App {
             let request = format!("{} {}", method_name(&req.method), req.path);
             (request, format!("user={user} client={client}"))
         });
-        Meter {
-            route,
-            started: Instant::now(),
-            line,
-            metrics: self.metrics.clone(),
-        }
+        let metrics = self.metrics.clone();
+        Reply::new(move |response: Response| {
+            let status = response.status;
+            reply.send(response);
+            let took = started.elapsed();
+            metrics.request(route, status, took);
+            if let Some((request, who)) = line {
+                let ms = took.as_secs_f64() * 1000.0;
+                crate::log::info(&format!("{request} {status} {ms:.1}ms {who}"));
+            }
+        })
     }
 
     /// 200 when the database answers a read and commits a write, 503 otherwise. Needs no
@@ -328,7 +329,6 @@ impl App {
             .sum();
         let gauges = crate::metrics::Gauges {
             parked: self.runtime.registry.parked(),
-            in_memory: self.runtime.in_memory(),
             database_bytes,
             lag,
             held,
@@ -369,31 +369,6 @@ impl App {
                 Err(Failure::CredentialsUnreadable)
             }
         }
-    }
-}
-
-/// What an answer is counted and logged as, prepared when its request comes in.
-struct Meter {
-    route: &'static str,
-    started: Instant,
-    /// The request and who sent it, when requests are logged.
-    line: Option<(String, String)>,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl Meter {
-    /// `reply`, counting and logging its answer once it is sent.
-    fn wrap(self, reply: Reply) -> Reply {
-        Reply::new(move |response: Response| {
-            let status = response.status;
-            reply.send(response);
-            let took = self.started.elapsed();
-            self.metrics.request(self.route, status, took);
-            if let Some((request, who)) = self.line {
-                let ms = took.as_secs_f64() * 1000.0;
-                crate::log::info(&format!("{request} {status} {ms:.1}ms {who}"));
-            }
-        })
     }
 }
 

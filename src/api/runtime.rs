@@ -20,7 +20,7 @@
 //! (`Runtime::renew`), until its lifetime ends.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -87,8 +87,6 @@ pub struct Runtime {
     stopping: AtomicBool,
     /// What the last look for clients that went away found.
     last_look: Mutex<Option<Look>>,
-    /// Long-polls parked or answered from memory where they were admitted.
-    in_memory: AtomicU64,
 }
 
 /// One look for clients that went away: when it began and who was connected.
@@ -120,7 +118,6 @@ impl Runtime {
             clock,
             stopping: AtomicBool::new(false),
             last_look: Mutex::new(None),
-            in_memory: AtomicU64::new(0),
         }
     }
 
@@ -132,12 +129,6 @@ impl Runtime {
     /// Marks shutdown as begun: in-process publishes are refused from now on.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-    }
-
-    /// Long-polls parked or answered from memory where they were admitted, so far
-    /// ([`Runtime::wait_in_memory`]).
-    pub(crate) fn in_memory(&self) -> u64 {
-        self.in_memory.load(Ordering::Relaxed)
     }
 
     /// Pokes the timer thread (to re-read its deadlines, or to see that it must stop).
@@ -240,50 +231,6 @@ impl Runtime {
             }
             return;
         }
-    }
-
-    /// Parks or answers a long-poll on `category` that memory can decide, without the
-    /// store: `Err` hands `reply` back untouched when only the store can (the category or
-    /// its cursor is not in memory). Once memory decides, `finish` makes the reply a
-    /// [`Parked`], under the registry's lock (so it must be quick). Answers go to the
-    /// workers' task lane: the thread admitting requests never writes to a client here.
-    pub(crate) fn wait_in_memory(
-        &self,
-        category: &str,
-        want: Want,
-        reply: Reply,
-        finish: impl FnOnce(Reply) -> Parked,
-    ) -> Result<(), Reply> {
-        let wait = Wait {
-            reply,
-            filter: want.filter.map(Into::into),
-            limit: want.limit,
-            deadline: Instant::now() + want.timeout,
-        };
-        let poll = self
-            .registry
-            .poll_known(category, &want.start, wait, finish)?;
-        self.in_memory.fetch_add(1, Ordering::Relaxed);
-        match poll {
-            Poll::Parked { earliest, .. } => {
-                if earliest {
-                    self.poke_timer();
-                }
-            }
-            Poll::Closed(parked) => self.expire(|_| vec![parked]),
-            Poll::Ready(ready, events) => {
-                let answers = Answers::events(std::slice::from_ref(&ready), &events);
-                self.spawn_answers(vec![ready], answers);
-            }
-            Poll::Full(parked) => self.spawn_failure(parked, Failure::TooManyParked),
-            Poll::Unknown(parked) => self.spawn_failure(parked, Failure::ChangingTooFast),
-        }
-        Ok(())
-    }
-
-    /// Answers `parked` with `failure` from a worker.
-    fn spawn_failure(&self, parked: Parked, failure: Failure) {
-        self.spawn(Box::new(move || parked.fail(&failure)));
     }
 
     /// Releases the parked replies of clients that went away (closed, half-closed or reset

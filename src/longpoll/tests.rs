@@ -226,34 +226,3 @@ fn take_where_takes_only_the_matching_replies() {
     );
     assert_eq!(reg.next_deadline(), None);
 }
-
-#[test]
-fn poll_known_finishes_the_reply_only_when_memory_decides() {
-    let reg: Registry<String> = Registry::new(100, 2);
-    let later = Instant::now() + Duration::from_secs(60);
-    let finish = |reply: u32| format!("finished {reply}");
-    // A category memory does not know, and a cursor behind its tail: the reply comes back
-    // unfinished, for the store.
-    let unknown = reg.poll_known("c", &Start::Now, wait(1, None, later), finish);
-    assert!(matches!(unknown, Err(1)));
-    reg.publish(
-        "c",
-        &[event(1, 5, None), event(2, 5, None), event(3, 6, None)],
-        |_| None,
-    );
-    let behind = reg.poll_known("c", &Start::After(0), wait(2, None, later), finish);
-    assert!(matches!(behind, Err(2)), "the tail of two starts at 2");
-    // Events after the cursor in the tail: ready, finished.
-    match reg.poll_known("c", &Start::After(1), wait(3, None, later), finish) {
-        Ok(Poll::Ready(reply, events)) => {
-            assert_eq!(reply, "finished 3");
-            assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
-        }
-        _ => panic!("the tail holds what follows 1"),
-    }
-    // Nothing newer: parked, finished, and woken like any other.
-    let parked = reg.poll_known("c", &Start::Now, wait(4, None, later), finish);
-    assert!(matches!(parked, Ok(Poll::Parked { cursor: 3, .. })));
-    let woken = reg.publish("c", &[event(4, 7, None)], |_| None);
-    assert_eq!(woken[0].replies, ["finished 4"]);
-}
