@@ -74,6 +74,9 @@ impl Chromium {
             .args(["--window-size=1280,900", "--hide-scrollbars"])
             .arg(format!("--user-data-dir={}", profile.display()))
             .arg("about:blank")
+            // Its singleton socket and other temporary files go with the test's directory,
+            // not into /tmp for good once it is killed.
+            .env("TMPDIR", dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
