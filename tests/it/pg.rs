@@ -2,7 +2,8 @@
 //! feature, the store's contracts for several nodes against a real throwaway cluster
 //! ([`Postgres`]): migrations run once when nodes start together, a newer schema is
 //! refused, appends through two nodes are gapless and totally ordered, a race for a new
-//! stream has exactly one winner, and ACKs through two nodes only move an offset forward.
+//! stream has exactly one winner, ACKs through two nodes only move an offset forward, and
+//! reads answer as SQLite's reader does for every cursor, gaps included.
 //!
 //! Each "node" is a thread with a connection of its own ([`eventserver::pg::Database`]):
 //! to PostgreSQL, that is exactly what two processes are.
@@ -99,7 +100,8 @@ mod cluster {
     use std::sync::{Arc, Barrier};
     use std::thread;
 
-    use eventserver::pg::{Ack, Append, Database, Outcome, Payload, PgError};
+    use eventserver::Start;
+    use eventserver::pg::{Ack, Append, Database, Event, Outcome, Payload, PgError};
 
     use crate::support::{Postgres, proc_status};
 
@@ -488,5 +490,204 @@ mod cluster {
             "100",
             "an older event's ACK moved the offset back"
         );
+    }
+
+    /// Appends `batches` to `stream` through `db`, each batch `(ts, names)` stamped `ts`:
+    /// a named event per `Some` name, a `/publish` event per `None`. Returns the events as
+    /// the append returned them.
+    fn append_all(
+        db: &mut Database,
+        stream: &str,
+        batches: &[(u64, Vec<Option<&str>>)],
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (ts, names) in batches {
+            let payloads: Vec<Payload> = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    let n = events.len() + i;
+                    match name {
+                        Some(name) => Payload::Element {
+                            name: (*name).into(),
+                            fields: format!(",\"event\":{{\"n\":{n}}}"),
+                        },
+                        None => Payload::Data(format!("{{\"n\":{n}}}")),
+                    }
+                })
+                .collect();
+            let appends: Vec<Append> = payloads
+                .iter()
+                .map(|payload| Append {
+                    stream,
+                    producer: None,
+                    payload,
+                })
+                .collect();
+            for outcome in db.append(&appends, *ts).unwrap() {
+                let Outcome::Stored(event) = outcome else {
+                    panic!("{stream}: {outcome:?}");
+                };
+                events.push(event);
+            }
+        }
+        events
+    }
+
+    /// Events appended through a node read back as they were appended: by position, by
+    /// name after a consumer's offset, by id; a user as stored; a stream that does not
+    /// exist reads as empty.
+    #[test]
+    fn events_appended_through_a_node_read_back_as_appended() {
+        let test = "events_appended_through_a_node_read_back_as_appended";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("reads");
+        let mut db = Database::open(&url).unwrap();
+        let batches = [
+            (5, vec![Some("placed"), None, Some("paid")]),
+            (7, vec![Some("placed")]),
+        ];
+        let events = append_all(&mut db, "orders", &batches);
+        let view = db.since("orders", &Start::After(0), None, 100).unwrap();
+        assert_eq!(view.events, events);
+        assert_eq!(view.hwm, 4);
+        let now = db.since("orders", &Start::Now, None, 100).unwrap();
+        assert!(now.events.is_empty(), "{:?}", now.events);
+        assert_eq!(now.hwm, 4);
+        let missing = db.since("nowhere", &Start::After(0), None, 100).unwrap();
+        assert_eq!((missing.events.len(), missing.hwm), (0, 0));
+
+        let consume = |db: &mut Database| {
+            let view = db.consume("orders", "billing", "placed", 100).unwrap();
+            let view = view.expect("orders exists");
+            assert_eq!(view.hwm, 4);
+            view.events
+        };
+        let placed = [&*events[0].data, &*events[3].data];
+        assert_eq!(consume(&mut db), placed);
+        let ack = Ack {
+            stream: "orders",
+            consumer: "billing",
+            id: events[0].id,
+        };
+        assert_eq!(db.ack(&[ack]).unwrap(), [true]);
+        assert_eq!(consume(&mut db), placed[1..]);
+        let none = db.consume("nowhere", "billing", "placed", 100).unwrap();
+        assert!(none.is_none(), "{none:?}");
+
+        for event in &events {
+            assert_eq!(db.seq_of("orders", &event.id).unwrap(), Some(event.seq));
+            assert_eq!(db.seq_of("other", &event.id).unwrap(), None);
+        }
+        assert_eq!(db.seq_of("orders", &uuid::Uuid::now_v7()).unwrap(), None);
+
+        assert!(db.user("ada").unwrap().is_none());
+        pg.psql(
+            "reads",
+            "INSERT INTO users (name, hash, produce, consume, created_ms) \
+             VALUES ('ada', 'h4sh', 'orders*', '', 0)",
+        );
+        let ada = db.user("ada").unwrap().expect("ada is stored");
+        assert_eq!(
+            (&*ada.hash, &*ada.produce, &*ada.consume),
+            ("h4sh", "orders*", "")
+        );
+    }
+
+    /// Every read of a stream whose timestamps repeat and whose sequence numbers have gaps
+    /// (events deleted, the newest among them) answers as SQLite's reader does: for
+    /// `since_time` over every millisecond around the stream's, with every `last_id` (none,
+    /// each stored event's, a deleted event's, another stream's, an unknown one), for every
+    /// `After(seq)` and for `Now`, with and without a name filter, under a small and a large
+    /// limit. The expected answers are SQLite's contract written as a filter over the
+    /// stored events: newer than `ms`, or at exactly `ms` after `last_id` (all of them at
+    /// `ms` when `last_id` is not among them), with the high-water mark the newest sequence
+    /// number the stream ever gave.
+    #[test]
+    fn since_reads_with_gaps_answer_as_sqlite_does_for_every_cursor() {
+        let test = "since_reads_with_gaps_answer_as_sqlite_does_for_every_cursor";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("cursors");
+        let mut db = Database::open(&url).unwrap();
+        let (a, b) = (Some("a"), Some("b"));
+        // Three or so events a millisecond, some milliseconds with none; a batch stamped
+        // earlier than the last one is stamped at the stream's last time instead.
+        let batches = [
+            (1000, vec![a, None, b]),
+            (1000, vec![a]),
+            (1002, vec![None, None]),
+            (1003, vec![b, a, a, None]),
+            (1001, vec![b]),
+            (1005, vec![a]),
+            (1006, vec![None, b, a]),
+            (1006, vec![a, a]),
+            (1009, vec![b, None, a]),
+        ];
+        let appended = append_all(&mut db, "s", &batches);
+        let other = append_all(&mut db, "other", &[(1003, vec![a])]);
+        let hwm = appended.len() as u64;
+        // Gaps: a lone event, a run, and the newest two.
+        let deleted = [2, 7, 8, 9, hwm - 1, hwm];
+        pg.psql(
+            "cursors",
+            &format!(
+                "DELETE FROM events WHERE stream_id = (SELECT id FROM streams WHERE name = 's') \
+                 AND seq IN ({})",
+                deleted.map(|seq| seq.to_string()).join(",")
+            ),
+        );
+        let stored: Vec<&Event> = appended
+            .iter()
+            .filter(|e| !deleted.contains(&e.seq))
+            .collect();
+        let mut last_ids: Vec<Option<uuid::Uuid>> = vec![
+            None,
+            Some(uuid::Uuid::now_v7()),
+            Some(other[0].id),
+            Some(appended[8].id),
+        ];
+        last_ids.extend(stored.iter().map(|e| Some(e.id)));
+        let names = [None, Some("a"), Some("b"), Some("missing")];
+        let mut reads = 0;
+        let mut check = |db: &mut Database, start: Start, expected: &dyn Fn(&Event) -> bool| {
+            for name in names {
+                for limit in [2, 100] {
+                    let want: Vec<&Event> = stored
+                        .iter()
+                        .copied()
+                        .filter(|e| expected(e) && (name.is_none() || e.name.as_deref() == name))
+                        .take(limit)
+                        .collect();
+                    let view = db.since("s", &start, name, limit).unwrap();
+                    let got: Vec<&Event> = view.events.iter().collect();
+                    assert_eq!(got, want, "{start:?}, name {name:?}, limit {limit}");
+                    assert_eq!(view.hwm, hwm, "{start:?}");
+                    reads += 1;
+                }
+            }
+        };
+        for ms in 998..=1011 {
+            for last_id in &last_ids {
+                let at = stored.iter().find(|e| Some(e.id) == *last_id && e.ts == ms);
+                let expected = |e: &Event| match at {
+                    Some(seen) => e.ts > ms || (e.ts == ms && e.seq > seen.seq),
+                    None => e.ts > ms || (e.ts == ms && last_id.is_some()),
+                };
+                let start = Start::Since {
+                    ms,
+                    last_id: *last_id,
+                };
+                check(&mut db, start, &expected);
+            }
+        }
+        for after in 0..=hwm + 1 {
+            check(&mut db, Start::After(after), &|e| e.seq > after);
+        }
+        check(&mut db, Start::Now, &|_| false);
+        assert!(reads > 1000, "{reads} reads");
     }
 }

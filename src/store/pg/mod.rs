@@ -2,8 +2,9 @@
 //! `postgres` crate, so that several eventserver nodes can share one database.
 //!
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
-//! acknowledging), the schema and its migrations (`schema`), the append path with group
-//! commit (`append`), and ACKs (`ack`).
+//! acknowledging, reading), the schema and its migrations (`schema`), the append path with
+//! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
+//! answers and types (`read`).
 //! The server does not run on it yet: `--db postgres://…` is refused by the settings until
 //! it does. Until then this module is public (`eventserver::pg`, with the feature) so that
 //! its contracts are tested against a real PostgreSQL from outside, as a node would meet
@@ -20,7 +21,9 @@
 //!   "apply this batch in one transaction" does: [`Database::append`] and [`Database::ack`]
 //!   are that for appends and ACKs (heartbeats follow: an `INSERT … ON CONFLICT`).
 //! - **Readers** (`store::Reader`): one connection per worker, as with SQLite; PostgreSQL's
-//!   snapshots give each read the same consistency WAL readers give.
+//!   snapshots give each read the same consistency WAL readers give. [`Database::since`],
+//!   [`Database::consume`], [`Database::seq_of`] and [`Database::user`] are its queries,
+//!   returning its types (`read`); the status page's and metrics' queries are to come.
 //! - **Admin commands** (`store::admin`): the same statements on the same tables.
 //! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's, under
 //!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
@@ -52,6 +55,7 @@
 
 mod ack;
 mod append;
+mod read;
 mod schema;
 
 use std::time::Duration;
@@ -60,6 +64,7 @@ use postgres::config::SslMode;
 use postgres::{Client, NoTls};
 
 pub use super::writer::Payload;
+pub use crate::event::Event;
 pub use ack::Ack;
 pub use append::{Append, Outcome};
 
