@@ -296,15 +296,27 @@ pub fn seq_at_time(
         return Ok(0);
     };
     let mut at_or_after = conn.prepare_cached(FIRST_AT_OR_AFTER)?;
+    bisect_time(last, ms, strict, |mid| {
+        let probe = at_or_after.query_row(params![stream_id, mid], |r| Ok((r.get(0)?, r.get(1)?)));
+        Ok(probe.optional()?)
+    })
+}
+
+/// The search behind [`seq_at_time`], for any store: `first_at_or_after(seq)` gives the
+/// first stored `(seq, ts)` of the stream at or after `seq`, and `last` bounds the
+/// stream's sequence numbers.
+pub(crate) fn bisect_time<E>(
+    last: i64,
+    ms: i64,
+    strict: bool,
+    mut first_at_or_after: impl FnMut(i64) -> Result<Option<(i64, i64)>, E>,
+) -> Result<u64, E> {
     let before = |ts: i64| if strict { ts < ms } else { ts <= ms };
     // Invariant: every stored seq < lo is before `ms`, every stored seq > hi is not.
     let (mut lo, mut hi) = (0, last);
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
-        let probe: Option<(i64, i64)> = at_or_after
-            .query_row(params![stream_id, mid], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        match probe {
+        match first_at_or_after(mid)? {
             // Nothing stored in mid..=hi.
             None => hi = mid - 1,
             Some((seq, _)) if seq > hi => hi = mid - 1,

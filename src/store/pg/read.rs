@@ -188,9 +188,8 @@ fn resolve(tx: &mut Transaction<'_>, info: &StreamInfo, start: &Start) -> Result
 }
 
 /// The newest sequence number of the stream whose event is older than `ms` (`strict`) or
-/// not newer than `ms`; 0 if there is none: SQLite's `seq_at_time`, with the stream's
-/// `last_seq` as the upper bound. A sequence number may be missing (retention, or an
-/// operator's `DELETE`), so each probe reads the first stored event at or after the middle.
+/// not newer than `ms`; 0 if there is none: SQLite's search (`store::bisect_time`), with
+/// the stream's `last_seq` as the upper bound.
 fn seq_at_time(
     tx: &mut Transaction<'_>,
     info: &StreamInfo,
@@ -198,19 +197,8 @@ fn seq_at_time(
     strict: bool,
 ) -> Result<u64, PgError> {
     let at_or_after = tx.prepare(FIRST_AT_OR_AFTER)?;
-    let before = |ts: i64| if strict { ts < ms } else { ts <= ms };
-    // Invariant: every stored seq < lo is before `ms`, every stored seq > hi is not.
-    let (mut lo, mut hi) = (0, info.last_seq as i64);
-    while lo <= hi {
-        let mid = lo + (hi - lo) / 2;
+    crate::store::bisect_time(info.last_seq as i64, ms, strict, |mid| {
         let probe = tx.query_opt(&at_or_after, &[&info.id, &mid])?;
-        match probe.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))) {
-            // Nothing stored in mid..=hi.
-            None => hi = mid - 1,
-            Some((seq, _)) if seq > hi => hi = mid - 1,
-            Some((seq, ts)) if before(ts) => lo = seq + 1,
-            Some((seq, _)) => hi = seq - 1,
-        }
-    }
-    Ok(hi.max(0) as u64)
+        Ok(probe.map(|r| (r.get(0), r.get(1))))
+    })
 }
