@@ -12,8 +12,7 @@
 //! The path of a long-poll: a handler calls `Runtime::wait` with a [`Parked`] request;
 //! it is answered at once from memory or the store, or parked in the registry until a
 //! commit wakes it (`Runtime::answer`), its deadline passes or its client goes away
-//! (`Runtime::expire`), or the server stops. A subscribe that memory can decide takes a
-//! shorter way in, where it is admitted (`Runtime::wait_in_memory`), and the same ways out.
+//! (`Runtime::expire`), or the server stops.
 //!
 //! A stream of events (`sse`) is a long-poll that stays: a commit hands it its events and
 //! leaves it parked, and at its deadline the timer gives it a heartbeat and parks it again
