@@ -1,9 +1,14 @@
 //! Administrative operations for the command line and embedders: users, streams,
 //! consumer offsets and backups. Each works on the database file and is safe while a
 //! server runs on it.
+//!
+//! Given a PostgreSQL URL (cargo feature `postgres`), the user commands run on that
+//! database, migrating it first as a node would; the others refuse it
+//! ([`Refusal::NotOnPostgres`], [`Refusal::UsePgDump`]) until they run there too.
 
 use std::path::{Path, PathBuf};
 
+use crate::config::Engine;
 use crate::error::Error;
 pub use crate::store::admin::Added;
 use crate::store::admin::{BackedUp, OffsetOf, Reset};
@@ -28,6 +33,10 @@ pub enum Refusal {
     },
     /// The backup's target exists already, and replacing it was not asked for.
     TargetExists(PathBuf),
+    /// The command (named) does not run on a PostgreSQL database yet.
+    NotOnPostgres(&'static str),
+    /// A backup of a PostgreSQL database is PostgreSQL's own to take.
+    UsePgDump,
 }
 
 impl std::fmt::Display for Refusal {
@@ -44,6 +53,14 @@ impl std::fmt::Display for Refusal {
                 "offset {offset} is past the stream's newest event ({newest})"
             ),
             Refusal::TargetExists(path) => write!(f, "{} already exists", path.display()),
+            Refusal::NotOnPostgres(command) => write!(
+                f,
+                "'{command}' does not run on a PostgreSQL database yet: only the user commands do"
+            ),
+            Refusal::UsePgDump => f.write_str(
+                "backup does not copy a PostgreSQL database: back it up with PostgreSQL's own \
+                 tools (pg_dump, or pg_basebackup for the whole cluster); nothing was written",
+            ),
         }
     }
 }
@@ -77,6 +94,10 @@ pub fn add_user_with(
         return Err(Refusal::Patterns.into());
     }
     let hash = crate::auth::hash_password(password);
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.put_user(name, &hash, produce, consume)?);
+    }
     Ok(crate::store::admin::put_user(
         db, name, &hash, produce, consume,
     )?)
@@ -84,17 +105,44 @@ pub fn add_user_with(
 
 /// All users as (name, produce patterns, consume patterns), sorted by name.
 pub fn list_users(db: &Path) -> Result<Vec<(String, String, String)>, Error> {
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.list_users()?);
+    }
     Ok(crate::store::admin::list_users(db)?)
 }
 
 /// Removes a user; false if it did not exist.
 pub fn remove_user(db: &Path, name: &str) -> Result<bool, Error> {
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.remove_user(name)?);
+    }
     Ok(crate::store::admin::remove_user(db, name)?)
 }
 
 /// Whether the database has any user.
 pub fn has_users(db: &Path) -> Result<bool, Error> {
     Ok(crate::store::admin::has_users(db)?)
+}
+
+/// The PostgreSQL database `db` names, connected and migrated; `None` for a SQLite file.
+#[cfg(feature = "postgres")]
+fn postgres(db: &Path) -> Result<Option<crate::store::pg::Database>, Error> {
+    if Engine::of(db) == Engine::Sqlite {
+        return Ok(None);
+    }
+    // `Engine::of` found the scheme in the text, so the path is the URL as given.
+    let url = db.to_string_lossy();
+    Ok(Some(crate::store::pg::Database::open(&url)?))
+}
+
+/// Refuses `command` on a PostgreSQL database, where it does not run yet.
+fn sqlite_only(db: &Path, command: &'static str) -> Result<(), Error> {
+    match Engine::of(db) {
+        Engine::Sqlite => Ok(()),
+        Engine::Postgres => Err(Refusal::NotOnPostgres(command).into()),
+    }
 }
 
 /// User names go into Basic auth, where a colon ends the name.
@@ -113,17 +161,20 @@ pub use crate::store::admin::{ConsumerOffset, StreamDetail, StreamSummary};
 
 /// All streams, by name.
 pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, Error> {
+    sqlite_only(db, "stream list")?;
     Ok(crate::store::admin::list_streams(db)?)
 }
 
 /// One stream with its consumers; `None` if it does not exist.
 pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, Error> {
+    sqlite_only(db, "stream show")?;
     Ok(crate::store::admin::show_stream(db, name)?)
 }
 
 /// Clears a stream's producer lock, so a replacement producer can write; false if the
 /// stream does not exist.
 pub fn release_stream(db: &Path, name: &str) -> Result<bool, Error> {
+    sqlite_only(db, "stream release")?;
     Ok(crate::store::admin::release_stream(db, name)?)
 }
 
@@ -135,6 +186,7 @@ pub fn reset_consumer(
     event_name: &str,
     offset: u64,
 ) -> Result<(), Error> {
+    sqlite_only(db, "consumer reset")?;
     let of = OffsetOf {
         stream,
         consumer,
@@ -151,6 +203,7 @@ pub fn reset_consumer(
 /// `--retain-acked-only` stops keeping events for it. False if it had no offsets there;
 /// [`Error::Admin`] if the stream does not exist.
 pub fn remove_consumer(db: &Path, stream: &str, consumer: &str) -> Result<bool, Error> {
+    sqlite_only(db, "consumer remove")?;
     match crate::store::admin::remove_consumer(db, stream, consumer)? {
         Some(offsets) => Ok(offsets > 0),
         None => Err(Refusal::NoStream(stream.to_owned()).into()),
@@ -165,6 +218,9 @@ pub use crate::store::admin::IfExists;
 /// unless `existing` is [`IfExists::Replace`]; without it, the copy is hard-linked into
 /// place, so a file system without hard links takes backups only with it.
 pub fn backup(db: &Path, target: &Path, existing: IfExists) -> Result<(), Error> {
+    if Engine::of(db) == Engine::Postgres {
+        return Err(Refusal::UsePgDump.into());
+    }
     match crate::store::admin::backup(db, target, existing)? {
         BackedUp::Done => Ok(()),
         BackedUp::TargetExists => Err(Refusal::TargetExists(target.to_owned()).into()),

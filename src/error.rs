@@ -17,6 +17,9 @@ pub enum Error {
     Io(std::io::Error),
     /// The database could not be opened or used.
     Store(StoreError),
+    /// The PostgreSQL database could not be reached or used.
+    #[cfg(feature = "postgres")]
+    Pg(crate::store::pg::PgError),
     /// An in-process publish or subscribe was refused, as the HTTP API would refuse it:
     /// bad input, a locked stream, a full queue, or a server shutting down.
     Refused(Failure),
@@ -29,6 +32,8 @@ impl std::fmt::Display for Error {
             Error::Admin(refusal) => write!(f, "{refusal}"),
             Error::Io(e) => write!(f, "{e}"),
             Error::Store(e) => write!(f, "database: {e}"),
+            #[cfg(feature = "postgres")]
+            Error::Pg(e) => write!(f, "database: {e}"),
             Error::Refused(failure) => write!(f, "refused: {failure}"),
         }
     }
@@ -41,6 +46,8 @@ impl std::error::Error for Error {
             Error::Admin(refusal) => Some(refusal),
             Error::Io(e) => Some(e),
             Error::Store(e) => Some(e),
+            #[cfg(feature = "postgres")]
+            Error::Pg(e) => Some(e),
             Error::Refused(failure) => Some(failure),
         }
     }
@@ -55,6 +62,13 @@ impl From<std::io::Error> for Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
         Error::Store(e)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<crate::store::pg::PgError> for Error {
+    fn from(e: crate::store::pg::PgError) -> Error {
+        Error::Pg(e)
     }
 }
 

@@ -170,14 +170,19 @@ pub fn config(flags: &[(String, String)]) -> Result<Config, Error> {
 
 /// The database `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
 /// `eventserver.db` in systemd's state directory or the working directory. A PostgreSQL URL
-/// this build cannot use is an [`Error::Config`] naming where it came from.
+/// the operator commands cannot use ([`postgres_admin_refusal`]) is an [`Error::Config`]
+/// naming where it came from.
 pub fn db(flags: &[(String, String)]) -> Result<PathBuf, Error> {
     let given = Given::from_env(flags);
     let Some((source, text)) = given.value("db") else {
         return Ok(default_db());
     };
-    let db = PathBuf::from(text);
-    match Rule::Database.broken_by(&db) {
+    let db = PathBuf::from(&text);
+    let refusal = match Engine::of(&db) {
+        Engine::Sqlite => None,
+        Engine::Postgres => postgres_admin_refusal(&text),
+    };
+    match refusal {
         Some(rule) => Err(Error::Config(Invalid {
             source,
             why: Why::Rule(rule),
@@ -391,17 +396,33 @@ fn postgres_refusal(_url: &str) -> Option<String> {
     )
 }
 
-/// Why this build refuses the PostgreSQL URL `url`: it does not parse, or (for now) the
-/// server and the operator commands do not run on PostgreSQL yet. The message never quotes
-/// the URL, which may hold a password.
+/// Why this build refuses the PostgreSQL URL `url` for serving: it does not parse
+/// ([`postgres_admin_refusal`]), or (for now) the server does not run on PostgreSQL yet.
+/// The message never quotes the URL, which may hold a password.
 #[cfg(feature = "postgres")]
 fn postgres_refusal(url: &str) -> Option<String> {
-    Some(match crate::store::pg::check_url(url) {
-        Err(why) => format!("is not a PostgreSQL URL eventserver can use: {why}"),
-        Ok(()) => "names a PostgreSQL database: this build has PostgreSQL's schema but \
-                   does not serve from it yet"
-            .into(),
-    })
+    Some(postgres_admin_refusal(url).unwrap_or_else(|| {
+        "names a PostgreSQL database: this build has PostgreSQL's schema and its user \
+         commands but does not serve from it yet"
+            .into()
+    }))
+}
+
+/// Why this build refuses the PostgreSQL URL `url` for the operator commands: it does not
+/// parse (each command then says itself whether it runs there). The message never quotes
+/// the URL, which may hold a password.
+#[cfg(feature = "postgres")]
+fn postgres_admin_refusal(url: &str) -> Option<String> {
+    let why = crate::store::pg::check_url(url).err()?;
+    Some(format!(
+        "is not a PostgreSQL URL eventserver can use: {why}"
+    ))
+}
+
+/// Without the client, the operator commands refuse a PostgreSQL URL as serving does.
+#[cfg(not(feature = "postgres"))]
+fn postgres_admin_refusal(url: &str) -> Option<String> {
+    postgres_refusal(url)
 }
 
 /// A [`Config`] field as a setting: parsed from and shown as command-line text.

@@ -13,10 +13,10 @@ use crate::support::run;
 /// A URL whose password must never be printed.
 const URL: &str = "postgres://app:s3cret-pw@127.0.0.1:1/events";
 
-/// `serve` and an operator command given `url` (as a flag, then in `EVENTSERVER_DB`) exit
-/// 2 with `needle` on stderr, never showing the password.
+/// `serve` given `url` as a flag, then `command` given it in `EVENTSERVER_DB`, exit 2 with
+/// `needle` on stderr, never showing the password.
 #[track_caller]
-fn refused(url: &str, needle: &str) {
+fn refused(url: &str, needle: &str, command: &[&str]) {
     let flag = run(
         &["serve", "--db", url, "--listen", "127.0.0.1:0"],
         &[],
@@ -24,7 +24,7 @@ fn refused(url: &str, needle: &str) {
     );
     let flag = flag.fails(2, needle);
     assert!(flag.stderr.contains("--db "), "{}", flag.stderr);
-    let env = run(&["user", "list"], &[("EVENTSERVER_DB", url)], None);
+    let env = run(command, &[("EVENTSERVER_DB", url)], None);
     let env = env.fails(2, needle);
     assert!(env.stderr.contains("EVENTSERVER_DB "), "{}", env.stderr);
     for out in [flag, env] {
@@ -37,18 +37,33 @@ fn refused(url: &str, needle: &str) {
 #[test]
 fn a_postgres_url_in_a_build_without_the_feature_says_how_to_build_one() {
     for url in [URL, "postgresql://app:s3cret@db.example/events"] {
-        refused(url, "cargo build --release --features postgres");
+        refused(
+            url,
+            "cargo build --release --features postgres",
+            &["user", "list"],
+        );
     }
 }
 
 #[cfg(feature = "postgres")]
 #[test]
 fn a_postgres_url_is_refused_until_the_server_runs_on_it() {
-    refused(URL, "does not serve from it yet");
+    let serve = ["serve", "--listen", "127.0.0.1:0"];
+    refused(URL, "does not serve from it yet", &serve);
     refused(
         "postgres://app:s3cret@db/events?sslmode=require",
         "sslmode=require is not supported yet",
+        &["user", "list"],
     );
+}
+
+/// The user commands connect; an unreachable database fails them (exit 1) at once, without
+/// showing the password.
+#[cfg(feature = "postgres")]
+#[test]
+fn a_user_command_on_an_unreachable_database_fails_without_showing_the_password() {
+    let out = run(&["user", "list", "--db", URL], &[], None).fails(1, "error connecting");
+    assert!(!out.stderr.contains("s3cret"), "{}", out.stderr);
 }
 
 #[cfg(feature = "postgres")]
@@ -103,7 +118,7 @@ mod cluster {
     use eventserver::Start;
     use eventserver::pg::{Ack, Append, Database, Event, Outcome, Payload, PgError};
 
-    use crate::support::{Postgres, proc_status};
+    use crate::support::{Finished, Postgres, proc_status, run};
 
     /// The tests run as root in CI, where PostgreSQL would refuse to start: the cluster and
     /// its files belong to another account, and nothing of it outlives the test.
@@ -689,5 +704,79 @@ mod cluster {
         }
         check(&mut db, Start::Now, &|_| false);
         assert!(reads > 1000, "{reads} reads");
+    }
+
+    /// `user add/list/remove` on PostgreSQL answer as on SQLite, migrating a fresh database
+    /// first and storing the same argon2id hashes; `backup` points to pg_dump and writes
+    /// nothing; `serve` and the stream and consumer commands are still refused; no message
+    /// shows the password.
+    #[test]
+    fn user_commands_run_on_postgres_and_the_others_say_what_to_do() {
+        let test = "user_commands_run_on_postgres_and_the_others_say_what_to_do";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("admin");
+        let secret = Postgres::PASSWORD;
+        let shown = |out: &Finished| {
+            for text in [&out.stdout, &out.stderr] {
+                assert!(!text.contains("s3cret"), "{text}");
+            }
+        };
+        let cli = |args: &[&str], stdin: Option<&str>| {
+            let mut args = args.to_vec();
+            args.extend(["--db", &url]);
+            let out = run(&args, &[], stdin);
+            shown(&out);
+            out
+        };
+        let added = cli(&["user", "add", "alice"], Some("pw-one\n")).ok();
+        assert_eq!(added.stdout, "added user 'alice'\n");
+        assert_eq!(
+            pg.psql("admin", "SELECT version FROM eventserver_schema"),
+            "1"
+        );
+        let again = cli(&["user", "add", "alice"], Some("pw-two\n")).ok();
+        assert_eq!(again.stdout, "replaced the password of user 'alice'\n");
+        let limited = [
+            "user",
+            "add",
+            "bob",
+            "--produce",
+            "orders-*",
+            "--consume",
+            "",
+        ];
+        cli(&limited, Some("pw-bob\n")).ok();
+        cli(&["user", "add", "carol"], Some("\n")).fails(2, "must not be empty");
+        let listed = cli(&["user", "list"], None).ok();
+        assert_eq!(
+            listed.stdout,
+            "alice\nbob  produce=\"orders-*\" consume=\"\"\n"
+        );
+        let stored = pg.psql("admin", "SELECT hash FROM users WHERE name = 'alice'");
+        assert!(stored.starts_with("$argon2id$"), "{stored}");
+        assert!(!stored.contains("pw-two"), "{stored}");
+        let removed = cli(&["user", "remove", "alice"], None).ok();
+        assert_eq!(removed.stdout, "removed user 'alice'\n");
+        cli(&["user", "remove", "alice"], None).fails(1, "no user named 'alice'");
+        assert_eq!(cli(&["user", "list"], None).ok().stdout.lines().count(), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("copy.db");
+        let target = target.to_str().unwrap();
+        cli(&["backup", target], None).fails(2, "pg_dump");
+        assert!(
+            !std::path::Path::new(target).exists(),
+            "backup wrote {target}"
+        );
+        for command in [&["stream", "list"][..], &["consumer", "remove", "s", "c"]] {
+            cli(command, None).fails(2, "does not run on a PostgreSQL database yet");
+        }
+        cli(&["serve", "--listen", "127.0.0.1:0"], None).fails(2, "does not serve from it yet");
+        assert!(
+            url.contains(&secret.replace(' ', "%20")),
+            "the URL has a password"
+        );
     }
 }

@@ -4,9 +4,9 @@
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
-//! answers and types (`read`).
-//! The server does not run on it yet: `--db postgres://…` is refused by the settings until
-//! it does. Until then this module is public (`eventserver::pg`, with the feature) so that
+//! answers and types (`read`), and the user commands (`admin`).
+//! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
+//! until it does; `user add/list/remove` run on it. Until then this module is public (`eventserver::pg`, with the feature) so that
 //! its contracts are tested against a real PostgreSQL from outside, as a node would meet
 //! them.
 //!
@@ -54,6 +54,7 @@
 //!   (`migrations_run_once_when_nodes_start_together`).
 
 mod ack;
+mod admin;
 mod append;
 mod read;
 mod schema;
