@@ -2,8 +2,9 @@
 //! consumer offsets and backups. Each works on the database file and is safe while a
 //! server runs on it.
 //!
-//! Given a PostgreSQL URL (cargo feature `postgres`), the user commands run on that
-//! database, migrating it first as a node would; the others refuse it
+//! Given a PostgreSQL URL (cargo feature `postgres`), the user commands, `stream list/show`
+//! and `consumer remove` run on that database, migrating it first as a node would; the
+//! others refuse it
 //! ([`Refusal::NotOnPostgres`], [`Refusal::UsePgDump`]) until they run there too.
 
 use std::path::{Path, PathBuf};
@@ -53,10 +54,9 @@ impl std::fmt::Display for Refusal {
                 "offset {offset} is past the stream's newest event ({newest})"
             ),
             Refusal::TargetExists(path) => write!(f, "{} already exists", path.display()),
-            Refusal::NotOnPostgres(command) => write!(
-                f,
-                "'{command}' does not run on a PostgreSQL database yet: only the user commands do"
-            ),
+            Refusal::NotOnPostgres(command) => {
+                write!(f, "'{command}' does not run on a PostgreSQL database yet")
+            }
             Refusal::UsePgDump => f.write_str(
                 "backup does not copy a PostgreSQL database: back it up with PostgreSQL's own \
                  tools (pg_dump, or pg_basebackup for the whole cluster); nothing was written",
@@ -161,13 +161,19 @@ pub use crate::store::admin::{ConsumerOffset, StreamDetail, StreamSummary};
 
 /// All streams, by name.
 pub fn list_streams(db: &Path) -> Result<Vec<StreamSummary>, Error> {
-    sqlite_only(db, "stream list")?;
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.list_streams()?);
+    }
     Ok(crate::store::admin::list_streams(db)?)
 }
 
 /// One stream with its consumers; `None` if it does not exist.
 pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, Error> {
-    sqlite_only(db, "stream show")?;
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.show_stream(name)?);
+    }
     Ok(crate::store::admin::show_stream(db, name)?)
 }
 
@@ -203,7 +209,13 @@ pub fn reset_consumer(
 /// `--retain-acked-only` stops keeping events for it. False if it had no offsets there;
 /// [`Error::Admin`] if the stream does not exist.
 pub fn remove_consumer(db: &Path, stream: &str, consumer: &str) -> Result<bool, Error> {
-    sqlite_only(db, "consumer remove")?;
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return match pg.remove_consumer(stream, consumer)? {
+            Some(offsets) => Ok(offsets > 0),
+            None => Err(Refusal::NoStream(stream.to_owned()).into()),
+        };
+    }
     match crate::store::admin::remove_consumer(db, stream, consumer)? {
         Some(offsets) => Ok(offsets > 0),
         None => Err(Refusal::NoStream(stream.to_owned()).into()),

@@ -170,8 +170,8 @@ pub fn config(flags: &[(String, String)]) -> Result<Config, Error> {
 
 /// The database `flags` and the environment name (`--db`, `EVENTSERVER_DB`), else
 /// `eventserver.db` in systemd's state directory or the working directory. A PostgreSQL URL
-/// the operator commands cannot use ([`postgres_admin_refusal`]) is an [`Error::Config`]
-/// naming where it came from.
+/// the operator commands cannot use (one that does not parse, or any in a build without the
+/// `postgres` feature) is an [`Error::Config`] naming where it came from.
 pub fn db(flags: &[(String, String)]) -> Result<PathBuf, Error> {
     let given = Given::from_env(flags);
     let Some((source, text)) = given.value("db") else {

@@ -708,8 +708,8 @@ mod cluster {
 
     /// `user add/list/remove` on PostgreSQL answer as on SQLite, migrating a fresh database
     /// first and storing the same argon2id hashes; `backup` points to pg_dump and writes
-    /// nothing; `serve` and the stream and consumer commands are still refused; no message
-    /// shows the password.
+    /// nothing; `serve`, `stream release` and `consumer reset` are still refused; no
+    /// message shows the password.
     #[test]
     fn user_commands_run_on_postgres_and_the_others_say_what_to_do() {
         let test = "user_commands_run_on_postgres_and_the_others_say_what_to_do";
@@ -770,7 +770,11 @@ mod cluster {
             !std::path::Path::new(target).exists(),
             "backup wrote {target}"
         );
-        for command in [&["stream", "list"][..], &["consumer", "remove", "s", "c"]] {
+        let others = [
+            &["stream", "release", "s"][..],
+            &["consumer", "reset", "s", "c", "n", "0"],
+        ];
+        for command in others {
             cli(command, None).fails(2, "does not run on a PostgreSQL database yet");
         }
         cli(&["serve", "--listen", "127.0.0.1:0"], None).fails(2, "does not serve from it yet");
@@ -778,5 +782,60 @@ mod cluster {
             url.contains(&secret.replace(' ', "%20")),
             "the URL has a password"
         );
+    }
+
+    /// `stream list/show` and `consumer remove` on PostgreSQL print what they print on
+    /// SQLite for the same events and offsets.
+    #[test]
+    fn stream_list_show_and_consumer_remove_run_on_postgres() {
+        let test = "stream_list_show_and_consumer_remove_run_on_postgres";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("streams");
+        let mut db = Database::open(&url).unwrap();
+        let placed: Vec<Payload> = (0..3)
+            .map(|_| Payload::Element {
+                name: "placed".into(),
+                fields: ",\"event\":{}".into(),
+            })
+            .collect();
+        let ids = ids_of(&mut db, "orders", Some("shop"), &placed);
+        ids_of(&mut db, "audit", None, &[Payload::Data("1".into())]);
+        let ack = Ack {
+            stream: "orders",
+            consumer: "billing",
+            id: ids[0],
+        };
+        assert_eq!(db.ack(&[ack]).unwrap(), [true]);
+        let cli = |args: &[&str]| {
+            let mut args = args.to_vec();
+            args.extend(["--db", &url]);
+            run(&args, &[], None)
+        };
+        let listed = cli(&["stream", "list"]).ok().stdout;
+        let rows: Vec<Vec<&str>> = listed
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[1], ["audit", "-", "1", "1", "1"], "{listed}");
+        assert_eq!(rows[2], ["orders", "shop", "3", "3", "1"], "{listed}");
+        assert_eq!(rows.len(), 3, "{listed}");
+        let shown = cli(&["stream", "show", "orders"]).ok().stdout;
+        assert_eq!(
+            shown,
+            "stream:      orders\nowner:       shop\nevents:      3\nlast seq:    3\n\
+             first event: 1 ms\nlast event:  1 ms\nconsumers:\n  billing placed offset=1 lag=2\n"
+        );
+        cli(&["stream", "show", "nope"]).fails(1, "no stream named 'nope'");
+        let removed = cli(&["consumer", "remove", "orders", "billing"]).ok();
+        assert_eq!(
+            removed.stdout,
+            "removed consumer 'billing' of 'orders': retention no longer waits for it\n"
+        );
+        cli(&["consumer", "remove", "orders", "billing"]).fails(1, "no consumer named 'billing'");
+        cli(&["consumer", "remove", "nope", "billing"]).fails(2, "no stream named 'nope'");
+        let shown = cli(&["stream", "show", "orders"]).ok().stdout;
+        assert!(shown.ends_with("consumers:\n"), "{shown}");
     }
 }

@@ -1,10 +1,38 @@
-//! The user commands on PostgreSQL: the statements of `store::admin` on the same `users`
-//! table, so `user add/list/remove` answer as they do on SQLite. The password arrives
-//! already hashed (`auth::hash_password`), as on SQLite.
+//! The operator commands on PostgreSQL: the statements of `store::admin` on the same
+//! tables, so `user add/list/remove`, `stream list/show` and `consumer remove` answer as
+//! they do on SQLite. The password arrives already hashed (`auth::hash_password`), as on
+//! SQLite. Names sort bytewise (`COLLATE "C"`), as SQLite sorts them.
 
+use postgres::Row;
+
+use super::read::{snapshot, stream_info};
 use super::{Database, PgError};
 use crate::clock::wall_ms;
-use crate::store::admin::Added;
+use crate::store::admin::{Added, ConsumerOffset, StreamDetail, StreamSummary};
+
+/// Each stream with its event count; the `streams` row holds the rest, and `s.id` comes
+/// last, for [`summary`].
+const SUMMARY: &str = "SELECT s.name, s.owner, \
+     (SELECT count(*) FROM events e WHERE e.stream_id = s.id), s.last_seq, s.last_ms, s.id \
+     FROM streams s";
+
+/// A row of [`SUMMARY`], and the stream's id.
+fn summary(r: &Row) -> (StreamSummary, i64) {
+    let summary = StreamSummary {
+        name: r.get(0),
+        owner: r.get(1),
+        events: r.get::<_, i64>(2) as u64,
+        last_seq: r.get::<_, i64>(3) as u64,
+        last_ms: r.get::<_, i64>(4) as u64,
+    };
+    (summary, r.get(5))
+}
+
+/// The consumers of stream `$1` with their offsets and lag, by consumer and event name;
+/// each lag counts through the `events_by_name` index.
+const CONSUMERS: &str = "SELECT o.consumer, o.name, o.seq, (SELECT count(*) \
+     FROM events e WHERE e.stream_id = o.stream_id AND e.name = o.name AND e.seq > o.seq) \
+     FROM offsets o WHERE o.stream_id = $1 ORDER BY o.consumer COLLATE \"C\", o.name COLLATE \"C\"";
 
 impl Database {
     /// Adds `user` with the given password hash and stream patterns, or replaces all three
@@ -55,5 +83,76 @@ impl Database {
             .client
             .execute("DELETE FROM users WHERE name = $1", &[&user])?
             > 0)
+    }
+
+    /// All streams, by name.
+    pub fn list_streams(&mut self) -> Result<Vec<StreamSummary>, PgError> {
+        let sql = format!("{SUMMARY} ORDER BY s.name COLLATE \"C\"");
+        let rows = self.client.query(&sql, &[])?;
+        Ok(rows.iter().map(|r| summary(r).0).collect())
+    }
+
+    /// One stream in detail, all of it from one snapshot; `None` if it does not exist.
+    pub fn show_stream(&mut self, name: &str) -> Result<Option<StreamDetail>, PgError> {
+        let mut tx = snapshot(self)?;
+        let found = tx.query_opt(&format!("{SUMMARY} WHERE s.name = $1"), &[&name])?;
+        let Some((summary, id)) = found.as_ref().map(summary) else {
+            return Ok(None);
+        };
+        let first_ms: i64 = tx
+            .query_one(
+                "SELECT coalesce((SELECT ts FROM events WHERE stream_id = $1 \
+                 ORDER BY seq LIMIT 1), 0)",
+                &[&id],
+            )?
+            .get(0);
+        let consumers = tx.query(CONSUMERS, &[&id])?;
+        let held = tx.query(
+            "SELECT consumer, events FROM retention_held WHERE stream_id = $1 \
+             ORDER BY consumer COLLATE \"C\"",
+            &[&id],
+        )?;
+        tx.commit()?;
+        Ok(Some(StreamDetail {
+            summary,
+            first_ms: first_ms as u64,
+            consumers: consumers
+                .iter()
+                .map(|r| ConsumerOffset {
+                    consumer: r.get(0),
+                    event_name: r.get(1),
+                    offset: r.get::<_, i64>(2) as u64,
+                    lag: r.get::<_, i64>(3) as u64,
+                })
+                .collect(),
+            held: held
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                .collect(),
+        }))
+    }
+
+    /// Forgets a consumer of a stream: its offsets, and what retention held back for it.
+    /// `None` if the stream does not exist; else the number of offsets (event names) it had
+    /// there, 0 if it was unknown.
+    pub fn remove_consumer(
+        &mut self,
+        stream: &str,
+        consumer: &str,
+    ) -> Result<Option<u64>, PgError> {
+        let mut tx = self.client.transaction()?;
+        let Some(info) = stream_info(&mut tx, stream)? else {
+            return Ok(None);
+        };
+        let removed = tx.execute(
+            "DELETE FROM offsets WHERE stream_id = $1 AND consumer = $2",
+            &[&info.id, &consumer],
+        )?;
+        tx.execute(
+            "DELETE FROM retention_held WHERE stream_id = $1 AND consumer = $2",
+            &[&info.id, &consumer],
+        )?;
+        tx.commit()?;
+        Ok(Some(removed))
     }
 }

@@ -4,11 +4,11 @@
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
-//! answers and types (`read`), and the user commands (`admin`).
+//! answers and types (`read`), and the operator commands (`admin`).
 //! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
-//! until it does; `user add/list/remove` run on it. Until then this module is public (`eventserver::pg`, with the feature) so that
-//! its contracts are tested against a real PostgreSQL from outside, as a node would meet
-//! them.
+//! until it does, while most operator commands run on it (`admin`). Until then this module
+//! is public (`eventserver::pg`, with the feature) so that its contracts are tested against
+//! a real PostgreSQL from outside, as a node would meet them.
 //!
 //! # One boundary, two implementations
 //!

@@ -136,7 +136,7 @@ impl Database {
 }
 
 /// A read-only transaction whose statements all see one snapshot.
-fn snapshot(db: &mut Database) -> Result<Transaction<'_>, PgError> {
+pub(super) fn snapshot(db: &mut Database) -> Result<Transaction<'_>, PgError> {
     Ok(db
         .client
         .build_transaction()
@@ -151,7 +151,10 @@ fn limit_of(limit: usize) -> i64 {
 }
 
 /// The catalogue entry of `stream`, if it exists.
-fn stream_info(tx: &mut Transaction<'_>, stream: &str) -> Result<Option<StreamInfo>, PgError> {
+pub(super) fn stream_info(
+    tx: &mut Transaction<'_>,
+    stream: &str,
+) -> Result<Option<StreamInfo>, PgError> {
     let row = tx.query_opt(
         "SELECT id, owner, last_seq FROM streams WHERE name = $1",
         &[&stream],
