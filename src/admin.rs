@@ -2,10 +2,9 @@
 //! consumer offsets and backups. Each works on the database file and is safe while a
 //! server runs on it.
 //!
-//! Given a PostgreSQL URL (cargo feature `postgres`), the user commands, `stream list/show`
-//! and `consumer remove` run on that database, migrating it first as a node would; the
-//! others refuse it
-//! ([`Refusal::NotOnPostgres`], [`Refusal::UsePgDump`]) until they run there too.
+//! Given a PostgreSQL URL (cargo feature `postgres`), each runs on that database, migrating
+//! it first as a node would, except the backup, which is PostgreSQL's own to take
+//! ([`Refusal::UsePgDump`]).
 
 use std::path::{Path, PathBuf};
 
@@ -34,8 +33,6 @@ pub enum Refusal {
     },
     /// The backup's target exists already, and replacing it was not asked for.
     TargetExists(PathBuf),
-    /// The command (named) does not run on a PostgreSQL database yet.
-    NotOnPostgres(&'static str),
     /// A backup of a PostgreSQL database is PostgreSQL's own to take.
     UsePgDump,
 }
@@ -54,9 +51,6 @@ impl std::fmt::Display for Refusal {
                 "offset {offset} is past the stream's newest event ({newest})"
             ),
             Refusal::TargetExists(path) => write!(f, "{} already exists", path.display()),
-            Refusal::NotOnPostgres(command) => {
-                write!(f, "'{command}' does not run on a PostgreSQL database yet")
-            }
             Refusal::UsePgDump => f.write_str(
                 "backup does not copy a PostgreSQL database: back it up with PostgreSQL's own \
                  tools (pg_dump, or pg_basebackup for the whole cluster); nothing was written",
@@ -137,14 +131,6 @@ fn postgres(db: &Path) -> Result<Option<crate::store::pg::Database>, Error> {
     Ok(Some(crate::store::pg::Database::open(&url)?))
 }
 
-/// Refuses `command` on a PostgreSQL database, where it does not run yet.
-fn sqlite_only(db: &Path, command: &'static str) -> Result<(), Error> {
-    match Engine::of(db) {
-        Engine::Sqlite => Ok(()),
-        Engine::Postgres => Err(Refusal::NotOnPostgres(command).into()),
-    }
-}
-
 /// User names go into Basic auth, where a colon ends the name.
 fn check_user_name(name: &str) -> Result<(), Error> {
     if name.is_empty()
@@ -180,7 +166,10 @@ pub fn show_stream(db: &Path, name: &str) -> Result<Option<StreamDetail>, Error>
 /// Clears a stream's producer lock, so a replacement producer can write; false if the
 /// stream does not exist.
 pub fn release_stream(db: &Path, name: &str) -> Result<bool, Error> {
-    sqlite_only(db, "stream release")?;
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.release_stream(name)?);
+    }
     Ok(crate::store::admin::release_stream(db, name)?)
 }
 
@@ -192,13 +181,19 @@ pub fn reset_consumer(
     event_name: &str,
     offset: u64,
 ) -> Result<(), Error> {
-    sqlite_only(db, "consumer reset")?;
     let of = OffsetOf {
         stream,
         consumer,
         event_name,
     };
-    match crate::store::admin::reset_consumer(db, of, offset)? {
+    #[cfg(feature = "postgres")]
+    let reset = match postgres(db)? {
+        Some(mut pg) => pg.reset_consumer(of, offset)?,
+        None => crate::store::admin::reset_consumer(db, of, offset)?,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let reset = crate::store::admin::reset_consumer(db, of, offset)?;
+    match reset {
         Reset::Done => Ok(()),
         Reset::NoStream => Err(Refusal::NoStream(stream.to_owned()).into()),
         Reset::PastNewest(newest) => Err(Refusal::PastNewest { offset, newest }.into()),
@@ -210,13 +205,13 @@ pub fn reset_consumer(
 /// [`Error::Admin`] if the stream does not exist.
 pub fn remove_consumer(db: &Path, stream: &str, consumer: &str) -> Result<bool, Error> {
     #[cfg(feature = "postgres")]
-    if let Some(mut pg) = postgres(db)? {
-        return match pg.remove_consumer(stream, consumer)? {
-            Some(offsets) => Ok(offsets > 0),
-            None => Err(Refusal::NoStream(stream.to_owned()).into()),
-        };
-    }
-    match crate::store::admin::remove_consumer(db, stream, consumer)? {
+    let removed = match postgres(db)? {
+        Some(mut pg) => pg.remove_consumer(stream, consumer)?,
+        None => crate::store::admin::remove_consumer(db, stream, consumer)?,
+    };
+    #[cfg(not(feature = "postgres"))]
+    let removed = crate::store::admin::remove_consumer(db, stream, consumer)?;
+    match removed {
         Some(offsets) => Ok(offsets > 0),
         None => Err(Refusal::NoStream(stream.to_owned()).into()),
     }

@@ -402,7 +402,7 @@ fn postgres_refusal(_url: &str) -> Option<String> {
 #[cfg(feature = "postgres")]
 fn postgres_refusal(url: &str) -> Option<String> {
     Some(postgres_admin_refusal(url).unwrap_or_else(|| {
-        "names a PostgreSQL database: this build has PostgreSQL's schema and its user \
+        "names a PostgreSQL database: this build has PostgreSQL's schema and its operator \
          commands but does not serve from it yet"
             .into()
     }))

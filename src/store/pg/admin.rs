@@ -1,6 +1,5 @@
 //! The operator commands on PostgreSQL: the statements of `store::admin` on the same
-//! tables, so `user add/list/remove`, `stream list/show` and `consumer remove` answer as
-//! they do on SQLite. The password arrives already hashed (`auth::hash_password`), as on
+//! tables, so `user`, `stream` and `consumer` answer as they do on SQLite. The password arrives already hashed (`auth::hash_password`), as on
 //! SQLite. Names sort bytewise (`COLLATE "C"`), as SQLite sorts them.
 
 use postgres::Row;
@@ -8,7 +7,7 @@ use postgres::Row;
 use super::read::{snapshot, stream_info};
 use super::{Database, PgError};
 use crate::clock::wall_ms;
-use crate::store::admin::{Added, ConsumerOffset, StreamDetail, StreamSummary};
+use crate::store::admin::{Added, ConsumerOffset, OffsetOf, Reset, StreamDetail, StreamSummary};
 
 /// Each stream with its event count; the `streams` row holds the rest, and `s.id` comes
 /// last, for [`summary`].
@@ -139,7 +138,7 @@ impl Database {
         &mut self,
         stream: &str,
         consumer: &str,
-    ) -> Result<Option<u64>, PgError> {
+    ) -> Result<Option<usize>, PgError> {
         let mut tx = self.client.transaction()?;
         let Some(info) = stream_info(&mut tx, stream)? else {
             return Ok(None);
@@ -153,6 +152,37 @@ impl Database {
             &[&info.id, &consumer],
         )?;
         tx.commit()?;
-        Ok(Some(removed))
+        Ok(Some(usize::try_from(removed).unwrap_or(usize::MAX)))
+    }
+
+    /// Clears a stream's producer lock; false if the stream does not exist.
+    pub fn release_stream(&mut self, name: &str) -> Result<bool, PgError> {
+        let sql = "UPDATE streams SET owner = NULL WHERE name = $1";
+        Ok(self.client.execute(sql, &[&name])? > 0)
+    }
+
+    /// Sets a consumer's offset for one event name (forwards or back), from 0 to the
+    /// stream's newest sequence number. The stream row is locked, so no append through a
+    /// node moves the newest between the check and the write.
+    pub fn reset_consumer(&mut self, of: OffsetOf<'_>, offset: u64) -> Result<Reset, PgError> {
+        let mut tx = self.client.transaction()?;
+        let row = tx.query_opt(
+            "SELECT id, last_seq FROM streams WHERE name = $1 FOR SHARE",
+            &[&of.stream],
+        )?;
+        let Some((id, newest)) = row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as u64))
+        else {
+            return Ok(Reset::NoStream);
+        };
+        if offset > newest {
+            return Ok(Reset::PastNewest(newest));
+        }
+        tx.execute(
+            "INSERT INTO offsets (stream_id, consumer, name, seq) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream_id, consumer, name) DO UPDATE SET seq = EXCLUDED.seq",
+            &[&id, &of.consumer, &of.event_name, &(offset as i64)],
+        )?;
+        tx.commit()?;
+        Ok(Reset::Done)
     }
 }

@@ -6,7 +6,7 @@
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
 //! answers and types (`read`), and the operator commands (`admin`).
 //! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
-//! until it does, while most operator commands run on it (`admin`). Until then this module
+//! until it does, while the operator commands run on it (`admin`). Until then this module
 //! is public (`eventserver::pg`, with the feature) so that its contracts are tested against
 //! a real PostgreSQL from outside, as a node would meet them.
 //!
