@@ -37,7 +37,8 @@ Serve options (each also an environment variable, EVENTSERVER_<NAME>; flags win)
 ";
 
 const AFTER_OPTIONS: &str = "
-Admin commands work on the database file and are safe while the server runs.
+Admin commands work on the database (a SQLite file, or a postgres:// URL in a build with
+the postgres feature; backup is SQLite's only) and are safe while the server runs.
 Under systemd (Type=notify) it reports READY/STOPPING/WATCHDOG and adopts a socket passed
 by socket activation (LISTEN_FDS) instead of binding --listen.
 ";
