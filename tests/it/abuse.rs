@@ -177,7 +177,8 @@ fn metric(addr: SocketAddr, key: &str) -> Option<u64> {
 
 /// Many connections sending their heads a byte at a time, pausing longer than the read
 /// timeout: each is cut after the timeout, and meanwhile fresh connections are answered at
-/// once. Two rounds of 50, since how the slow ones land in tiny_http's pool varies.
+/// once (all but one, on a loaded host). Two rounds of 50, since how the slow ones land in
+/// tiny_http's pool varies.
 #[test]
 fn slow_heads_are_cut_while_fresh_connections_are_served() {
     let _turn = crate::support::heavy();
@@ -185,7 +186,7 @@ fn slow_heads_are_cut_while_fresh_connections_are_served() {
     let addr = server.addr;
     const SLOW: usize = 50;
     let head = b"GET /healthz HTTP/1.1\r\nHost: slow\r\n\r\n";
-    let mut failures = Vec::new();
+    let (mut failures, mut waited) = (Vec::new(), Vec::new());
     for round in 0..2 {
         let slow = together(SLOW, move |ready| -> Result<Duration, String> {
             let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
@@ -206,7 +207,9 @@ fn slow_heads_are_cut_while_fresh_connections_are_served() {
             }
             Err("the whole head went through".into())
         });
-        // While the slow ones hang on, fresh connections are answered at once.
+        // While the slow ones hang on, fresh connections are answered at once. One of them,
+        // in both rounds together, may wait on a loaded host (CI runs other tests beside
+        // this one); were the slow heads holding the threads, each round's first would.
         let window = Instant::now();
         while window.elapsed() < SECOND {
             let sent = Instant::now();
@@ -214,7 +217,7 @@ fn slow_heads_are_cut_while_fresh_connections_are_served() {
                 Ok(resp) if resp.status == 200 => {
                     let took = sent.elapsed();
                     if took >= Duration::from_millis(500) {
-                        failures.push(format!("round {round}: a fresh request took {took:?}"));
+                        waited.push(format!("round {round}: {took:?}"));
                     }
                 }
                 other => failures.push(format!(
@@ -238,6 +241,9 @@ fn slow_heads_are_cut_while_fresh_connections_are_served() {
                 &late[..late.len().min(3)]
             ));
         }
+    }
+    if waited.len() > 1 {
+        failures.push(format!("fresh requests waited 500 ms or more: {waited:?}"));
     }
     answered_within(addr, &healthz(addr), 200, SECOND);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
