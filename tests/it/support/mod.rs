@@ -102,35 +102,11 @@ pub struct TestServer {
 }
 
 /// What holds a [`TestServer`]'s database: a temporary directory, and on two nodes a
-/// PostgreSQL database of its own.
+/// PostgreSQL database of its own (none when the test owns the database).
 struct Storage {
     #[cfg(feature = "postgres")]
     database: Option<Database>,
     _dir: tempfile::TempDir,
-}
-
-impl Storage {
-    /// A fresh database for the selected [`Nodes`], and what to give `--db` for it.
-    fn fresh() -> (Storage, PathBuf) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("events.db");
-        #[cfg(feature = "postgres")]
-        {
-            let database = (Nodes::selected() == Nodes::TwoOnPostgres).then(|| {
-                let thread = std::thread::current();
-                let test = thread.name().unwrap_or("a two-node test server");
-                Database::fresh_or_skip(test).expect("two nodes need PostgreSQL")
-            });
-            let db = database.as_ref().map_or(file, |d| PathBuf::from(d.url()));
-            let storage = Storage {
-                database,
-                _dir: dir,
-            };
-            (storage, db)
-        }
-        #[cfg(not(feature = "postgres"))]
-        (Storage { _dir: dir }, file)
-    }
 }
 
 impl TestServer {
@@ -141,9 +117,56 @@ impl TestServer {
 
     /// Starts a server after `adjust` has changed the config (every node's, on two).
     pub fn start_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
-        let (storage, db) = Storage::fresh();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("events.db");
+        match Nodes::selected() {
+            Nodes::OneOnSqlite => TestServer::on(file, 1, storage(dir), adjust),
+            #[cfg(feature = "postgres")]
+            Nodes::TwoOnPostgres => {
+                let thread = std::thread::current();
+                let test = thread.name().unwrap_or("a two-node test server");
+                let database = Database::fresh_or_skip(test).expect("two nodes need PostgreSQL");
+                let url = PathBuf::from(database.url());
+                let storage = Storage {
+                    database: Some(database),
+                    _dir: dir,
+                };
+                TestServer::on(url, 2, storage, adjust)
+            }
+            #[cfg(not(feature = "postgres"))]
+            Nodes::TwoOnPostgres => unreachable!("selected only with the feature"),
+        }
+    }
+
+    /// Two nodes on a fresh database of the shared PostgreSQL cluster, whatever
+    /// [`Nodes::selected`] says; `None` as for [`Postgres::shared_or_skip`].
+    #[cfg(feature = "postgres")]
+    pub fn two_nodes_or_skip(test: &str) -> Option<TestServer> {
+        let database = Database::fresh_or_skip(test)?;
+        let url = PathBuf::from(database.url());
+        let storage = Storage {
+            database: Some(database),
+            _dir: tempfile::tempdir().expect("temp dir"),
+        };
+        Some(TestServer::on(url, 2, storage, |_| {}))
+    }
+
+    /// Two nodes on the PostgreSQL database at `url`, which the caller owns.
+    #[cfg(feature = "postgres")]
+    pub fn two_nodes_on(url: &str) -> TestServer {
+        let storage = storage(tempfile::tempdir().expect("temp dir"));
+        TestServer::on(PathBuf::from(url), 2, storage, |_| {})
+    }
+
+    /// `nodes` servers on `db`, which gets the test user.
+    fn on(
+        db: PathBuf,
+        nodes: usize,
+        storage: Storage,
+        adjust: impl FnOnce(&mut Config),
+    ) -> TestServer {
         eventserver::admin::add_user(&db, USER, PASSWORD).expect("add user");
-        let (handle, others) = launch(&db, adjust);
+        let (handle, others) = launch(&db, nodes, adjust);
         TestServer {
             addr: handle.addr(),
             handle: Some(handle),
@@ -161,8 +184,9 @@ impl TestServer {
 
     /// Like [`TestServer::restart`], with config changes.
     pub fn restart_with(&mut self, adjust: impl FnOnce(&mut Config)) {
+        let nodes = 1 + self.others.len();
         self.shutdown_all();
-        let (handle, others) = launch(&self.db, adjust);
+        let (handle, others) = launch(&self.db, nodes, adjust);
         self.addr = handle.addr();
         self.handle = Some(handle);
         self.others = others;
@@ -192,6 +216,13 @@ impl TestServer {
         let conn = rusqlite::Connection::open(&self.db).expect("open the database");
         conn.busy_timeout(Duration::from_secs(5)).unwrap();
         conn.execute_batch(sql).expect("run the SQL");
+    }
+
+    /// Every node's address, node 1's first.
+    #[cfg(feature = "postgres")]
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        let others = self.others.iter().map(ServerHandle::addr);
+        std::iter::once(self.addr).chain(others).collect()
     }
 
     /// The address the next request goes to: the nodes in turn.
@@ -226,22 +257,28 @@ impl Drop for TestServer {
     }
 }
 
-/// Starts the selected nodes on `db`: node 1 and the others.
+/// A storage of nothing but a temporary directory.
+fn storage(dir: tempfile::TempDir) -> Storage {
+    Storage {
+        #[cfg(feature = "postgres")]
+        database: None,
+        _dir: dir,
+    }
+}
+
+/// Starts `nodes` servers on `db`: node 1 and the others.
 fn launch(
     db: &std::path::Path,
+    nodes: usize,
     adjust: impl FnOnce(&mut Config),
 ) -> (ServerHandle, Vec<ServerHandle>) {
     let mut config = Config::new(db);
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.workers = 4;
     adjust(&mut config);
-    let others = match Nodes::selected() {
-        Nodes::OneOnSqlite => 0,
-        Nodes::TwoOnPostgres => 1,
-    };
     let start = || Server::start(config.clone()).expect("server starts");
     let first = start();
-    (first, (0..others).map(|_| start()).collect())
+    (first, (1..nodes).map(|_| start()).collect())
 }
 
 /// Waits until `cond` holds, failing the test after `within`.

@@ -15,7 +15,7 @@
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{ChildStdin, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -26,8 +26,8 @@ pub struct Postgres {
     run_as: Option<String>,
     port: u16,
     dir: tempfile::TempDir,
-    /// The write end of the pipe the shared cluster's reaper waits on.
-    _reaper: Option<ChildStdin>,
+    /// The shared cluster's reaper, whose stdin is the pipe it waits on.
+    _reaper: Option<Child>,
 }
 
 impl Postgres {
@@ -182,8 +182,7 @@ impl Postgres {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let mut child = reaper.spawn().expect("spawn the cluster's reaper");
-        self._reaper = child.stdin.take();
+        self._reaper = Some(reaper.spawn().expect("spawn the cluster's reaper"));
         self
     }
 
