@@ -3,7 +3,7 @@
 //! in order while both publish, a race for new streams through both nodes has one winner
 //! each, `kill -9` of a node under load loses no acknowledged event while the other keeps
 //! serving, and a PostgreSQL restart under load is answered with prompt 503s and recovered
-//! from without losing anything.
+//! from without losing anything, polls parked through it keeping their place.
 //!
 //! The nodes run in process ([`TestServer::two_nodes_or_skip`]) except where one is killed:
 //! there they are the real binary, two child processes.
@@ -410,14 +410,14 @@ fn restarting_postgresql_under_load_answers_503_at_once_and_recovers_losing_noth
             )
         })
         .collect();
-    // Waits until each publisher has had 20 more answers `of` `kind`.
-    let both_have = |kind: &str, of: fn(&Tally) -> u64| {
+    // Waits until each publisher has had `more` answers `of` a `kind`.
+    let both_have = |more: u64, kind: &str, of: fn(&Tally) -> u64| {
         let before: Vec<u64> = tallies.iter().map(|tally| of(tally)).collect();
         wait_until(Duration::from_secs(30), kind, || {
             tallies
                 .iter()
                 .zip(&before)
-                .all(|(tally, b)| of(tally) >= b + 20)
+                .all(|(tally, b)| of(tally) >= b + more)
         });
     };
     let healthz = |status: u16| {
@@ -434,19 +434,34 @@ fn restarting_postgresql_under_load_answers_503_at_once_and_recovers_losing_noth
         }
     };
     for mode in ["fast", "immediate"] {
-        both_have("writes through both nodes", Tally::acknowledged);
+        both_have(20, "writes through both nodes", Tally::acknowledged);
         healthz(200);
+        // A poll parked on node 2 keeps its place through the outage.
+        let category = format!("after-{mode}");
+        let parked = answer_later(subscribe_req(
+            addrs[1],
+            &format!("timeout=60&category={category}"),
+        ));
+        wait_until(Duration::from_secs(10), "a parked poll", || {
+            server.parked() == 1
+        });
         pg.stop(mode);
         // Every write is answered within NO_HANG (what is not is a refusal that fails the
         // test below), and those answers are 503s.
-        both_have("503s through both nodes", Tally::refused);
+        both_have(3, "503s through both nodes", Tally::refused);
         healthz(503);
         pg.restart();
-        both_have(
-            &format!("writes again after `pg_ctl stop -m {mode}`"),
-            Tally::acknowledged,
-        );
+        let again = format!("writes again after `pg_ctl stop -m {mode}`");
+        both_have(20, &again, Tally::acknowledged);
         healthz(200);
+        publish_ok(addrs[0], &category, &json!({"t": 2, "n": 0}));
+        let published = Instant::now();
+        let got = events(&woken(
+            &parked,
+            published,
+            "the poll parked through the outage",
+        ));
+        assert_eq!(got.len(), 1, "{got:?}");
     }
     stop.store(true, Ordering::SeqCst);
     let mut acknowledged = Vec::new();
