@@ -46,7 +46,9 @@ impl Connection {
             None => self.db.insert(Database::open(&self.url)?),
         };
         let result = call(db);
-        if db.is_closed() {
+        // A server going down answers the call in flight (57P01) before it closes the
+        // connection: let go of it then too, or the next call fails on it once more.
+        if db.is_closed() || result.as_ref().is_err_and(PgError::is_unavailable) {
             self.db = None;
         }
         Ok(result?)
