@@ -849,3 +849,170 @@ mod cluster {
         assert!(shown.ends_with("consumers:\n"), "{shown}");
     }
 }
+
+/// The status page's and metrics' reads, retention and the cross-node wake-up on
+/// PostgreSQL, each against a throwaway cluster.
+#[cfg(feature = "postgres")]
+mod node {
+    use eventserver::pg::{Ack, Append, Database, Outcome, Payload};
+
+    use crate::support::Postgres;
+
+    /// Appends one event named `name` (a `/publish` event for `None`) to each of
+    /// `streams`, in one batch stamped `ts`; returns the events' ids.
+    fn append(db: &mut Database, streams: &[&str], name: Option<&str>, ts: u64) -> Vec<uuid::Uuid> {
+        let payload = match name {
+            Some(name) => Payload::Element {
+                name: name.into(),
+                fields: ",\"event\":{}".into(),
+            },
+            None => Payload::Data("{}".into()),
+        };
+        let appends: Vec<Append> = streams
+            .iter()
+            .map(|stream| Append {
+                stream,
+                producer: None,
+                payload: &payload,
+            })
+            .collect();
+        db.append(&appends, ts)
+            .unwrap()
+            .into_iter()
+            .map(|outcome| match outcome {
+                Outcome::Stored(event) => event.id,
+                Outcome::Locked => panic!("{streams:?}: locked"),
+            })
+            .collect()
+    }
+
+    /// `consumer` acknowledges event `id` of `stream`.
+    fn ack(db: &mut Database, stream: &str, consumer: &str, id: uuid::Uuid) {
+        let ack = Ack {
+            stream,
+            consumer,
+            id,
+        };
+        assert_eq!(
+            db.ack(&[ack]).unwrap(),
+            [true],
+            "{stream}: {consumer}'s ACK"
+        );
+    }
+
+    /// Consumer lag, retention's held counts, the status page's overview (names in
+    /// bytewise order, hidden streams skipped, both limits) and the newest timestamp answer
+    /// as SQLite's reader does.
+    #[test]
+    fn the_status_and_metrics_reads_answer_as_sqlites_do() {
+        let test = "the_status_and_metrics_reads_answer_as_sqlites_do";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        // A database whose own collation (ICU's English) sorts "a" before "B".
+        pg.psql(
+            "postgres",
+            "CREATE DATABASE status TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en'",
+        );
+        assert_eq!(
+            pg.psql(
+                "status",
+                "SELECT string_agg(n, '') FROM (SELECT unnest(ARRAY['B', 'a']) ORDER BY 1) v (n)"
+            ),
+            "aB"
+        );
+        let mut db = Database::open(&pg.url("status")).unwrap();
+        assert_eq!(db.newest_timestamp().unwrap(), 0);
+        let overview = db.overview(|_| true, 10, 10).unwrap();
+        assert!(overview.streams.is_empty() && !overview.more_streams);
+        assert!(db.consumer_lag().unwrap().is_empty());
+
+        // Bytewise, "B" sorts before "a"; a locale would put it after.
+        let streams = ["a", "B", "hidden", "z"];
+        let placed = append(&mut db, &streams, Some("placed"), 20);
+        append(&mut db, &streams, Some("placed"), 30);
+        append(&mut db, &["a", "B"], Some("paid"), 25);
+        append(&mut db, &["a"], None, 10);
+        ack(&mut db, "a", "billing", placed[0]);
+        ack(&mut db, "a", "audit", placed[0]);
+        ack(&mut db, "B", "billing", placed[1]);
+        assert_eq!(
+            db.newest_timestamp().unwrap(),
+            30,
+            "the newest time of any stream, whatever the order of the batches"
+        );
+
+        let lag = db.consumer_lag().unwrap();
+        let lag: Vec<(&str, &str, &str, u64)> = lag
+            .iter()
+            .map(|(s, c, n, lag)| (&**s, &**c, &**n, *lag))
+            .collect();
+        assert_eq!(
+            lag,
+            [
+                ("B", "billing", "placed", 1),
+                ("a", "audit", "placed", 1),
+                ("a", "billing", "placed", 1),
+            ]
+        );
+
+        let visible = |name: &str| name != "hidden";
+        let all = db.overview(visible, 10, 10).unwrap();
+        let listed: Vec<(&str, u64, u64, u64, usize)> = all
+            .streams
+            .iter()
+            .map(|s| {
+                let sum = &s.summary;
+                (
+                    &*sum.name,
+                    sum.events,
+                    sum.last_seq,
+                    sum.last_ms,
+                    s.consumers.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [("B", 3, 3, 30, 1), ("a", 4, 4, 30, 2), ("z", 2, 2, 30, 0)]
+        );
+        assert!(!all.more_streams && !all.more_consumers);
+        let a = &all.streams[1].consumers;
+        let a: Vec<(&str, &str, u64, u64)> = a
+            .iter()
+            .map(|c| (&*c.consumer, &*c.event_name, c.offset, c.lag))
+            .collect();
+        assert_eq!(a, [("audit", "placed", 1, 1), ("billing", "placed", 1, 1)]);
+
+        let first = db.overview(visible, 2, 3).unwrap();
+        let names: Vec<&str> = first.streams.iter().map(|s| &*s.summary.name).collect();
+        assert_eq!(names, ["B", "a"]);
+        assert!(first.more_streams, "z was left out");
+        assert!(!first.more_consumers, "three consumers in all fit");
+        let fewer = db.overview(visible, 10, 2).unwrap();
+        let counts: Vec<usize> = fewer.streams.iter().map(|s| s.consumers.len()).collect();
+        assert_eq!(counts, [1, 1, 0]);
+        assert!(fewer.more_consumers && !fewer.more_streams);
+        // Past a page of the walk: the names beyond it are still found, in order.
+        let many: Vec<String> = (0..300).map(|i| format!("m{i:03}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        append(&mut db, &many, None, 40);
+        let late = db.overview(|name| name >= "m250", 100, 0).unwrap();
+        assert_eq!(late.streams.len(), 51, "m250..m299 and z");
+        assert_eq!(late.streams[50].summary.name, "z");
+
+        assert!(db.retention_held().unwrap().is_empty());
+        pg.psql(
+            "status",
+            "INSERT INTO retention_held (stream_id, consumer, events) \
+             SELECT id, c, n FROM streams, (VALUES ('x', 2), ('W', 5)) v (c, n) \
+             WHERE name IN ('a', 'B')",
+        );
+        let held = db.retention_held().unwrap();
+        let held: Vec<(&str, &str, u64)> = held.iter().map(|(s, c, n)| (&**s, &**c, *n)).collect();
+        assert_eq!(
+            held,
+            [("B", "W", 5), ("B", "x", 2), ("a", "W", 5), ("a", "x", 2)]
+        );
+    }
+}

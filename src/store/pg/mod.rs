@@ -4,7 +4,8 @@
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
-//! answers and types (`read`), and the operator commands (`admin`).
+//! answers and types (`read`; the status page's and metrics' in `status`), and the
+//! operator commands (`admin`).
 //! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
 //! until it does, while the operator commands run on it (`admin`). Until then this module
 //! is public (`eventserver::pg`, with the feature) so that its contracts are tested against
@@ -23,7 +24,9 @@
 //! - **Readers** (`store::Reader`): one connection per worker, as with SQLite; PostgreSQL's
 //!   snapshots give each read the same consistency WAL readers give. [`Database::since`],
 //!   [`Database::consume`], [`Database::seq_of`] and [`Database::user`] are its queries,
-//!   returning its types (`read`); the status page's and metrics' queries are to come.
+//!   returning its types (`read`); [`Database::overview`], [`Database::consumer_lag`] and
+//!   [`Database::retention_held`] are the status page's and metrics' (`status`), and
+//!   [`Database::newest_timestamp`] is where a node's clock starts.
 //! - **Admin commands** (`store::admin`): the same statements on the same tables.
 //! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's, under
 //!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
@@ -58,6 +61,7 @@ mod admin;
 mod append;
 mod read;
 mod schema;
+mod status;
 
 use std::time::Duration;
 
