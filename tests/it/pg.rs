@@ -854,7 +854,10 @@ mod cluster {
 /// PostgreSQL, each against a throwaway cluster.
 #[cfg(feature = "postgres")]
 mod node {
-    use eventserver::pg::{Ack, Append, Database, Outcome, Payload};
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use eventserver::pg::{Ack, Append, Database, Listener, Outcome, Payload};
 
     use crate::support::Postgres;
 
@@ -1014,5 +1017,176 @@ mod node {
             held,
             [("B", "W", 5), ("B", "x", 2), ("a", "W", 5), ("a", "x", 2)]
         );
+    }
+
+    /// How long a notification may take to arrive: far more than it ever does.
+    const HEARD_WITHIN: Duration = Duration::from_secs(10);
+
+    /// What `listener` hears until `enough` holds of it, the newest sequence number per
+    /// stream, failing the test if that takes longer than [`HEARD_WITHIN`]. Each wake-up
+    /// names a stream at most once.
+    fn hear(
+        listener: &mut Listener,
+        enough: impl Fn(&HashMap<String, u64>) -> bool,
+    ) -> HashMap<String, u64> {
+        let deadline = Instant::now() + HEARD_WITHIN;
+        let mut heard = HashMap::new();
+        while !enough(&heard) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "heard only {heard:?}");
+            let woken = listener.wait(left).unwrap();
+            let mut streams: Vec<&str> = woken.iter().map(|(s, _)| &**s).collect();
+            streams.sort_unstable();
+            streams.dedup();
+            assert_eq!(streams.len(), woken.len(), "a stream twice: {woken:?}");
+            for (stream, seq) in woken {
+                let newest = heard.entry(stream).or_default();
+                assert!(seq > *newest, "a wake-up went back: {seq} after {newest}");
+                *newest = seq;
+            }
+        }
+        heard
+    }
+
+    /// An append through one node wakes another node's listener with each stream it
+    /// appended to and that stream's newest sequence number; nothing is heard of a
+    /// transaction before it commits, nor of one rolled back.
+    #[test]
+    fn a_notification_carries_the_stream_and_its_newest_seq_after_the_commit() {
+        let test = "a_notification_carries_the_stream_and_its_newest_seq_after_the_commit";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("wake");
+        let mut db = Database::open(&url).unwrap();
+        let mut listener = Listener::connect(&url).unwrap();
+        append(&mut db, &["orders"], Some("placed"), 1);
+        append(&mut db, &["orders", "audit"], None, 2);
+        let heard = hear(&mut listener, |h| h.len() == 2 && h["orders"] == 2);
+        assert_eq!(heard["audit"], 1);
+
+        // Another connection's transaction, announcing as an append does.
+        let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = other.transaction().unwrap();
+        tx.execute("SELECT pg_notify('eventserver', '7 orders')", &[])
+            .unwrap();
+        let early = listener.wait(Duration::from_millis(300)).unwrap();
+        assert!(early.is_empty(), "heard before the commit: {early:?}");
+        tx.rollback().unwrap();
+        let mut tx = other.transaction().unwrap();
+        tx.execute("SELECT pg_notify('eventserver', '9 orders')", &[])
+            .unwrap();
+        tx.commit().unwrap();
+        // The rolled-back 7 never arrives; the committed 9 does.
+        let heard = hear(&mut listener, |h| !h.is_empty());
+        assert_eq!(heard, HashMap::from([("orders".to_owned(), 9)]));
+    }
+
+    /// A batch of several appends to one stream wakes a listener once for it, with the
+    /// newest sequence number, and a listener that hears several batches at once names
+    /// each stream once.
+    #[test]
+    fn appends_to_one_stream_in_one_batch_wake_once_with_the_highest_seq() {
+        let test = "appends_to_one_stream_in_one_batch_wake_once_with_the_highest_seq";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("batch");
+        let mut db = Database::open(&url).unwrap();
+        let mut listener = Listener::connect(&url).unwrap();
+        append(&mut db, &["orders"; 5], Some("placed"), 1);
+        let heard = listener.wait(HEARD_WITHIN).unwrap();
+        assert_eq!(
+            heard,
+            [("orders".to_owned(), 5)],
+            "one wake-up at the newest"
+        );
+        for _ in 0..20 {
+            append(&mut db, &["orders", "audit", "orders"], None, 2);
+        }
+        // However the 20 batches' notifications fall into wake-ups, no wake-up names a
+        // stream twice, none goes back, and the last are the newest.
+        let newest =
+            |h: &HashMap<String, u64>| h.get("orders") == Some(&45) && h.get("audit") == Some(&20);
+        assert_eq!(hear(&mut listener, newest).len(), 2);
+    }
+
+    /// Stream names travel as they are, spaces, digits and any UTF-8 included, up to the
+    /// longest name the APIs accept (1,024 bytes).
+    #[test]
+    fn a_stream_name_with_spaces_and_unicode_round_trips() {
+        let test = "a_stream_name_with_spaces_and_unicode_round_trips";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("names");
+        let mut db = Database::open(&url).unwrap();
+        let mut listener = Listener::connect(&url).unwrap();
+        let longest = "\u{e9}".repeat(512);
+        assert_eq!(longest.len(), 1024);
+        let names = ["caf\u{e9} au lait \u{1F600}", "12 34 ", " ", &longest];
+        append(&mut db, &names, None, 1);
+        let heard = hear(&mut listener, |h| h.len() == names.len());
+        for name in names {
+            assert_eq!(heard.get(name), Some(&1), "{name:?} in {heard:?}");
+        }
+    }
+
+    /// Connects a listener and a node to `url`, trying again while the server recovers
+    /// from a crash of one of its backends.
+    fn reconnect(url: &str) -> (Listener, Database) {
+        let deadline = Instant::now() + HEARD_WITHIN;
+        loop {
+            match Listener::connect(url).and_then(|l| Ok((l, Database::open(url)?))) {
+                Ok(both) => return both,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reconnecting: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("the server did not come back: {e}"),
+            }
+        }
+    }
+
+    /// A listener whose server-side backend ends answers its wait with an error at once,
+    /// rather than waiting out the timeout (or forever), whether the server says why
+    /// (`pg_terminate_backend`) or the connection just ends (the backend killed); a new
+    /// listener hears again.
+    #[test]
+    fn a_listener_whose_backend_is_gone_returns_an_error() {
+        let test = "a_listener_whose_backend_is_gone_returns_an_error";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("gone");
+        let listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %'";
+        let mut listener = Listener::connect(&url).unwrap();
+        for (seq, how) in (1..).zip(["terminated", "killed"]) {
+            let pid = pg.psql("gone", listening);
+            if how == "terminated" {
+                let sql = format!("SELECT pg_terminate_backend({pid})");
+                assert_eq!(pg.psql("gone", &sql), "t");
+            } else {
+                let killed = std::process::Command::new("kill")
+                    .args(["-KILL", &pid])
+                    .status()
+                    .unwrap();
+                assert!(killed.success());
+            }
+            let started = Instant::now();
+            let lost = listener.wait(Duration::from_secs(60));
+            assert!(lost.is_err(), "{how}: {lost:?}");
+            assert!(
+                started.elapsed() < HEARD_WITHIN,
+                "{how}: {:?}",
+                started.elapsed()
+            );
+            // A killed backend takes the others with it: the server restarts them all.
+            let (new, mut db) = reconnect(&url);
+            listener = new;
+            append(&mut db, &["orders"], None, 1);
+            let heard = hear(&mut listener, |h| !h.is_empty());
+            assert_eq!(heard, HashMap::from([("orders".to_owned(), seq)]), "{how}");
+        }
     }
 }

@@ -4,8 +4,8 @@
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
-//! answers and types (`read`; the status page's and metrics' in `status`), and the
-//! operator commands (`admin`).
+//! answers and types (`read`; the status page's and metrics' in `status`), the cross-node
+//! wake-up (`listen`), and the operator commands (`admin`).
 //! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
 //! until it does, while the operator commands run on it (`admin`). Until then this module
 //! is public (`eventserver::pg`, with the feature) so that its contracts are tested against
@@ -28,6 +28,10 @@
 //!   [`Database::retention_held`] are the status page's and metrics' (`status`), and
 //!   [`Database::newest_timestamp`] is where a node's clock starts.
 //! - **Admin commands** (`store::admin`): the same statements on the same tables.
+//! - **Wake-ups**: on SQLite the writer's commit hook wakes the polls its commit answers;
+//!   here an append may be committed through any node, so every append transaction also
+//!   announces each stream it appended to with its newest sequence number (NOTIFY), and
+//!   each node's wake-up thread hears every node's through a [`Listener`] (`listen`).
 //! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's, under
 //!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
 //!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
@@ -40,7 +44,7 @@
 //! What differs is what several nodes add: a node's writer is not the only one, so nothing a
 //! transaction relies on may be cached across transactions without a lock (the SQLite writer
 //! caches stream rows; here every batch locks the rows it appends to), and a committed
-//! append must wake polls parked on other nodes (LISTEN/NOTIFY, to come).
+//! append must wake polls parked on other nodes (LISTEN/NOTIFY, `listen`).
 //!
 //! # What this relies on about PostgreSQL
 //!
@@ -59,6 +63,7 @@
 mod ack;
 mod admin;
 mod append;
+mod listen;
 mod read;
 mod schema;
 mod status;
@@ -72,6 +77,7 @@ pub use super::writer::Payload;
 pub use crate::event::Event;
 pub use ack::Ack;
 pub use append::{Append, Outcome};
+pub use listen::Listener;
 
 /// One node's connection to the shared database.
 pub struct Database {
