@@ -857,7 +857,10 @@ mod node {
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
-    use eventserver::pg::{Ack, Append, Database, Listener, Outcome, Payload};
+    use eventserver::Start;
+    use eventserver::pg::{
+        Ack, Append, Database, Listener, Outcome, Payload, RETENTION_LOCK, Retention, Sweep,
+    };
 
     use crate::support::Postgres;
 
@@ -1188,5 +1191,303 @@ mod node {
             let heard = hear(&mut listener, |h| !h.is_empty());
             assert_eq!(heard, HashMap::from([("orders".to_owned(), seq)]), "{how}");
         }
+    }
+
+    /// The sequence numbers of the events `stream` holds, oldest first.
+    fn seqs(db: &mut Database, stream: &str) -> Vec<u64> {
+        let view = db.since(stream, &Start::After(0), None, 100_000).unwrap();
+        view.events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Runs a retention run of `limits` through `db` to its end, at `now_ms`; returns how
+    /// many chunks it took.
+    fn retain(db: &mut Database, limits: Retention, now_ms: u64) -> usize {
+        let mut sweep = Sweep::new(limits);
+        let mut chunks = 1;
+        while db.retain(&mut sweep, now_ms).unwrap() {
+            chunks += 1;
+        }
+        chunks
+    }
+
+    /// Retention by count keeps each stream's newest events; by age, those not older than
+    /// the limit (an event exactly that old stays). Deleting every event of a stream never
+    /// gives a sequence number twice, nor moves the newest time back.
+    #[test]
+    fn retention_keeps_the_newest_by_count_and_by_age() {
+        let test = "retention_keeps_the_newest_by_count_and_by_age";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let mut db = Database::open(&pg.database("retain")).unwrap();
+        for ts in [1000, 2000, 3000] {
+            append(&mut db, &["a"; 3], None, ts);
+        }
+        append(&mut db, &["b"; 2], None, 1000);
+        append(&mut db, &["c"], None, 3000);
+        let limits = |max_events, max_age_ms| Retention {
+            max_events,
+            max_age_ms,
+            acked_only: false,
+        };
+        retain(&mut db, limits(Some(4), None), 3000);
+        assert_eq!(seqs(&mut db, "a"), [6, 7, 8, 9]);
+        assert_eq!(seqs(&mut db, "b"), [1, 2]);
+        assert_eq!(seqs(&mut db, "c"), [1]);
+        // Older than 2000 ms: b's events; a's sixth is exactly that old and stays.
+        retain(&mut db, limits(None, Some(1000)), 3000);
+        assert_eq!(seqs(&mut db, "a"), [6, 7, 8, 9]);
+        assert!(seqs(&mut db, "b").is_empty());
+        assert_eq!(seqs(&mut db, "c"), [1]);
+        // Both limits: whichever reaches further.
+        retain(&mut db, limits(Some(2), Some(1000)), 3001);
+        assert_eq!(seqs(&mut db, "a"), [8, 9]);
+        retain(&mut db, limits(Some(100), Some(1000)), 3001);
+        assert_eq!(seqs(&mut db, "a"), [8, 9], "nothing else is that old");
+
+        retain(&mut db, limits(None, Some(1000)), 10_000);
+        for stream in ["a", "b", "c"] {
+            assert!(seqs(&mut db, stream).is_empty(), "{stream}");
+        }
+        assert_eq!(db.newest_timestamp().unwrap(), 3000);
+        append(&mut db, &["a", "b"], None, 1);
+        assert_eq!(seqs(&mut db, "a"), [10]);
+        assert_eq!(seqs(&mut db, "b"), [3]);
+    }
+
+    /// With `acked_only`, an event past the limits stays while a consumer known on its
+    /// stream has not acknowledged it; events of names nobody acknowledged, and `/publish`
+    /// events, go. What each consumer holds back is counted, and rewritten by every run.
+    #[test]
+    fn interest_retention_keeps_what_a_known_consumer_has_not_acknowledged() {
+        let test = "interest_retention_keeps_what_a_known_consumer_has_not_acknowledged";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let mut db = Database::open(&pg.database("interest")).unwrap();
+        // Seqs 1, 4, 7, 10 placed; 2, 5, 8, 11 paid; 3, 6, 9, 12 published.
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.extend(append(&mut db, &["orders"], Some("placed"), 1));
+            ids.extend(append(&mut db, &["orders"], Some("paid"), 1));
+            ids.extend(append(&mut db, &["orders"], None, 1));
+        }
+        append(&mut db, &["quiet"; 5], Some("placed"), 1);
+        ack(&mut db, "orders", "billing", ids[3]);
+        ack(&mut db, "orders", "audit", ids[1]);
+        let interest = Retention {
+            max_events: Some(3),
+            max_age_ms: None,
+            acked_only: true,
+        };
+        retain(&mut db, interest, 1);
+        // Up to seq 9: billing holds placed 7, audit paid 5 and 8.
+        assert_eq!(seqs(&mut db, "orders"), [5, 7, 8, 10, 11, 12]);
+        assert_eq!(seqs(&mut db, "quiet"), [3, 4, 5], "nobody's interest");
+        let held = |db: &mut Database| {
+            let held = db.retention_held().unwrap();
+            held.iter()
+                .map(|(s, c, n)| format!("{s} {c} {n}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held(&mut db), ["orders audit 2", "orders billing 1"]);
+        retain(&mut db, interest, 1);
+        assert_eq!(
+            held(&mut db),
+            ["orders audit 2", "orders billing 1"],
+            "not added up"
+        );
+
+        ack(&mut db, "orders", "billing", ids[6]);
+        retain(&mut db, interest, 1);
+        assert_eq!(seqs(&mut db, "orders"), [5, 8, 10, 11, 12]);
+        assert_eq!(held(&mut db), ["orders audit 2"]);
+        ack(&mut db, "orders", "audit", ids[7]);
+        retain(&mut db, interest, 1);
+        assert_eq!(seqs(&mut db, "orders"), [10, 11, 12]);
+        assert!(held(&mut db).is_empty(), "{:?}", held(&mut db));
+
+        pg.psql(
+            "interest",
+            "INSERT INTO retention_held SELECT id, 'gone', 7 FROM streams",
+        );
+        let plain = Retention {
+            acked_only: false,
+            ..interest
+        };
+        retain(&mut db, plain, 1);
+        assert!(
+            held(&mut db).is_empty(),
+            "a run without interest holds nothing"
+        );
+    }
+
+    /// A backlog of thousands of events past the limits goes in chunks of at most 2,000
+    /// events each, whose counts of what a consumer holds back add up over the chunks, and
+    /// another node appends between them.
+    #[test]
+    fn a_large_backlog_is_trimmed_in_bounded_chunks() {
+        let test = "a_large_backlog_is_trimmed_in_bounded_chunks";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("backlog");
+        let mut db = Database::open(&url).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.extend(append(&mut db, &["big"; 500], Some("placed"), 1));
+        }
+        append(&mut db, &["small"; 10], Some("placed"), 1);
+        ack(&mut db, "big", "billing", ids[999]);
+        let count = || -> u64 {
+            pg.psql("backlog", "SELECT count(*) FROM events")
+                .parse()
+                .unwrap()
+        };
+        let mut other = Database::open(&url).unwrap();
+        let mut chunks = Vec::new();
+        for acked_only in [true, false] {
+            let mut sweep = Sweep::new(Retention {
+                max_events: Some(100),
+                max_age_ms: None,
+                acked_only,
+            });
+            let mut before = count();
+            let mut more = true;
+            while more {
+                more = db.retain(&mut sweep, 1).unwrap();
+                let after = count();
+                assert!(before - after <= 2_000, "{} in one chunk", before - after);
+                before = after;
+                if acked_only && chunks.is_empty() {
+                    append(&mut other, &["big"; 100], Some("placed"), 1);
+                    before += 100;
+                }
+                chunks.push(acked_only);
+            }
+            if acked_only {
+                // The run's cutoff was 4,900: billing holds 1,001..=4,900.
+                assert_eq!(seqs(&mut db, "big").len(), 3_900 + 200);
+                let held = db.retention_held().unwrap();
+                assert_eq!(held, [("big".into(), "billing".into(), 3_900)]);
+            }
+        }
+        assert!(chunks.iter().filter(|a| **a).count() >= 2, "{chunks:?}");
+        assert!(chunks.iter().filter(|a| !**a).count() >= 2, "{chunks:?}");
+        assert_eq!(seqs(&mut db, "big"), (5_001..=5_100).collect::<Vec<_>>());
+        assert_eq!(seqs(&mut db, "small").len(), 10);
+        assert!(db.retention_held().unwrap().is_empty());
+    }
+
+    /// Nodes running retention at once never delete past the limits, nor count what a
+    /// consumer holds back twice: two runs taking turns chunk by chunk, then two racing
+    /// (where one usually finds the lock taken and skips).
+    #[test]
+    fn two_nodes_retaining_at_once_keep_the_limits() {
+        let test = "two_nodes_retaining_at_once_keep_the_limits";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("both");
+        let mut db = Database::open(&url).unwrap();
+        let streams = ["s0", "s1", "s2", "s3"];
+        // The newest event of each batch.
+        let mut newest_ids = Vec::new();
+        let limits = Retention {
+            max_events: Some(1_000),
+            max_age_ms: None,
+            acked_only: true,
+        };
+        for round in 0..3 {
+            for stream in streams {
+                for _ in 0..4 {
+                    let ids = append(&mut db, &[stream; 500], Some("placed"), 1);
+                    newest_ids.push(ids[499]);
+                }
+            }
+            if round == 0 {
+                ack(&mut db, "s0", "billing", newest_ids[1]);
+            }
+            let chunks = match round {
+                // Two runs taking turns chunk by chunk, each starting where the other is.
+                0 | 1 => {
+                    let mut other = Database::open(&url).unwrap();
+                    let (mut a, mut b) = (Sweep::new(limits), Sweep::new(limits));
+                    let mut chunks = vec![0, 0];
+                    let (mut more_a, mut more_b) = (true, true);
+                    while more_a || more_b {
+                        if more_a {
+                            more_a = db.retain(&mut a, 1).unwrap();
+                            chunks[0] += 1;
+                        }
+                        if more_b {
+                            more_b = other.retain(&mut b, 1).unwrap();
+                            chunks[1] += 1;
+                        }
+                    }
+                    assert!(chunks.iter().all(|c| *c > 1), "{chunks:?}");
+                    chunks
+                }
+                // Two runs racing.
+                _ => {
+                    let start = std::sync::Barrier::new(2);
+                    std::thread::scope(|s| {
+                        let nodes: Vec<_> = (0..2)
+                            .map(|_| {
+                                s.spawn(|| {
+                                    let mut db = Database::open(&url).unwrap();
+                                    start.wait();
+                                    retain(&mut db, limits, 1)
+                                })
+                            })
+                            .collect();
+                        nodes.into_iter().map(|n| n.join().unwrap()).collect()
+                    })
+                }
+            };
+            let newest = 2_000 * (round + 1);
+            for stream in &streams[1..] {
+                let want: Vec<u64> = (newest - 999..=newest).collect();
+                assert_eq!(seqs(&mut db, stream), want, "round {round}, {chunks:?}");
+            }
+            // billing acknowledged s0 up to 1,000: it holds 1,001 up to the cutoff.
+            let held = newest - 1_000 - 1_000;
+            assert_eq!(seqs(&mut db, "s0").len() as u64, held + 1_000);
+            let counted = db.retention_held().unwrap();
+            let want = [("s0".into(), "billing".into(), held)];
+            assert_eq!(counted, want[..(held > 0) as usize], "{chunks:?}");
+        }
+    }
+
+    /// While another session holds the retention lock, a node's run stops at once and
+    /// deletes nothing; once it is let go, the next run deletes.
+    #[test]
+    fn a_node_skips_retention_while_another_holds_the_lock() {
+        let test = "a_node_skips_retention_while_another_holds_the_lock";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("skip");
+        let mut db = Database::open(&url).unwrap();
+        append(&mut db, &["a"; 10], None, 1);
+        let limits = Retention {
+            max_events: Some(1),
+            max_age_ms: None,
+            acked_only: false,
+        };
+        let mut operator = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        operator
+            .execute("SELECT pg_advisory_lock($1)", &[&RETENTION_LOCK])
+            .unwrap();
+        let mut sweep = Sweep::new(limits);
+        assert!(!db.retain(&mut sweep, 1).unwrap(), "the run goes on");
+        assert_eq!(seqs(&mut db, "a").len(), 10);
+        operator
+            .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
+            .unwrap();
+        assert!(!db.retain(&mut sweep, 1).unwrap(), "a skipped run is over");
+        assert_eq!(seqs(&mut db, "a").len(), 10);
+        retain(&mut db, limits, 1);
+        assert_eq!(seqs(&mut db, "a"), [10]);
     }
 }

@@ -4,8 +4,8 @@
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
-//! answers and types (`read`; the status page's and metrics' in `status`), the cross-node
-//! wake-up (`listen`), and the operator commands (`admin`).
+//! answers and types (`read`; the status page's and metrics' in `status`), retention
+//! (`retention`), the cross-node wake-up (`listen`), and the operator commands (`admin`).
 //! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
 //! until it does, while the operator commands run on it (`admin`). Until then this module
 //! is public (`eventserver::pg`, with the feature) so that its contracts are tested against
@@ -32,9 +32,12 @@
 //!   here an append may be committed through any node, so every append transaction also
 //!   announces each stream it appended to with its newest sequence number (NOTIFY), and
 //!   each node's wake-up thread hears every node's through a [`Listener`] (`listen`).
-//! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's, under
-//!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
-//!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
+//! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's
+//!   ([`Sweep`], one [`Database::retain`] per chunk, between the writer's batches), each
+//!   chunk under the transaction advisory lock [`RETENTION_LOCK`] taken with
+//!   `pg_try_advisory_xact_lock`, so one node at a time deletes and a node that finds it
+//!   taken skips its run (`retention`); PostgreSQL checkpoints itself, so that thread does
+//!   not exist there.
 //!
 //! Plugging in takes two changes to the SQLite side: `writer::run` becomes generic over the
 //! function that applies a batch (SQLite's `apply`, or one transaction holding what
@@ -65,6 +68,7 @@ mod admin;
 mod append;
 mod listen;
 mod read;
+mod retention;
 mod schema;
 mod status;
 
@@ -73,11 +77,13 @@ use std::time::Duration;
 use postgres::config::SslMode;
 use postgres::{Client, NoTls};
 
+pub use super::Retention;
 pub use super::writer::Payload;
 pub use crate::event::Event;
 pub use ack::Ack;
 pub use append::{Append, Outcome};
 pub use listen::Listener;
+pub use retention::{RETENTION_LOCK, Sweep};
 
 /// One node's connection to the shared database.
 pub struct Database {
