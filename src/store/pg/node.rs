@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Ack, Append, Database, Outcome as Stored, PgError};
+use super::{Ack, Append, Database, Outcome as Stored, PgError, Sweep};
 use crate::store::StoreError;
 use crate::store::retention::Retention;
 use crate::store::writer::{Job, Log, Outcome, WriteError};
@@ -55,10 +55,12 @@ impl Connection {
     }
 }
 
-/// The writer's log on PostgreSQL: its connection and the name its heartbeat row has.
+/// The writer's log on PostgreSQL: its connection, the name its heartbeat row has, and
+/// the retention run under way.
 pub struct Writes {
     conn: Connection,
     node: String,
+    sweep: Option<Sweep>,
 }
 
 impl Writes {
@@ -67,7 +69,13 @@ impl Writes {
         Writes {
             conn: Connection::new(url),
             node,
+            sweep: None,
         }
+    }
+
+    /// The newest event time of any stream, where the node's clock starts.
+    pub fn newest_timestamp(&mut self) -> Result<u64, StoreError> {
+        self.conn.with(Database::newest_timestamp)
     }
 }
 
@@ -136,13 +144,25 @@ impl Log for Writes {
         crate::log::error(&format!("{what} failed: {e}"));
     }
 
-    fn retain(&mut self, _limits: Retention) {
-        crate::log::warn("retention does not run on PostgreSQL yet");
+    fn retain(&mut self, limits: Retention) {
+        if self.sweep.is_none() {
+            self.sweep = Some(Sweep::new(limits));
+        }
     }
 
     fn retaining(&self) -> bool {
-        false
+        self.sweep.is_some()
     }
 
-    fn retain_chunk(&mut self, _ts: u64) {}
+    fn retain_chunk(&mut self, ts: u64) {
+        let Some(mut run) = self.sweep.take() else {
+            return;
+        };
+        // Another node holding the retention lock ends the run here: it is deleting.
+        match self.conn.with(|db| db.retain(&mut run, ts)) {
+            Ok(true) => self.sweep = Some(run),
+            Ok(false) => {}
+            Err(e) => crate::log::error(&format!("retention failed: {e}")),
+        }
+    }
 }
