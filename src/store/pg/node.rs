@@ -14,8 +14,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{Ack, Append, Database, Outcome as Stored, PgError, Sweep};
+use crate::clock::wall_ms;
 use crate::store::StoreError;
 use crate::store::retention::Retention;
 use crate::store::writer::{Job, Log, Outcome, WriteError};
@@ -61,7 +63,13 @@ pub struct Writes {
     conn: Connection,
     node: String,
     sweep: Option<Sweep>,
+    /// When the database's clock was last measured.
+    measured: Option<Instant>,
 }
+
+/// How often the writer measures the database's clock again: often enough that neither
+/// host's drift (parts per million) nor a step of its clock lasts.
+const MEASURE_EVERY: Duration = Duration::from_secs(10);
 
 impl Writes {
     /// The writer's log for node `node` on the database `url` names.
@@ -70,6 +78,7 @@ impl Writes {
             conn: Connection::new(url),
             node,
             sweep: None,
+            measured: None,
         }
     }
 
@@ -142,6 +151,30 @@ impl Log for Writes {
 
     fn failed(&mut self, what: &str, e: &StoreError) {
         crate::log::error(&format!("{what} failed: {e}"));
+    }
+
+    fn clock_offset(&mut self) -> Option<i64> {
+        if self.measured.is_some_and(|at| at.elapsed() < MEASURE_EVERY) {
+            return None;
+        }
+        self.measured = Some(Instant::now());
+        let before = wall_ms();
+        let theirs = self.conn.with(|db| {
+            let row = db.client.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )?;
+            Ok(row.get::<_, i64>(0))
+        });
+        let after = wall_ms();
+        match theirs {
+            // The database read its clock about halfway through the round trip.
+            Ok(theirs) => Some(theirs - (before / 2 + after / 2) as i64),
+            Err(e) => {
+                crate::log::warn(&format!("could not read the database's clock: {e}"));
+                None
+            }
+        }
     }
 
     fn retain(&mut self, limits: Retention) {
