@@ -3,7 +3,9 @@
 //! ([`Postgres`]): migrations run once when nodes start together, a newer schema is
 //! refused, appends through two nodes are gapless and totally ordered, a race for a new
 //! stream has exactly one winner, ACKs through two nodes only move an offset forward, and
-//! reads answer as SQLite's reader does for every cursor, gaps included.
+//! reads answer as SQLite's reader does for every cursor, gaps included; and (`node`) the
+//! status page's and metrics' reads, retention run by one node at a time in bounded
+//! chunks, and the wake-up every append sends to every node's listener.
 //!
 //! Each "node" is a thread with a connection of its own ([`eventserver::pg::Database`]):
 //! to PostgreSQL, that is exactly what two processes are.
