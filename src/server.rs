@@ -1,16 +1,18 @@
 //! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns the server's
 //! threads; `service` adds the systemd watchdog's for the binary.
 //!
-//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one checkpoint thread
-//! (poked by the writer after its commits), one timer.
+//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one timer, and, on
+//! SQLite, one checkpoint thread (poked by the writer after its commits), or, on a
+//! PostgreSQL database that nodes share, one catch-up and one listening thread.
 //! Shutdown order, each step waiting for the one before:
 //! 1. stop accepting and close the request queue (new requests get 503);
 //! 2. close the registry: every parked long-poll is answered now, later ones at once;
 //! 3. wait until each worker has taken its last request;
-//! 4. stop the writer after it commits everything queued; it then drops the checkpoint
-//!    thread's pokes, which stops that thread, waits for it to end, and checkpoints the
-//!    database one last time;
-//! 5. stop the workers once the last answers are sent, then the timer.
+//! 4. stop the writer after it commits everything queued; on SQLite it then drops the
+//!    checkpoint thread's pokes, which stops that thread, waits for it to end, and
+//!    checkpoints the database one last time;
+//! 5. stop the catch-up thread after what is queued for it, and the listening thread;
+//! 6. stop the workers once the last answers are sent, then the timer.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -254,41 +256,39 @@ fn spawn_sqlite(
     jobs: Receiver<Job>,
     clock: Arc<Clock>,
 ) -> Result<(JoinHandle<()>, Option<JoinHandle<()>>), Error> {
-    {
-        let checkpointer = Checkpointer::open(&app.config.db)?;
-        let (pokes_tx, pokes_rx) = bounded::<()>(1);
-        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
-        let (ended_tx, ended_rx) = bounded::<()>(0);
-        let writer = {
-            let app = app.clone();
-            writer.spawn(move || {
-                let hook = |committed: writer::Committed| {
-                    on_commit(&app, committed);
-                    // Full means a poke is pending already, which is as good.
-                    let _ = pokes_tx.try_send(());
-                };
-                let log = writer::run(log, jobs, clock, hook);
-                // The checkpoint thread stops once its pokes are gone; the last
-                // checkpoint waits for it, so that it runs alone.
-                drop(pokes_tx);
-                let _ = ended_rx.recv();
-                if let Err(e) = store::checkpoint(log.connection()) {
-                    crate::log::warn(&format!("final checkpoint failed: {e}"));
-                }
+    let checkpointer = Checkpointer::open(&app.config.db)?;
+    let (pokes_tx, pokes_rx) = bounded::<()>(1);
+    // Never sent on: disconnects when the checkpoint thread ends, however it ends.
+    let (ended_tx, ended_rx) = bounded::<()>(0);
+    let writer = {
+        let app = app.clone();
+        writer.spawn(move || {
+            let hook = |committed: writer::Committed| {
+                on_commit(&app, committed);
+                // Full means a poke is pending already, which is as good.
+                let _ = pokes_tx.try_send(());
+            };
+            let log = writer::run(log, jobs, clock, hook);
+            // The checkpoint thread stops once its pokes are gone; the last
+            // checkpoint waits for it, so that it runs alone.
+            drop(pokes_tx);
+            let _ = ended_rx.recv();
+            if let Err(e) = store::checkpoint(log.connection()) {
+                crate::log::warn(&format!("final checkpoint failed: {e}"));
+            }
+        })?
+    };
+    let checkpoints = {
+        let app = app.clone();
+        thread::Builder::new()
+            .name("checkpoint".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let _ended = ended_tx;
+                checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
             })?
-        };
-        let checkpoints = {
-            let app = app.clone();
-            thread::Builder::new()
-                .name("checkpoint".into())
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let _ended = ended_tx;
-                    checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
-                })?
-        };
-        Ok((writer, Some(checkpoints)))
-    }
+    };
+    Ok((writer, Some(checkpoints)))
 }
 
 /// The front door the HTTP layer hands requests to: admission by the API, then the lane's
