@@ -1,16 +1,18 @@
 //! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns the server's
 //! threads; `service` adds the systemd watchdog's for the binary.
 //!
-//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one checkpoint thread
-//! (poked by the writer after its commits), one timer.
+//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one timer, and, on
+//! SQLite, one checkpoint thread (poked by the writer after its commits), or, on a
+//! PostgreSQL database that nodes share, one catch-up and one listening thread.
 //! Shutdown order, each step waiting for the one before:
 //! 1. stop accepting and close the request queue (new requests get 503);
 //! 2. close the registry: every parked long-poll is answered now, later ones at once;
 //! 3. wait until each worker has taken its last request;
-//! 4. stop the writer after it commits everything queued; it then drops the checkpoint
-//!    thread's pokes, which stops that thread, waits for it to end, and checkpoints the
-//!    database one last time;
-//! 5. stop the workers once the last answers are sent, then the timer.
+//! 4. stop the writer after it commits everything queued; on SQLite it then drops the
+//!    checkpoint thread's pokes, which stops that thread, waits for it to end, and
+//!    checkpoints the database one last time;
+//! 5. stop the catch-up thread after what is queued for it, and the listening thread;
+//! 6. stop the workers once the last answers are sent, then the timer.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -56,8 +58,8 @@ impl Server {
     pub fn start_on(listener: TcpListener, config: Config) -> Result<ServerHandle, Error> {
         config.validate().map_err(Error::Config)?;
         crate::http::prepare(&listener)?;
-        let conn = store::open_write(&config.db, config.sync)?;
-        let clock = Arc::new(Clock::starting_at(store::newest_timestamp(&conn)?));
+        let mut log = Log::open(&config, &listener)?;
+        let clock = Arc::new(Clock::starting_at(log.newest_timestamp()?));
         // Every worker opens its reader before serving; fail now rather than in a thread.
         Reader::open(&config.db)?;
 
@@ -88,43 +90,16 @@ impl Server {
             config,
         });
 
-        let checkpointer = Checkpointer::open(&app.config.db)?;
-        let (pokes_tx, pokes_rx) = bounded::<()>(1);
-        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
-        let (ended_tx, ended_rx) = bounded::<()>(0);
-        let writer = {
-            let app = app.clone();
-            thread::Builder::new()
-                .name("writer".into())
-                // Set, like every thread of ours: the binary runs with RUST_MIN_STACK=64 KiB
-                // for tiny_http's threads, too little for SQLite's commits and checkpoints.
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let hook = |committed: writer::Committed| {
-                        on_commit(&app, committed);
-                        // Full means a poke is pending already, which is as good.
-                        let _ = pokes_tx.try_send(());
-                    };
-                    let conn = writer::run(conn, writer_rx, clock, hook);
-                    // The checkpoint thread stops once its pokes are gone; the last
-                    // checkpoint waits for it, so that it runs alone.
-                    drop(pokes_tx);
-                    let _ = ended_rx.recv();
-                    if let Err(e) = store::checkpoint(&conn) {
-                        crate::log::warn(&format!("final checkpoint failed: {e}"));
-                    }
-                })?
+        #[cfg(feature = "postgres")]
+        let log_shared = log.shared();
+        let (writer, checkpoints) = log.spawn(&app, writer_rx, clock)?;
+        #[cfg(feature = "postgres")]
+        let catch_up = match log_shared {
+            true => Some(spawn_catch_up(&app)?),
+            false => None,
         };
-        let checkpoints = {
-            let app = app.clone();
-            thread::Builder::new()
-                .name("checkpoint".into())
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let _ended = ended_tx;
-                    checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
-                })?
-        };
+        #[cfg(not(feature = "postgres"))]
+        let catch_up = None;
 
         let db = app.config.db.clone();
         let worker_app = app.clone();
@@ -172,12 +147,148 @@ impl Server {
                 done: done_rx,
                 writer,
                 checkpoints,
+                catch_up,
                 timer,
                 tasks: tasks_tx,
             })),
             stopped: (Mutex::new(false), Condvar::new()),
         })
     }
+}
+
+/// The writer's log on the engine `--db` names.
+// One per server, moved once into the writer thread: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Log {
+    /// SQLite's write connection.
+    Sqlite(store::writer::Sqlite),
+    /// A node's connection to the PostgreSQL database it shares with other nodes.
+    #[cfg(feature = "postgres")]
+    Pg(store::pg::Writes),
+}
+
+impl Log {
+    /// Opens the log `config.db` names; a node on PostgreSQL names its heartbeat after its
+    /// host and the port of `listener`.
+    fn open(config: &Config, listener: &TcpListener) -> Result<Log, Error> {
+        #[cfg(feature = "postgres")]
+        if config.engine() == crate::config::Engine::Postgres {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            let node = format!("{}:{port}", host.trim());
+            let url = config.db.to_string_lossy();
+            return Ok(Log::Pg(store::pg::Writes::new(&url, node)));
+        }
+        let _ = listener;
+        let conn = store::open_write(&config.db, config.sync)?;
+        Ok(Log::Sqlite(store::writer::Sqlite::new(conn)))
+    }
+
+    /// Whether other nodes write to the same database.
+    #[cfg(feature = "postgres")]
+    fn shared(&self) -> bool {
+        !matches!(self, Log::Sqlite(_))
+    }
+
+    /// The newest event's time, for the clock to start at.
+    fn newest_timestamp(&mut self) -> Result<u64, Error> {
+        match self {
+            Log::Sqlite(log) => Ok(store::newest_timestamp(log.connection())?),
+            #[cfg(feature = "postgres")]
+            Log::Pg(log) => Ok(log.newest_timestamp()?),
+        }
+    }
+
+    /// Starts the writer thread (and, on SQLite, the checkpoint thread it pokes).
+    fn spawn(
+        self,
+        app: &Arc<App>,
+        jobs: Receiver<Job>,
+        clock: Arc<Clock>,
+    ) -> Result<(JoinHandle<()>, Option<JoinHandle<()>>), Error> {
+        let writer = thread::Builder::new()
+            .name("writer".into())
+            // Set, like every thread of ours: the binary runs with RUST_MIN_STACK=64 KiB
+            // for tiny_http's threads, too little for SQLite's commits and checkpoints.
+            .stack_size(THREAD_STACK);
+        match self {
+            Log::Sqlite(log) => spawn_sqlite(log, writer, app, jobs, clock),
+            #[cfg(feature = "postgres")]
+            Log::Pg(log) => {
+                let app = app.clone();
+                let hook = move |committed: writer::Committed| on_commit(&app, committed);
+                let writer = writer.spawn(move || {
+                    writer::run(log, jobs, clock, hook);
+                })?;
+                Ok((writer, None))
+            }
+        }
+    }
+}
+
+/// Starts the threads of a node that shares its database: one reads what the others
+/// commit (`api::catch_up`), one listens for their announcements.
+#[cfg(feature = "postgres")]
+fn spawn_catch_up(app: &Arc<App>) -> Result<[JoinHandle<()>; 2], Error> {
+    let (queue_tx, queue) = unbounded();
+    app.runtime.share(queue_tx);
+    let mut reader = Reader::open(&app.config.db)?;
+    let reads = {
+        let app = app.clone();
+        thread::Builder::new()
+            .name("catch-up".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || api::catch_up::run(&app, &mut reader, &queue))?
+    };
+    let app = app.clone();
+    let listens = thread::Builder::new()
+        .name("listen".into())
+        .stack_size(THREAD_STACK)
+        .spawn(move || api::catch_up::listen(&app, &app.config.db.to_string_lossy()))?;
+    Ok([reads, listens])
+}
+
+/// Starts SQLite's writer thread as `writer` says, and the checkpoint thread it pokes.
+fn spawn_sqlite(
+    log: store::writer::Sqlite,
+    writer: thread::Builder,
+    app: &Arc<App>,
+    jobs: Receiver<Job>,
+    clock: Arc<Clock>,
+) -> Result<(JoinHandle<()>, Option<JoinHandle<()>>), Error> {
+    let checkpointer = Checkpointer::open(&app.config.db)?;
+    let (pokes_tx, pokes_rx) = bounded::<()>(1);
+    // Never sent on: disconnects when the checkpoint thread ends, however it ends.
+    let (ended_tx, ended_rx) = bounded::<()>(0);
+    let writer = {
+        let app = app.clone();
+        writer.spawn(move || {
+            let hook = |committed: writer::Committed| {
+                on_commit(&app, committed);
+                // Full means a poke is pending already, which is as good.
+                let _ = pokes_tx.try_send(());
+            };
+            let log = writer::run(log, jobs, clock, hook);
+            // The checkpoint thread stops once its pokes are gone; the last
+            // checkpoint waits for it, so that it runs alone.
+            drop(pokes_tx);
+            let _ = ended_rx.recv();
+            if let Err(e) = store::checkpoint(log.connection()) {
+                crate::log::warn(&format!("final checkpoint failed: {e}"));
+            }
+        })?
+    };
+    let checkpoints = {
+        let app = app.clone();
+        thread::Builder::new()
+            .name("checkpoint".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let _ended = ended_tx;
+                checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
+            })?
+    };
+    Ok((writer, Some(checkpoints)))
 }
 
 /// The front door the HTTP layer hands requests to: admission by the API, then the lane's
@@ -282,7 +393,10 @@ struct Running {
     pool: Pool,
     done: Receiver<()>,
     writer: JoinHandle<()>,
-    checkpoints: JoinHandle<()>,
+    /// SQLite's checkpoint thread.
+    checkpoints: Option<JoinHandle<()>>,
+    /// The catch-up and listening threads of a node sharing its database.
+    catch_up: Option<[JoinHandle<()>; 2]>,
     timer: JoinHandle<()>,
     tasks: Sender<Task>,
 }
@@ -365,14 +479,23 @@ impl ServerHandle {
         self.app.runtime.stop_writer();
         let writer = running.writer.join().err();
         // The writer's end stopped the checkpoint thread (it waited for it).
-        let checkpoints = running.checkpoints.join().err();
+        let checkpoints = running.checkpoints.and_then(|t| t.join().err());
+        // After the writer: its last commits may queue reads for the catch-up thread.
+        #[cfg(feature = "postgres")]
+        self.app.runtime.catch_up(api::catch_up::CatchUp::Stop);
+        let catch_up = running
+            .catch_up
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.join().err())
+            .next();
         for _ in 0..self.app.config.workers {
             let _ = running.tasks.send(Task::Stop);
         }
         let workers = running.pool.join();
         self.app.runtime.poke_timer();
         let timer = running.timer.join().err();
-        writer.or(checkpoints).or(workers).or(timer)
+        writer.or(checkpoints).or(catch_up).or(workers).or(timer)
     }
 }
 

@@ -25,6 +25,8 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 
+#[cfg(feature = "postgres")]
+use super::catch_up::CatchUp;
 use super::error::{Api, Failure};
 use super::longpoll::{self, Polled};
 use super::sse::{self, Messages, Sse};
@@ -82,6 +84,11 @@ pub struct Runtime {
     pub(crate) registry: Registry<Parked>,
     /// Stamps the timeout answers.
     clock: Arc<Clock>,
+    /// Categories whose waiters wait behind events committed by another node, with the
+    /// newest sequence number known: the catch-up thread reads them from the store. Unset
+    /// with one node, whose writer registers every event in order.
+    #[cfg(feature = "postgres")]
+    catch_up: std::sync::OnceLock<Sender<CatchUp>>,
     /// Set once shutdown has begun.
     stopping: AtomicBool,
     /// What the last look for clients that went away found.
@@ -115,6 +122,8 @@ impl Runtime {
             timer,
             registry,
             clock,
+            #[cfg(feature = "postgres")]
+            catch_up: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             last_look: Mutex::new(None),
         }
@@ -128,6 +137,21 @@ impl Runtime {
     /// Marks shutdown as begun: in-process publishes are refused from now on.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Hands what the catch-up thread is to do to `queue` from now on: other nodes write
+    /// to the database too.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn share(&self, queue: Sender<CatchUp>) {
+        let _ = self.catch_up.set(queue);
+    }
+
+    /// Queues `due` for the catch-up thread, if there is one.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn catch_up(&self, due: CatchUp) {
+        if let Some(queue) = self.catch_up.get() {
+            let _ = queue.send(due);
+        }
     }
 
     /// Pokes the timer thread (to re-read its deadlines, or to see that it must stop).
@@ -196,8 +220,9 @@ impl Runtime {
                     }
                     Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
                     Err(e) => {
-                        crate::log::error(&format!("long-poll read failed: {e}"));
-                        return parked.fail(&Failure::StreamUnreadable);
+                        let failure =
+                            Failure::from_store(&e, "long-poll read", Failure::StreamUnreadable);
+                        return parked.fail(&failure);
                     }
                 };
             }
@@ -284,6 +309,30 @@ impl Runtime {
             }
             released
         });
+    }
+
+    /// Registers `events` of `category`, adding the waiters they wake to `woken`. Events
+    /// that do not follow on from memory (another node committed some between) go to
+    /// the catch-up queue by their last sequence number, to be read from the store.
+    pub(crate) fn publish(
+        &self,
+        category: &str,
+        events: &[Arc<Event>],
+        woken: &mut Vec<Woken<Parked>>,
+    ) {
+        match self.registry.publish(category, events, Parked::resident) {
+            Some(more) => woken.extend(more),
+            None => {
+                let last = events.last().map_or(0, |e| e.seq);
+                #[cfg(feature = "postgres")]
+                if self.catch_up.get().is_some() {
+                    return self.catch_up(CatchUp::Behind(category.into(), last));
+                }
+                crate::log::error(&format!(
+                    "events of {category} up to {last} do not follow on from memory"
+                ));
+            }
+        }
     }
 
     /// Answers woken waiters, spread over workers. Streams take their events here, in
@@ -411,14 +460,10 @@ impl Runtime {
     /// hears of the commit, so a poll sent after a 200 sees them; the writers' answers are
     /// queued before the waiters' (which may be thousands).
     pub(crate) fn committed(&self, committed: Committed) {
-        let woken: Vec<_> = committed
-            .appended
-            .iter()
-            .flat_map(|appended| {
-                self.registry
-                    .publish(&appended.stream, &appended.events, Parked::resident)
-            })
-            .collect();
+        let mut woken = Vec::new();
+        for appended in &committed.appended {
+            self.publish(&appended.stream, &appended.events, &mut woken);
+        }
         let mut replies = committed.replies.into_iter().peekable();
         while replies.peek().is_some() {
             let chunk: Vec<_> = replies.by_ref().take(COMMIT_CHUNK).collect();

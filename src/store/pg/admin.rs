@@ -29,9 +29,19 @@ fn summary(r: &Row) -> (StreamSummary, i64) {
 
 /// The consumers of stream `$1` with their offsets and lag, by consumer and event name;
 /// each lag counts through the `events_by_name` index.
-const CONSUMERS: &str = "SELECT o.consumer, o.name, o.seq, (SELECT count(*) \
+pub(super) const CONSUMERS: &str = "SELECT o.consumer, o.name, o.seq, (SELECT count(*) \
      FROM events e WHERE e.stream_id = o.stream_id AND e.name = o.name AND e.seq > o.seq) \
      FROM offsets o WHERE o.stream_id = $1 ORDER BY o.consumer COLLATE \"C\", o.name COLLATE \"C\"";
+
+/// A row of [`CONSUMERS`].
+pub(super) fn consumer_offset(r: &Row) -> ConsumerOffset {
+    ConsumerOffset {
+        consumer: r.get(0),
+        event_name: r.get(1),
+        offset: r.get::<_, i64>(2) as u64,
+        lag: r.get::<_, i64>(3) as u64,
+    }
+}
 
 impl Database {
     /// Adds `user` with the given password hash and stream patterns, or replaces all three
@@ -61,6 +71,21 @@ impl Database {
             true => Added::Created,
             false => Added::Replaced,
         })
+    }
+
+    /// Adds `user` with the given password hash, allowed every stream, if there is no user
+    /// yet; false if there is one. Of two nodes doing this at once, both may find no user,
+    /// but the second's insert waits for the first's on the name's unique index and then
+    /// does nothing.
+    pub fn add_first_user(&mut self, user: &str, hash: &str) -> Result<bool, PgError> {
+        let created_ms = i64::try_from(wall_ms()).unwrap_or(i64::MAX);
+        let added = self.client.execute(
+            "INSERT INTO users (name, hash, produce, consume, created_ms)
+             SELECT $1, $2, '*', '*', $3 WHERE NOT EXISTS (SELECT 1 FROM users)
+             ON CONFLICT (name) DO NOTHING",
+            &[&user, &hash, &created_ms],
+        )?;
+        Ok(added == 1)
     }
 
     /// All users as (name, produce patterns, consume patterns), sorted by name (bytewise,
@@ -115,15 +140,7 @@ impl Database {
         Ok(Some(StreamDetail {
             summary,
             first_ms: first_ms as u64,
-            consumers: consumers
-                .iter()
-                .map(|r| ConsumerOffset {
-                    consumer: r.get(0),
-                    event_name: r.get(1),
-                    offset: r.get::<_, i64>(2) as u64,
-                    lag: r.get::<_, i64>(3) as u64,
-                })
-                .collect(),
+            consumers: consumers.iter().map(consumer_offset).collect(),
             held: held
                 .iter()
                 .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))

@@ -15,6 +15,9 @@
 //! the stream's last). Taking the locks in one order (names sorted) means two batches
 //! touching the same streams never wait on each other in a cycle: no deadlock, whatever
 //! the order of their appends.
+//!
+//! Before it commits, a batch announces each stream it appended to, with its newest
+//! sequence number, to every node's listener ([`super::listen`]); they hear it at the commit.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -60,11 +63,22 @@ struct StreamRow {
 /// nothing.
 pub fn commit(client: &mut Client, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
     let mut tx = client.transaction()?;
+    let outcomes = apply(&mut tx, batch, ts)?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// Appends `batch` inside `tx`, which commits it with whatever else it holds.
+pub(super) fn apply(
+    tx: &mut Transaction<'_>,
+    batch: &[Append<'_>],
+    ts: u64,
+) -> Result<Vec<Outcome>, PgError> {
     // In name order (a BTreeSet's), so that batches never wait on each other in a cycle.
     let names: BTreeSet<&str> = batch.iter().map(|a| a.stream).collect();
     let mut streams = HashMap::with_capacity(names.len());
     for name in names {
-        streams.insert(name, lock(&mut tx, name, ts)?);
+        streams.insert(name, lock(tx, name, ts)?);
     }
     let mut outcomes = Vec::with_capacity(batch.len());
     // The stream of each stored event, in order.
@@ -104,7 +118,8 @@ pub fn commit(client: &mut Client, batch: &[Append<'_>], ts: u64) -> Result<Vec<
             &rows.data,
         ],
     )?;
-    for stream in streams.values().filter(|s| s.appended) {
+    for (name, stream) in streams.iter().filter(|(_, s)| s.appended) {
+        super::listen::notify(tx, name, stream.last_seq as u64)?;
         tx.execute(
             "UPDATE streams SET owner = $2, last_seq = $3, last_ms = $4 WHERE id = $1",
             &[
@@ -115,7 +130,6 @@ pub fn commit(client: &mut Client, batch: &[Append<'_>], ts: u64) -> Result<Vec<
             ],
         )?;
     }
-    tx.commit()?;
     Ok(outcomes)
 }
 
