@@ -7,7 +7,6 @@
 //! [`TestServer`] is two nodes in process on a fresh database of one PostgreSQL cluster
 //! shared by the test process, and its requests alternate between them: the contract tests
 //! of both APIs then check that every contract holds whichever node each request reaches.
-//! A test that cannot mean anything on two nodes says why with [`sqlite_only`].
 
 mod api;
 mod chromium;
@@ -70,19 +69,6 @@ impl Nodes {
         });
         selected.clone().unwrap_or_else(|why| panic!("{why}"))
     }
-}
-
-/// Whether this test means anything only on one SQLite server; if so, and two nodes on
-/// PostgreSQL are [`Nodes::selected`], says on stderr that the test is skipped and why.
-/// Use as `if sqlite_only("why") { return; }`.
-pub fn sqlite_only(why: &str) -> bool {
-    let skip = Nodes::selected() == Nodes::TwoOnPostgres;
-    if skip {
-        let thread = std::thread::current();
-        let test = thread.name().unwrap_or("a test");
-        eprintln!("SKIPPED {test} on two nodes: {why}");
-    }
-    skip
 }
 
 /// A running server on a temporary database: one, or two nodes (see [`Nodes`]).
