@@ -111,13 +111,8 @@ impl TestServer {
             Nodes::TwoOnPostgres => {
                 let thread = std::thread::current();
                 let test = thread.name().unwrap_or("a two-node test server");
-                let database = Database::fresh_or_skip(test).expect("two nodes need PostgreSQL");
-                let url = PathBuf::from(database.url());
-                let storage = Storage {
-                    database: Some(database),
-                    _dir: dir,
-                };
-                TestServer::on(url, 2, storage, adjust)
+                let two = TestServer::two_nodes_with(test, adjust);
+                two.expect("two nodes need PostgreSQL")
             }
             #[cfg(not(feature = "postgres"))]
             Nodes::TwoOnPostgres => unreachable!("selected only with the feature"),
@@ -128,13 +123,19 @@ impl TestServer {
     /// [`Nodes::selected`] says; `None` as for [`Postgres::shared_or_skip`].
     #[cfg(feature = "postgres")]
     pub fn two_nodes_or_skip(test: &str) -> Option<TestServer> {
+        TestServer::two_nodes_with(test, |_| {})
+    }
+
+    /// Like [`TestServer::two_nodes_or_skip`], after `adjust` has changed the config.
+    #[cfg(feature = "postgres")]
+    fn two_nodes_with(test: &str, adjust: impl FnOnce(&mut Config)) -> Option<TestServer> {
         let database = Database::fresh_or_skip(test)?;
         let url = PathBuf::from(database.url());
         let storage = Storage {
             database: Some(database),
             _dir: tempfile::tempdir().expect("temp dir"),
         };
-        Some(TestServer::on(url, 2, storage, |_| {}))
+        Some(TestServer::on(url, 2, storage, adjust))
     }
 
     /// Two nodes on the PostgreSQL database at `url`, which the caller owns.
