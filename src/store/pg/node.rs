@@ -26,7 +26,14 @@ use crate::store::writer::{Job, Log, Outcome, WriteError};
 pub struct Connection {
     url: String,
     db: Option<Database>,
+    /// When the connection last answered.
+    used: Option<Instant>,
 }
+
+/// A connection idle this long is checked (an empty query) before it is used: the
+/// database may have restarted meanwhile, which the connection only finds out when used,
+/// and the first call after the restart would fail on it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl Connection {
     /// A connection to the database `url` names, not opened yet.
@@ -34,6 +41,7 @@ impl Connection {
         Connection {
             url: url.to_owned(),
             db: None,
+            used: None,
         }
     }
 
@@ -43,11 +51,18 @@ impl Connection {
         &mut self,
         call: impl FnOnce(&mut Database) -> Result<T, PgError>,
     ) -> Result<T, StoreError> {
+        if let Some(db) = &mut self.db
+            && self.used.is_none_or(|at| at.elapsed() >= IDLE_CHECK)
+            && !db.is_valid()
+        {
+            self.db = None;
+        }
         let db = match &mut self.db {
             Some(db) => db,
             None => self.db.insert(Database::open(&self.url)?),
         };
         let result = call(db);
+        self.used = Some(Instant::now());
         // A server going down answers the call in flight (57P01) before it closes the
         // connection: let go of it then too, or the next call fails on it once more.
         if db.is_closed() || result.as_ref().is_err_and(PgError::is_unavailable) {
