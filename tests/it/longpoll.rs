@@ -233,7 +233,7 @@ impl Conn {
 fn publish_many(server: &TestServer, category: &str, n: usize, conns: usize) {
     let threads: Vec<JoinHandle<()>> = (0..conns)
         .map(|t| {
-            let addr = server.addr;
+            let addr = server.next_addr();
             let category = category.to_owned();
             std::thread::spawn(move || {
                 let mut conn = Conn::open(addr);
@@ -280,7 +280,7 @@ impl Poll {
 
 fn wait_parked(server: &TestServer, n: usize, within: Duration) {
     wait_until(within, &format!("{n} parked long-polls"), || {
-        server.handle().parked() == n
+        server.parked() == n
     });
 }
 
@@ -295,7 +295,7 @@ fn resuming_subscribers(
     go: &Arc<Barrier>,
 ) -> Vec<JoinHandle<(Vec<u64>, usize)>> {
     let spawn = |_| {
-        let (addr, go, category) = (server.addr, go.clone(), category.to_owned());
+        let (addr, go, category) = (server.next_addr(), go.clone(), category.to_owned());
         std::thread::Builder::new()
             .stack_size(POLLER_STACK)
             .spawn(move || {
@@ -464,7 +464,7 @@ fn subscribe_errors_are_byte_exact_and_checked_in_order() {
         let resp = server.req("POST", &format!("/events?{query}")).send();
         assert_sub_error(&resp, body, &format!("POST {query}"));
     }
-    assert_eq!(server.handle().parked(), 0, "no error parks");
+    assert_eq!(server.parked(), 0, "no error parks");
 }
 
 #[test]
@@ -780,11 +780,7 @@ fn max_batch_caps_one_answer_and_the_next_poll_continues() {
     let poll = Poll::start(server.addr, &resume_query("b", 30, second.last()));
     wait_parked(&server, 1, Duration::from_secs(10));
     publish_many(&server, "other", 1, 1);
-    assert_eq!(
-        server.handle().parked(),
-        1,
-        "another category does not wake it"
-    );
+    assert_eq!(server.parked(), 1, "another category does not wake it");
     // Up to 5 events in one commit; whatever the grouping, one answer holds at most 3.
     let before = all_events(&server, "b").len();
     assert_eq!(before, 5);
@@ -836,7 +832,7 @@ fn a_parked_poll_wakes_on_publish() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].data, json!({"hello": "world"}));
     assert_eq!(events[0].category, "w");
-    assert_eq!(server.handle().parked(), 0);
+    assert_eq!(server.parked(), 0);
 }
 
 #[test]
@@ -867,7 +863,7 @@ fn a_thousand_parked_polls_are_all_answered_by_one_event() {
         slowest < Duration::from_secs(10),
         "all answered promptly; slowest after {slowest:?}"
     );
-    assert_eq!(server.handle().parked(), 0);
+    assert_eq!(server.parked(), 0);
 }
 
 #[test]
@@ -987,7 +983,7 @@ fn timeouts_are_on_time_while_a_thousand_polls_leave_the_workers_free() {
             answered.saturating_duration_since(all_parked + timeout)
         );
     }
-    assert_eq!(server.handle().parked(), 0);
+    assert_eq!(server.parked(), 0);
 }
 
 #[test]
@@ -1000,7 +996,7 @@ fn the_parked_cap_answers_503_beyond_it() {
     let resp = subscribe(&server, "timeout=100&category=cap");
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert!(resp.json().get("error").is_some(), "{}", resp.text());
-    assert_eq!(server.handle().parked(), 5);
+    assert_eq!(server.parked(), 5);
     // Released slots can be parked in again.
     publish_ok(&server, "cap", &json!("free"));
     for poll in polls {
@@ -1076,8 +1072,7 @@ fn many_subscribers_re_polling_get_every_event_exactly_once() {
         assert_eq!(resp.text(), PUBLISHED);
         if i % 10 == 0 {
             let parked = Instant::now();
-            while server.handle().parked() < SUBSCRIBERS / 2
-                && parked.elapsed() < Duration::from_millis(200)
+            while server.parked() < SUBSCRIBERS / 2 && parked.elapsed() < Duration::from_millis(200)
             {
                 std::thread::yield_now();
             }
@@ -1413,7 +1408,7 @@ fn streams_api_long_poll_wakes_only_for_its_event_name() {
         .header("X-Producer-ID", "p1")
         .send();
     assert_eq!(resp.text(), PUBLISHED);
-    assert_eq!(server.handle().parked(), 1, "still waiting");
+    assert_eq!(server.parked(), 1, "still waiting");
     let published = Instant::now();
     let id = append_ok(&server, "lw", "p1", &streams_event("wanted"));
     let (resp, answered) = waiter.join().unwrap();
@@ -1476,7 +1471,7 @@ fn missing_or_wrong_credentials_get_401_with_a_challenge() {
             );
         }
     }
-    assert_eq!(server.handle().parked(), 0);
+    assert_eq!(server.parked(), 0);
     timeout_stamp(&subscribe(&server, "timeout=1&category=a&since_time=0"));
 }
 
@@ -1583,7 +1578,7 @@ fn a_poll_whose_client_half_closes_is_released_and_answered() {
         .unwrap();
     let resp = read_response(&mut BufReader::new(stream)).expect("the answer, released");
     timeout_stamp(&resp);
-    assert_eq!(server.handle().parked(), 0);
+    assert_eq!(server.parked(), 0);
 }
 
 /// A client whose poll has been parked a while, that resets its connection and at once
@@ -1630,7 +1625,7 @@ fn a_client_reconnecting_from_a_reset_connections_port_is_not_held_behind_its_ol
     new.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let resp = read_response(&mut BufReader::new(new)).expect("an answer on the new connection");
     assert_eq!(resp.status, 200, "{}", resp.text());
-    assert_eq!(server.handle().parked(), 0);
+    assert_eq!(server.parked(), 0);
 }
 
 /// A server too busy to queue a long-poll request refuses it with 503 in golongpoll's error

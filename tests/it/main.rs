@@ -8,6 +8,8 @@ mod checkpoint;
 mod crash;
 mod embedded;
 mod longpoll;
+#[cfg(feature = "postgres")]
+mod nodes;
 mod pg;
 mod props;
 mod proxy;

@@ -1177,11 +1177,7 @@ fn storage_failures_answer_500_without_internals() {
     let server = TestServer::start();
     let id = append_ok(&server, "doomed", "p", &event("E"));
     // Break the store behind the server's back (users stay, so requests authenticate).
-    let conn = rusqlite::Connection::open(&server.db).expect("open the database");
-    conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute_batch("DROP TABLE offsets; DROP TABLE events;")
-        .expect("drop tables");
-    drop(conn);
+    server.execute_sql("DROP TABLE offsets; DROP TABLE events;");
     let db_path = server.db.to_string_lossy().into_owned();
     let answers = [
         ("append", append(&server, "doomed", "p", &event("E"))),
@@ -1223,8 +1219,9 @@ fn racing_producers_on_a_new_stream_exactly_one_wins() {
         let threads: Vec<_> = (0..PRODUCERS)
             .map(|i| {
                 let body = ev_with("Claim", json!({ "producer": i }));
-                let bytes = append_req(&server, &stream, &format!("producer-{i}"), &body).bytes();
-                let (barrier, addr) = (barrier.clone(), server.addr);
+                let addr = server.next_addr();
+                let bytes = append_req(addr, &stream, &format!("producer-{i}"), &body).bytes();
+                let barrier = barrier.clone();
                 thread::spawn(move || {
                     let mut conn = TcpStream::connect(addr).expect("connect");
                     conn.set_read_timeout(Some(Duration::from_secs(20)))

@@ -22,9 +22,10 @@ impl Target for SocketAddr {
     }
 }
 
+/// Each request to a [`TestServer`] goes to its next node in turn.
 impl Target for &TestServer {
     fn addr(&self) -> SocketAddr {
-        self.addr
+        self.next_addr()
     }
 }
 

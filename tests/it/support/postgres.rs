@@ -1,6 +1,10 @@
-//! A throwaway PostgreSQL cluster (Debian's `postgresql` package) for one test: `initdb`
-//! into a temporary directory, a server on a free port of 127.0.0.1 with its unix socket in
-//! that directory, stopped (`pg_ctl stop -m immediate`) and removed when dropped.
+//! A throwaway PostgreSQL cluster (Debian's `postgresql` package): `initdb` into a
+//! temporary directory, a server on a free port of 127.0.0.1 with its unix socket in that
+//! directory, stopped (`pg_ctl stop -m immediate`) and removed when dropped. One test
+//! starts one of its own ([`Postgres::start_or_skip`]) when it stops or restarts the server;
+//! the others share the test process's cluster ([`Postgres::shared_or_skip`]), a database
+//! each ([`Database`]): `initdb` and a start cost most of a second, a database a few
+//! milliseconds.
 //!
 //! PostgreSQL refuses to run as root, and CI runs as root: then every PostgreSQL program
 //! runs through `runuser -u postgres` (the account Debian's package creates; `nobody` where
@@ -9,8 +13,11 @@
 //! node would; `psql` connects over the socket, where the cluster trusts local users.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A running cluster, stopped and removed on drop.
 pub struct Postgres {
@@ -19,6 +26,8 @@ pub struct Postgres {
     run_as: Option<String>,
     port: u16,
     dir: tempfile::TempDir,
+    /// The shared cluster's reaper, whose stdin is the pipe it waits on.
+    _reaper: Option<Child>,
 }
 
 impl Postgres {
@@ -31,16 +40,22 @@ impl Postgres {
     /// installed and this is not CI (in CI, where `.ci/run` installs it, its absence fails
     /// the test).
     pub fn start_or_skip(test: &str) -> Option<Postgres> {
-        let Some(bin) = bin_dir() else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: PostgreSQL is not installed (CI must install it: apt-get install \
-                 postgresql)"
-            );
-            eprintln!("SKIPPED {test}: PostgreSQL is not installed (apt-get install postgresql)");
-            return None;
-        };
-        Some(Postgres::start(bin))
+        match bin_dir() {
+            Some(bin) => Some(Postgres::start(bin)),
+            None => not_installed(test),
+        }
+    }
+
+    /// The cluster every test of this process shares, started on first use; `None` as for
+    /// [`Postgres::start_or_skip`]. A static is never dropped, so a reaper process stops and
+    /// removes the cluster once the test process has exited, however it exits.
+    pub fn shared_or_skip(test: &str) -> Option<&'static Postgres> {
+        static SHARED: OnceLock<Option<Postgres>> = OnceLock::new();
+        let shared = SHARED.get_or_init(|| bin_dir().map(|bin| Postgres::start(bin).reaped()));
+        match shared {
+            Some(cluster) => Some(cluster),
+            None => not_installed(test),
+        }
     }
 
     fn start(bin: PathBuf) -> Postgres {
@@ -64,6 +79,7 @@ impl Postgres {
             run_as,
             port: 0,
             dir,
+            _reaper: None,
         };
         let data = cluster.data();
         cluster.run(
@@ -85,38 +101,89 @@ impl Postgres {
         // Another process may take the free port before the server binds it: try again.
         for attempt in 1.. {
             cluster.port = free_port();
-            let options = format!(
-                "-c listen_addresses=127.0.0.1 -p {} -k {}",
-                cluster.port,
-                cluster.dir.path().display()
-            );
-            let log = cluster.dir.path().join("postgres.log");
-            let started = cluster.output(
-                "pg_ctl",
-                &[
-                    "start".as_ref(),
-                    "-w".as_ref(),
-                    "-t".as_ref(),
-                    "60".as_ref(),
-                    "-D".as_ref(),
-                    data.as_os_str(),
-                    "-l".as_ref(),
-                    log.as_os_str(),
-                    "-o".as_ref(),
-                    options.as_ref(),
-                ],
-            );
+            let started = cluster.pg_ctl_start();
             if started.status.success() {
                 break;
             }
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
-            assert!(
-                attempt < 5,
-                "PostgreSQL did not start: {}\n{log}",
-                String::from_utf8_lossy(&started.stderr)
-            );
+            assert!(attempt < 5, "{}", cluster.start_failure(&started));
         }
         cluster
+    }
+
+    /// `pg_ctl start` on the cluster's port, waiting until it accepts connections.
+    fn pg_ctl_start(&self) -> Output {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        self.output(
+            "pg_ctl",
+            &[
+                "start".as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                "60".as_ref(),
+                "-D".as_ref(),
+                self.data().as_os_str(),
+                "-l".as_ref(),
+                self.log().as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+            ],
+        )
+    }
+
+    /// What a failed `pg_ctl start` said, with the server's log.
+    fn start_failure(&self, started: &Output) -> String {
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        format!(
+            "PostgreSQL did not start: {}\n{log}",
+            String::from_utf8_lossy(&started.stderr)
+        )
+    }
+
+    /// Stops the server (`pg_ctl stop -m MODE`: `fast` or `immediate`) and waits until it
+    /// is gone; its data stay, for [`Postgres::restart`].
+    pub fn stop(&self, mode: &str) {
+        self.run("pg_ctl", &self.stop_args(mode));
+    }
+
+    /// Starts the stopped server again on the same port and data.
+    pub fn restart(&self) {
+        let started = self.pg_ctl_start();
+        assert!(started.status.success(), "{}", self.start_failure(&started));
+    }
+
+    /// The arguments of `pg_ctl stop -m MODE`, waiting.
+    fn stop_args(&self, mode: &str) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::from(["stop", "-m", mode, "-w", "-D"].map(Into::into));
+        args.push(self.data().into());
+        args
+    }
+
+    /// Hands the cluster to a reaper: a shell in a process group of its own (so that a ^C
+    /// to the tests does not end it first) that waits for the end of a pipe only this
+    /// process holds, then stops the server and removes its directory.
+    fn reaped(mut self) -> Postgres {
+        let mut stop = self.command("pg_ctl");
+        stop.args(self.stop_args("immediate"));
+        let mut reaper = Command::new("sh");
+        reaper
+            .args([
+                "-c",
+                "cat >/dev/null; \"$@\"; rm -rf \"$CLUSTER\"",
+                "reaper",
+            ])
+            .arg(stop.get_program())
+            .args(stop.get_args())
+            .env("CLUSTER", self.dir.path())
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self._reaper = Some(reaper.spawn().expect("spawn the cluster's reaper"));
+        self
     }
 
     /// The URL of `database` on this cluster, with the superuser's name and password.
@@ -167,8 +234,12 @@ impl Postgres {
         self.dir.path().join("data")
     }
 
-    /// Runs the PostgreSQL program `program` as the cluster's account.
-    fn output(&self, program: &str, args: &[&std::ffi::OsStr]) -> Output {
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// The PostgreSQL program `program`, to run as the cluster's account.
+    fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
         let mut cmd = match &self.run_as {
             Some(account) => {
@@ -178,15 +249,21 @@ impl Postgres {
             }
             None => Command::new(&path),
         };
-        cmd.args(args)
-            .current_dir(self.dir.path())
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Runs the PostgreSQL program `program` as the cluster's account.
+    fn output(&self, program: &str, args: &[impl AsRef<std::ffi::OsStr>]) -> Output {
+        self.command(program)
+            .args(args)
             .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("run {}: {e}", path.display()))
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
     }
 
     /// Like [`Postgres::output`], failing the test unless the program succeeds.
-    fn run(&self, program: &str, args: &[&std::ffi::OsStr]) {
+    fn run(&self, program: &str, args: &[impl AsRef<std::ffi::OsStr>]) {
         let out = self.output(program, args);
         assert!(
             out.status.success(),
@@ -199,19 +276,8 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let data = self.data();
         // Nothing of the cluster is kept, so it need not shut down cleanly.
-        let stopped = self.output(
-            "pg_ctl",
-            &[
-                "stop".as_ref(),
-                "-m".as_ref(),
-                "immediate".as_ref(),
-                "-w".as_ref(),
-                "-D".as_ref(),
-                data.as_os_str(),
-            ],
-        );
+        let stopped = self.output("pg_ctl", &self.stop_args("immediate"));
         if !stopped.status.success() {
             eprintln!(
                 "pg_ctl stop failed: {}",
@@ -219,6 +285,51 @@ impl Drop for Postgres {
             );
         }
     }
+}
+
+/// A database of its own on the shared cluster, dropped (with whatever still connects to
+/// it) when this is.
+pub struct Database {
+    cluster: &'static Postgres,
+    name: String,
+}
+
+impl Database {
+    /// A fresh database on the shared cluster; `None` as for [`Postgres::start_or_skip`].
+    pub fn fresh_or_skip(test: &str) -> Option<Database> {
+        static CREATED: AtomicUsize = AtomicUsize::new(0);
+        let cluster = Postgres::shared_or_skip(test)?;
+        let name = format!("test{}", CREATED.fetch_add(1, Ordering::Relaxed));
+        cluster.database(&name);
+        Some(Database { cluster, name })
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        self.cluster.url(&self.name)
+    }
+
+    /// Runs `sql` in it, as [`Postgres::psql`] does.
+    pub fn psql(&self, sql: &str) -> String {
+        self.cluster.psql(&self.name, sql)
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let drop = format!("DROP DATABASE \"{}\" WITH (FORCE)", self.name);
+        self.cluster.psql("postgres", &drop);
+    }
+}
+
+/// Skips a test for want of PostgreSQL, or fails it in CI, where it must be installed.
+fn not_installed<T>(test: &str) -> Option<T> {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: PostgreSQL is not installed (CI must install it: apt-get install postgresql)"
+    );
+    eprintln!("SKIPPED {test}: PostgreSQL is not installed (apt-get install postgresql)");
+    None
 }
 
 /// The directory of PostgreSQL's server programs: Debian's newest
