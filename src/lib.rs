@@ -1,6 +1,7 @@
 //! eventserver: a small, fast, durable HTTP event server.
 //!
-//! Two HTTP APIs over one append-only log per stream in SQLite: the streams API
+//! Two HTTP APIs over one append-only log per stream, in SQLite (or, with the `postgres`
+//! feature, in a PostgreSQL database several nodes share): the streams API
 //! (`/api/v1/streams/<stream>/events…`: one producer per stream, consumers with server-kept
 //! offsets, cumulative ACKs) and golongpoll's long-poll API (`/events`, `/publish`). A
 //! category and a stream are the same thing.
@@ -51,10 +52,15 @@
 //! `longpoll::Registry` until a commit wakes it from memory or the timer thread answers it
 //! at its deadline.
 //!
+//! Nodes sharing a PostgreSQL database add two threads each: `listen` hears every node's
+//! appends (the database's notifications), and `catch-up` reads, once per woken
+//! category, the events other nodes committed and registers them as if its own writer had,
+//! so polls parked on any node are answered from memory.
+//!
 //! # Invariants
 //!
 //! - A 200 to a producer means the event is committed to disk (`synchronous=FULL` unless
-//!   configured otherwise).
+//!   configured otherwise; on PostgreSQL, `synchronous_commit` at least `on`).
 //! - No lock is held across I/O: the registry hands replies out and they are answered after
 //!   the lock is released, on worker threads.
 //! - Checking for events and parking are one critical section against the category's

@@ -70,7 +70,7 @@ macro_rules! on_engine {
         match $reader {
             Reader::Sqlite($r) => $read,
             #[cfg(feature = "postgres")]
-            Reader::Pg(conn) => conn.borrow_mut().with(|$r| $read),
+            Reader::Pg(conn) => conn.borrow_mut().read(|$r| $read),
         }
     };
 }
@@ -84,7 +84,7 @@ impl Reader {
             let url = db.to_str().ok_or(StoreError::NotUtf8(db.to_owned()))?;
             let mut conn = super::pg::Connection::new(url);
             // Connect now, so a node that cannot reach its database fails at start.
-            conn.with(|_| Ok(()))?;
+            conn.read(|_| Ok(()))?;
             return Ok(Reader::Pg(Box::new(std::cell::RefCell::new(conn))));
         }
         Ok(Reader::Sqlite(Sqlite::open(db)?))

@@ -537,9 +537,6 @@ fn restarting_postgresql_under_load_answers_503_at_once_and_recovers_losing_noth
 }
 
 #[test]
-#[ignore = "server bug: after a PostgreSQL restart each worker's read connection is dead \
-            and answers its first read 503 before reconnecting, while writes and /healthz \
-            are 200 again"]
 fn once_postgresql_is_back_every_read_answers_200() {
     let test = "once_postgresql_is_back_every_read_answers_200";
     let Some(mut outage) = Outage::start(test) else {
@@ -565,9 +562,6 @@ fn once_postgresql_is_back_every_read_answers_200() {
 }
 
 #[test]
-#[ignore = "server bug: after a PostgreSQL restart the catch-up thread's first read fails on \
-            its dead connection ('catching up with … failed') and that wake-up is dropped, so \
-            the poll waits until its deadline"]
 fn a_poll_parked_through_a_postgresql_restart_is_woken_by_an_append_through_the_other_node() {
     let test =
         "a_poll_parked_through_a_postgresql_restart_is_woken_by_an_append_through_the_other_node";

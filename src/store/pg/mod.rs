@@ -152,6 +152,11 @@ impl Database {
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
     }
+
+    /// Whether the connection answers an empty query within the connect timeout.
+    pub fn is_valid(&mut self) -> bool {
+        self.client.is_valid(CONNECT_TIMEOUT).is_ok()
+    }
 }
 
 /// A failure of the PostgreSQL store; its message is for logs and operators, never for

@@ -1,16 +1,22 @@
 //! A node's two kinds of connection to the shared database, as the server uses them: the
 //! writer's [`Log`] (the same loop as SQLite's, applying each batch with
-//! [`Database::write`]) and a worker's reads (a [`Connection`] in `store::Reader`). Both reconnect by themselves.
+//! [`Database::write`]) and a worker's reads (a [`Connection`] in `store::Reader`). Both
+//! reconnect by themselves.
 //!
 //! # When PostgreSQL goes away
 //!
 //! A connection the server closed or that broke fails every later call, and the postgres
-//! crate says so (`is_closed`). The next call after that opens a new connection, which
-//! takes one attempt of at most the connect timeout (a second, or the URL's
-//! `connect_timeout`): a database that is down refuses at once, so each write and each read
-//! that needs it fails within about that second, and answers 503 ([`PgError::is_unavailable`]),
-//! and the first call after the database is back goes through. Nothing is retried inside:
-//! a batch that failed is answered as failed, and its producers retry.
+//! crate says so (`is_closed`, or an error saying the server is shutting down). The next
+//! call after that opens a new connection, which takes one attempt of at most the connect
+//! timeout (a second, or the URL's `connect_timeout`): a database that is down refuses at
+//! once, so each write and each read that needs it fails within about that second, and
+//! answers 503 ([`PgError::is_unavailable`]), and the first call after the database is
+//! back goes through. A connection that sat idle through a restart does not know it is
+//! dead until used: a read that fails on such a connection runs once more on a new one,
+//! and the writer checks its connection with an empty query before each batch (a round
+//! trip beside the batch's commit). A write is never retried: a batch that failed is
+//! answered as failed, and its producers retry. `nodes::restarting_postgresql_*` (in `tests/it/nodes.rs`) stop and start the
+//! database under load.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,9 +43,39 @@ impl Connection {
         }
     }
 
+    /// Runs `call`, which only reads, on the open connection, opening one first if there is
+    /// none. A connection opened before may have died unseen (the database restarted
+    /// while it sat idle): if the call fails on it for that, it runs once more on a new one.
+    pub fn read<T>(
+        &mut self,
+        mut call: impl FnMut(&mut Database) -> Result<T, PgError>,
+    ) -> Result<T, StoreError> {
+        let reused = self.db.is_some();
+        match self.with(&mut call) {
+            Err(StoreError::Pg(e)) if reused && e.is_unavailable() => self.with(call),
+            done => done,
+        }
+    }
+
+    /// Runs `call`, which may write, on the open connection, opening one first if there is
+    /// none, and checking first with an empty query that one opened before is still
+    /// there: a write must not be run twice, so it is not retried, and must not fail on a
+    /// connection that died unseen.
+    pub fn write<T>(
+        &mut self,
+        call: impl FnOnce(&mut Database) -> Result<T, PgError>,
+    ) -> Result<T, StoreError> {
+        if let Some(db) = &mut self.db
+            && !db.is_valid()
+        {
+            self.db = None;
+        }
+        self.with(call)
+    }
+
     /// Runs `call` on the open connection, opening one first if there is none; a
     /// connection that broke during the call is let go, for the next call to replace.
-    pub fn with<T>(
+    fn with<T>(
         &mut self,
         call: impl FnOnce(&mut Database) -> Result<T, PgError>,
     ) -> Result<T, StoreError> {
@@ -84,7 +120,7 @@ impl Writes {
 
     /// The newest event time of any stream, where the node's clock starts.
     pub fn newest_timestamp(&mut self) -> Result<u64, StoreError> {
-        self.conn.with(Database::newest_timestamp)
+        self.conn.read(Database::newest_timestamp)
     }
 }
 
@@ -120,7 +156,7 @@ impl Log for Writes {
             }
         }
         let node = heartbeat.then_some(self.node.as_str());
-        let (stored, found) = self.conn.with(|db| db.write(&appends, &acks, node, ts))?;
+        let (stored, found) = self.conn.write(|db| db.write(&appends, &acks, node, ts))?;
         let (mut stored, mut found) = (stored.into_iter(), found.into_iter());
         // The index of each stream in the batch's list of appended streams, in the order
         // of their first event, as the commit hook expects.
@@ -158,18 +194,19 @@ impl Log for Writes {
             return None;
         }
         self.measured = Some(Instant::now());
-        let before = wall_ms();
-        let theirs = self.conn.with(|db| {
+        let measured = self.conn.read(|db| {
+            // Timed inside the call: a retry on a new connection is not part of it.
+            let before = wall_ms();
             let row = db.client.query_one(
                 "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
                 &[],
             )?;
-            Ok(row.get::<_, i64>(0))
-        });
-        let after = wall_ms();
-        match theirs {
             // The database read its clock about halfway through the round trip.
-            Ok(theirs) => Some(theirs - (before / 2 + after / 2) as i64),
+            let ours = before / 2 + wall_ms() / 2;
+            Ok(row.get::<_, i64>(0) - ours as i64)
+        });
+        match measured {
+            Ok(offset) => Some(offset),
             Err(e) => {
                 crate::log::warn(&format!("could not read the database's clock: {e}"));
                 None
@@ -192,7 +229,7 @@ impl Log for Writes {
             return;
         };
         // Another node holding the retention lock ends the run here: it is deleting.
-        match self.conn.with(|db| db.retain(&mut run, ts)) {
+        match self.conn.write(|db| db.retain(&mut run, ts)) {
             Ok(true) => self.sweep = Some(run),
             Ok(false) => {}
             Err(e) => crate::log::error(&format!("retention failed: {e}")),
