@@ -332,12 +332,12 @@ impl<R> Registry<R> {
     }
 
     /// Takes note that `category`'s events up to `seq` are committed (by another node, or
-    /// by this one's writer, whose own registration may come before or after this). A
-    /// category nobody waits on just moves its high-water mark there, forgetting a tail
-    /// that no longer reaches it, so a poll resolves its cursor from the store rather than
-    /// from stale memory, and a poll parking on an older read is sent back to the store.
-    /// `Some(hwm)` when waiters are parked behind `seq`: read the events after `hwm` from
-    /// the store and [`Registry::publish`] them.
+    /// by this one's writer, whose own registration may come before or after this).
+    /// `Some(hwm)` when memory is behind `seq` and holds something worth bringing up to
+    /// date, waiters or a tail of recent events (which resuming clients are answered
+    /// from): read the events after `hwm` from the store and [`Registry::publish`] them.
+    /// Otherwise the high-water mark just moves to `seq`, so a poll parking on an older
+    /// read of the store is sent back to it.
     #[cfg(feature = "postgres")]
     pub fn announce(&self, category: &str, seq: u64) -> Option<u64> {
         let mut inner = self.lock();
@@ -352,11 +352,10 @@ impl<R> Registry<R> {
         if cat.hwm >= seq {
             return None;
         }
-        if !cat.waiting.is_empty() {
+        if !cat.waiting.is_empty() || !cat.tail.is_empty() {
             return Some(cat.hwm);
         }
         cat.hwm = seq;
-        cat.tail.clear();
         None
     }
 

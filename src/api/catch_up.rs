@@ -6,10 +6,11 @@
 //! database's notification that a category has new events, and the registry refusing a
 //! local commit that does not follow on from memory (the other node's events lie between).
 //! This thread takes whatever is queued, keeps the newest sequence number per category,
-//! and for each category with parked polls behind it reads the events after memory's
-//! high-water mark in one query (more only when there are more than a read's limit) and
-//! publishes them: the waiters are answered from memory, never one query per poll. A
-//! category nobody waits on costs no query (`Registry::announce`).
+//! and for each category memory is behind on, with parked polls or a tail of recent events,
+//! reads the events after memory's high-water mark in one query (more only when there are
+//! more than a read's limit) and publishes them: the waiters are answered from memory,
+//! never one query per poll, and resuming clients find the tail up to date. A category
+//! memory holds nothing of costs no query (`Registry::announce`).
 //!
 //! A failed read leaves the polls parked; the next notification, or the re-check of every
 //! waited-on category ([`CatchUp::Recheck`]) that follows a reconnection of the
