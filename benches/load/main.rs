@@ -72,8 +72,8 @@
 //! medians and the ratio eventserver ÷ floor, and one JSON line (`{"scenario":
 //! "versus-floor", …}`). The figures: publish, events/s on 64 connections through
 //! `/publish` and the streams API, each against the floor's `/publish` (the only write path
-//! it serves); fanout, delivery p99 and delivered %
-//! at each `--subscribers` count; categories, delivery p99 and delivered %. For example
+//! it serves); fanout, delivery p50, p99 and delivered %
+//! at each `--subscribers` count; categories, delivery p50, p99 and delivered %. For example
 //! `-- fanout --versus-floor --subscribers 1000,9000 --rounds 3`.
 //!
 //! # Several nodes

@@ -12,8 +12,8 @@
 //! `/publish` and the streams API (`--api` picks; both by default), each against the
 //! floor's `/publish`, the only write path it serves (a ratio below 1 is what
 //! eventserver's durability and bookkeeping cost; `--streams 1` puts every connection on
-//! one stream); **fanout**, delivery p99 and delivered % at each
-//! `--subscribers` count; **categories**, delivery p99 and delivered % (for latencies a
+//! one stream); **fanout**, delivery p50, p99 and delivered % at each
+//! `--subscribers` count; **categories**, delivery p50, p99 and delivered % (for latencies a
 //! ratio above 1 is eventserver's cost).
 
 use serde_json::json;

@@ -902,7 +902,10 @@ fn each_setting_is_a_flag_and_a_variable_and_the_flag_wins() {
 #[test]
 fn the_shipped_environment_files_name_only_settings() {
     let files = [
-        ("eventserver.env", include_str!("../../systemd/eventserver.env")),
+        (
+            "eventserver.env",
+            include_str!("../../systemd/eventserver.env"),
+        ),
         (
             "eventserver-node.env",
             include_str!("../../systemd/eventserver-node.env"),
