@@ -115,9 +115,21 @@ pub fn remove_user(db: &Path, name: &str) -> Result<bool, Error> {
     Ok(crate::store::admin::remove_user(db, name)?)
 }
 
-/// Whether the database has any user.
-pub fn has_users(db: &Path) -> Result<bool, Error> {
-    Ok(crate::store::admin::has_users(db)?)
+/// Adds user `name` with `password`, allowed every stream, if the database has no user
+/// yet; false if it has one. On PostgreSQL it is one statement, so of the nodes starting
+/// together on a new database exactly one adds it.
+pub fn add_first_user(db: &Path, name: &str, password: &str) -> Result<bool, Error> {
+    check_user_name(name)?;
+    let hash = crate::auth::hash_password(password);
+    #[cfg(feature = "postgres")]
+    if let Some(mut pg) = postgres(db)? {
+        return Ok(pg.add_first_user(name, &hash)?);
+    }
+    if crate::store::admin::has_users(db)? {
+        return Ok(false);
+    }
+    crate::store::admin::put_user(db, name, &hash, "*", "*")?;
+    Ok(true)
 }
 
 /// The PostgreSQL database `db` names, connected and migrated; `None` for a SQLite file.

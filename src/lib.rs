@@ -18,9 +18,9 @@
 //! - [`settings`]: the table of `serve`'s settings (flags, environment, defaults, rules).
 //! - [`service`]: running as a daemon (thread stacks, open-files limit, signals, systemd).
 //! - [`admin`]: the operator commands on a database file (users, streams, backup).
-//! - `pg` (cargo feature `postgres`): the PostgreSQL store that several nodes will share,
-//!   in progress: connecting, migrating, appending and acknowledging, not yet serving. It
-//!   is `store::pg`, the only module naming the postgres crate.
+//! - `pg` (cargo feature `postgres`): the PostgreSQL store several nodes share, chosen by a
+//!   `postgres://` URL in [`Config::db`]. It is `store::pg`, the only module naming the
+//!   postgres crate, public so that its contracts are tested from outside.
 //! - [`log`]: the one-line-per-event logger. [`check`]: every parser of client input, for
 //!   property tests and fuzzing.
 //!
@@ -34,8 +34,8 @@
 //! | 3 | `server` | wiring and shutdown order; spawns threads (with `pool`, `http`) | hold request logic |
 //! | 3 | [`service`] | running as a daemon: thread stacks, signals, systemd (its watchdog asks the server's own `/healthz` through `http`) | reach into the server's internals |
 //! | 2 | `http/` | the only module naming tiny_http: decoding and answering (`exchange`), per-connection answer order (`order`), accept loops and their replacement (`engine`), the prober (`prober`) | know routes |
-//! | 1 | `api/` | routes and handlers (`mod`, `streams`, `longpoll`, its Server-Sent Events `sse`, the status page `status`), which lane a request waits in (`admission`), what browsers and proxies add (`edge`), the failure catalogue rendered per API (`error`), the runtime that answers later (`runtime`) | name tiny_http or rusqlite |
-//! | 0 | `store/` | the only module naming rusqlite: schema, writer (group commit), checkpoints (`checkpoint`, on a thread of their own), readers, retention in chunks | know HTTP |
+//! | 1 | `api/` | routes and handlers (`mod`, `streams`, `longpoll`, its Server-Sent Events `sse`, the status page `status`), reading what other nodes commit (`catch_up`), which lane a request waits in (`admission`), what browsers and proxies add (`edge`), the failure catalogue rendered per API (`error`), the runtime that answers later (`runtime`) | name tiny_http or rusqlite |
+//! | 0 | `store/` | the only module naming rusqlite (and, in `pg`, postgres): schema, writer (group commit, the same loop over either engine's `writer::Log`), checkpoints (`checkpoint`, on a thread of their own), readers (`Reader`, either engine), retention in chunks | know HTTP |
 //! | 0 | `longpoll` | parked replies per category, deadlines; no I/O, no threads | block |
 //! | 0 | `auth`, `clock`, `config`, `event`, `metrics`, `pool`, `lock`, `sys`, [`log`], [`settings`], [`admin`] | | |
 //! | – | `error` | the public [`Error`], joining each layer's own (it names `api::Failure` and `admin::Refusal`) | be used by a lower layer |

@@ -233,17 +233,30 @@ impl<R> Registry<R> {
     /// Registers events just committed to `category` (oldest first) and takes the waiters
     /// they answer. A waiter for which `resident` gives a handle (a stream, answered again
     /// and again) stays parked past the events, and the handle is woken in its place.
+    ///
+    /// Events registered already are skipped. `None` when the rest do not follow on from
+    /// the category's high-water mark: another node committed the events between, and
+    /// they must be read from the store before these (see [`Registry::announce`]); nothing
+    /// is registered then. With one node, events always follow on.
     pub fn publish(
         &self,
         category: &str,
         events: &[Arc<Event>],
         resident: impl Fn(&R) -> Option<R>,
-    ) -> Vec<Woken<R>> {
-        let (Some(first), Some(last)) = (events.first(), events.last()) else {
-            return Vec::new();
-        };
+    ) -> Option<Vec<Woken<R>>> {
         let mut inner = self.lock();
         let inner = &mut *inner;
+        let known = inner.categories.get(category).map(|cat| cat.hwm);
+        let events = match known {
+            Some(hwm) => &events[events.partition_point(|e| e.seq <= hwm)..],
+            None => events,
+        };
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Some(Vec::new());
+        };
+        if known.is_some_and(|hwm| first.seq > hwm + 1) {
+            return None;
+        }
         let cat = match inner.categories.get_mut(category) {
             Some(cat) => cat,
             None => inner
@@ -304,7 +317,35 @@ impl<R> Registry<R> {
             woken[slot].replies.push(w.reply);
         }
         cat.waiting = still;
-        woken
+        Some(woken)
+    }
+
+    /// Takes note that `category`'s events up to `seq` are committed (by another node, or
+    /// by this one's writer, whose own registration may come before or after this). A
+    /// category nobody waits on just moves its high-water mark there, forgetting a tail
+    /// that no longer reaches it, so a poll resolves its cursor from the store rather than
+    /// from stale memory, and a poll parking on an older read is sent back to the store.
+    /// `Some(hwm)` when waiters are parked behind `seq`: read the events after `hwm` from
+    /// the store and [`Registry::publish`] them.
+    pub fn announce(&self, category: &str, seq: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        let cat = inner
+            .categories
+            .entry(category.into())
+            .or_insert_with(|| Category {
+                hwm: seq,
+                tail: VecDeque::new(),
+                waiting: Vec::new(),
+            });
+        if cat.hwm >= seq {
+            return None;
+        }
+        if !cat.waiting.is_empty() {
+            return Some(cat.hwm);
+        }
+        cat.hwm = seq;
+        cat.tail.clear();
+        None
     }
 
     /// Takes every reply whose deadline is at or before `now`.

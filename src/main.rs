@@ -175,10 +175,7 @@ fn serve(args: &[String]) -> Result<(), Failure> {
     }
     service::raise_open_files_limit();
     let config = settings::config(&args.flags)?;
-    let db = config.db.clone();
-    if !admin::has_users(&db)? {
-        create_first_user(&db)?;
-    }
+    create_first_user(&config)?;
     let signals = StopSignals::install()
         .map_err(|e| Failure::Runtime(format!("cannot install signal handlers: {e}")))?;
     let settings = format!(
@@ -224,14 +221,15 @@ fn serve(args: &[String]) -> Result<(), Failure> {
 }
 
 /// On a fresh database: one user with a random password, printed once.
-fn create_first_user(db: &Path) -> Result<(), Failure> {
+fn create_first_user(config: &eventserver::Config) -> Result<(), Failure> {
     let password = uuid::Uuid::new_v4().simple().to_string();
-    admin::add_user(db, "admin", &password)?;
-    println!(
-        "Created user 'admin' with password '{password}' (shown only now).\n\
-         Add more users with: eventserver user add NAME --db {}",
-        db.display()
-    );
+    if admin::add_first_user(&config.db, "admin", &password)? {
+        println!(
+            "Created user 'admin' with password '{password}' (shown only now).\n\
+             Add more users with: eventserver user add NAME --db {}",
+            config.db_shown()
+        );
+    }
     Ok(())
 }
 

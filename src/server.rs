@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
+use crate::api::catch_up::CatchUp;
 use crate::api::longpoll::Polled;
 use crate::api::{self, App, Incoming, Runtime};
 use crate::auth::Authenticator;
@@ -56,10 +57,12 @@ impl Server {
     pub fn start_on(listener: TcpListener, config: Config) -> Result<ServerHandle, Error> {
         config.validate().map_err(Error::Config)?;
         crate::http::prepare(&listener)?;
-        let conn = store::open_write(&config.db, config.sync)?;
-        let clock = Arc::new(Clock::starting_at(store::newest_timestamp(&conn)?));
+        let log = Log::open(&config, &listener)?;
+        let clock = Arc::new(Clock::starting_at(log.newest_timestamp()?));
         // Every worker opens its reader before serving; fail now rather than in a thread.
         Reader::open(&config.db)?;
+        let (catch_up_tx, catch_up_rx) = unbounded::<CatchUp>();
+        let catch_up_tx = log.shared().then_some(catch_up_tx);
 
         let (writer_tx, writer_rx) = bounded::<Job>(config.write_queue);
         let (tasks_tx, tasks_rx) = unbounded::<Task>();
@@ -77,6 +80,7 @@ impl Server {
                 timer_tx,
                 registry,
                 clock.clone(),
+                catch_up_tx,
             ),
             auth: Authenticator::new(
                 config.auth_cache_ttl,
@@ -88,42 +92,19 @@ impl Server {
             config,
         });
 
-        let checkpointer = Checkpointer::open(&app.config.db)?;
-        let (pokes_tx, pokes_rx) = bounded::<()>(1);
-        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
-        let (ended_tx, ended_rx) = bounded::<()>(0);
-        let writer = {
-            let app = app.clone();
-            thread::Builder::new()
-                .name("writer".into())
-                // Set, like every thread of ours: the binary runs with RUST_MIN_STACK=64 KiB
-                // for tiny_http's threads, too little for SQLite's commits and checkpoints.
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let hook = |committed: writer::Committed| {
-                        on_commit(&app, committed);
-                        // Full means a poke is pending already, which is as good.
-                        let _ = pokes_tx.try_send(());
-                    };
-                    let conn = writer::run(conn, writer_rx, clock, hook);
-                    // The checkpoint thread stops once its pokes are gone; the last
-                    // checkpoint waits for it, so that it runs alone.
-                    drop(pokes_tx);
-                    let _ = ended_rx.recv();
-                    if let Err(e) = store::checkpoint(&conn) {
-                        crate::log::warn(&format!("final checkpoint failed: {e}"));
-                    }
-                })?
-        };
-        let checkpoints = {
-            let app = app.clone();
-            thread::Builder::new()
-                .name("checkpoint".into())
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let _ended = ended_tx;
-                    checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
-                })?
+        let (writer, checkpoints) = log.spawn(&app, writer_rx, clock)?;
+        let catch_up = match app.runtime.shared() {
+            true => {
+                let app = app.clone();
+                let mut reader = Reader::open(&app.config.db)?;
+                Some(
+                    thread::Builder::new()
+                        .name("catch-up".into())
+                        .stack_size(THREAD_STACK)
+                        .spawn(move || api::catch_up::run(&app, &mut reader, &catch_up_rx))?,
+                )
+            }
+            false => None,
         };
 
         let db = app.config.db.clone();
@@ -172,11 +153,125 @@ impl Server {
                 done: done_rx,
                 writer,
                 checkpoints,
+                catch_up,
                 timer,
                 tasks: tasks_tx,
             })),
             stopped: (Mutex::new(false), Condvar::new()),
         })
+    }
+}
+
+/// The writer's log on the engine `--db` names.
+enum Log {
+    /// SQLite's write connection.
+    Sqlite(store::writer::Sqlite),
+    /// A node's connection to the PostgreSQL database it shares with other nodes.
+    #[cfg(feature = "postgres")]
+    Pg(store::pg::Writes),
+}
+
+impl Log {
+    /// Opens the log `config.db` names; a node on PostgreSQL names its heartbeat after its
+    /// host and the port of `listener`.
+    fn open(config: &Config, listener: &TcpListener) -> Result<Log, Error> {
+        #[cfg(feature = "postgres")]
+        if config.engine() == crate::config::Engine::Postgres {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            let node = format!("{}:{port}", host.trim());
+            let url = config.db.to_string_lossy();
+            return Ok(Log::Pg(store::pg::Writes::new(&url, node)));
+        }
+        let _ = listener;
+        let conn = store::open_write(&config.db, config.sync)?;
+        Ok(Log::Sqlite(store::writer::Sqlite::new(conn)))
+    }
+
+    /// Whether other nodes write to the same database.
+    fn shared(&self) -> bool {
+        !matches!(self, Log::Sqlite(_))
+    }
+
+    /// The newest event's time, for the clock to start at.
+    fn newest_timestamp(&self) -> Result<u64, Error> {
+        match self {
+            Log::Sqlite(log) => Ok(store::newest_timestamp(log.connection())?),
+            // Each batch is stamped at least at its stream's last time (`pg::append`).
+            #[cfg(feature = "postgres")]
+            Log::Pg(_) => Ok(0),
+        }
+    }
+
+    /// Starts the writer thread (and, on SQLite, the checkpoint thread it pokes).
+    fn spawn(
+        self,
+        app: &Arc<App>,
+        jobs: Receiver<Job>,
+        clock: Arc<Clock>,
+    ) -> Result<(JoinHandle<()>, Option<JoinHandle<()>>), Error> {
+        let writer = thread::Builder::new()
+            .name("writer".into())
+            // Set, like every thread of ours: the binary runs with RUST_MIN_STACK=64 KiB
+            // for tiny_http's threads, too little for SQLite's commits and checkpoints.
+            .stack_size(THREAD_STACK);
+        match self {
+            Log::Sqlite(log) => spawn_sqlite(log, writer, app, jobs, clock),
+            #[cfg(feature = "postgres")]
+            Log::Pg(log) => {
+                let app = app.clone();
+                let hook = move |committed: writer::Committed| on_commit(&app, committed);
+                let writer = writer.spawn(move || {
+                    writer::run(log, jobs, clock, hook);
+                })?;
+                Ok((writer, None))
+            }
+        }
+    }
+}
+
+/// Starts SQLite's writer thread as `writer` says, and the checkpoint thread it pokes.
+fn spawn_sqlite(
+    log: store::writer::Sqlite,
+    writer: thread::Builder,
+    app: &Arc<App>,
+    jobs: Receiver<Job>,
+    clock: Arc<Clock>,
+) -> Result<(JoinHandle<()>, Option<JoinHandle<()>>), Error> {
+    {
+        let checkpointer = Checkpointer::open(&app.config.db)?;
+        let (pokes_tx, pokes_rx) = bounded::<()>(1);
+        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
+        let (ended_tx, ended_rx) = bounded::<()>(0);
+        let writer = {
+            let app = app.clone();
+            writer.spawn(move || {
+                let hook = |committed: writer::Committed| {
+                    on_commit(&app, committed);
+                    // Full means a poke is pending already, which is as good.
+                    let _ = pokes_tx.try_send(());
+                };
+                let log = writer::run(log, jobs, clock, hook);
+                // The checkpoint thread stops once its pokes are gone; the last
+                // checkpoint waits for it, so that it runs alone.
+                drop(pokes_tx);
+                let _ = ended_rx.recv();
+                if let Err(e) = store::checkpoint(log.connection()) {
+                    crate::log::warn(&format!("final checkpoint failed: {e}"));
+                }
+            })?
+        };
+        let checkpoints = {
+            let app = app.clone();
+            thread::Builder::new()
+                .name("checkpoint".into())
+                .stack_size(THREAD_STACK)
+                .spawn(move || {
+                    let _ended = ended_tx;
+                    checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
+                })?
+        };
+        Ok((writer, Some(checkpoints)))
     }
 }
 
@@ -282,7 +377,10 @@ struct Running {
     pool: Pool,
     done: Receiver<()>,
     writer: JoinHandle<()>,
-    checkpoints: JoinHandle<()>,
+    /// SQLite's checkpoint thread.
+    checkpoints: Option<JoinHandle<()>>,
+    /// The catch-up thread of a node sharing its database.
+    catch_up: Option<JoinHandle<()>>,
     timer: JoinHandle<()>,
     tasks: Sender<Task>,
 }
@@ -365,14 +463,17 @@ impl ServerHandle {
         self.app.runtime.stop_writer();
         let writer = running.writer.join().err();
         // The writer's end stopped the checkpoint thread (it waited for it).
-        let checkpoints = running.checkpoints.join().err();
+        let checkpoints = running.checkpoints.and_then(|t| t.join().err());
+        // After the writer: its last commits may queue reads for the catch-up thread.
+        self.app.runtime.stop_catch_up();
+        let catch_up = running.catch_up.and_then(|t| t.join().err());
         for _ in 0..self.app.config.workers {
             let _ = running.tasks.send(Task::Stop);
         }
         let workers = running.pool.join();
         self.app.runtime.poke_timer();
         let timer = running.timer.join().err();
-        writer.or(checkpoints).or(workers).or(timer)
+        writer.or(checkpoints).or(catch_up).or(workers).or(timer)
     }
 }
 

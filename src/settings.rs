@@ -180,7 +180,7 @@ pub fn db(flags: &[(String, String)]) -> Result<PathBuf, Error> {
     let db = PathBuf::from(&text);
     let refusal = match Engine::of(&db) {
         Engine::Sqlite => None,
-        Engine::Postgres => postgres_admin_refusal(&text),
+        Engine::Postgres => postgres_refusal(&text),
     };
     match refusal {
         Some(rule) => Err(Error::Config(Invalid {
@@ -396,33 +396,14 @@ fn postgres_refusal(_url: &str) -> Option<String> {
     )
 }
 
-/// Why this build refuses the PostgreSQL URL `url` for serving: it does not parse
-/// ([`postgres_admin_refusal`]), or (for now) the server does not run on PostgreSQL yet.
-/// The message never quotes the URL, which may hold a password.
+/// Why this build refuses the PostgreSQL URL `url`: it does not parse. The message never
+/// quotes the URL, which may hold a password.
 #[cfg(feature = "postgres")]
 fn postgres_refusal(url: &str) -> Option<String> {
-    Some(postgres_admin_refusal(url).unwrap_or_else(|| {
-        "names a PostgreSQL database: this build has PostgreSQL's schema and its operator \
-         commands but does not serve from it yet"
-            .into()
-    }))
-}
-
-/// Why this build refuses the PostgreSQL URL `url` for the operator commands: it does not
-/// parse (each command then says itself whether it runs there). The message never quotes
-/// the URL, which may hold a password.
-#[cfg(feature = "postgres")]
-fn postgres_admin_refusal(url: &str) -> Option<String> {
     let why = crate::store::pg::check_url(url).err()?;
     Some(format!(
         "is not a PostgreSQL URL eventserver can use: {why}"
     ))
-}
-
-/// Without the client, the operator commands refuse a PostgreSQL URL as serving does.
-#[cfg(not(feature = "postgres"))]
-fn postgres_admin_refusal(url: &str) -> Option<String> {
-    postgres_refusal(url)
 }
 
 /// A [`Config`] field as a setting: parsed from and shown as command-line text.

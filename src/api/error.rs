@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use super::Response;
 use crate::event::push_json_str;
+use crate::store::StoreError;
 use crate::store::writer::WriteError;
 
 /// Every failure an API can answer.
@@ -64,6 +65,8 @@ pub enum Failure {
     ChangingTooFast,
     /// 503: the server is shutting down (in-process calls).
     Stopping,
+    /// 503: the database cannot be reached (PostgreSQL down, or the network to it).
+    DatabaseUnavailable,
     /// 500: the user table could not be read.
     CredentialsUnreadable,
     /// 500: the stream could not be read.
@@ -99,7 +102,8 @@ impl Failure {
             Locked => 423,
             Throttled(_) => 429,
             WriteQueueFull | ServerBusy | TooManyConnections | TooManyPipelined
-            | TooManyHealthChecks | TooManyParked | ChangingTooFast | Stopping => 503,
+            | TooManyHealthChecks | TooManyParked | ChangingTooFast | Stopping
+            | DatabaseUnavailable => 503,
             CredentialsUnreadable | StreamUnreadable | NotStored | NoDatabase | NotAnswered => 500,
         }
     }
@@ -126,6 +130,7 @@ impl Failure {
             TooManyParked => "too many parked long-polls".into(),
             ChangingTooFast => "the stream is changing too fast".into(),
             Stopping => "the server is shutting down".into(),
+            DatabaseUnavailable => "the database is unavailable".into(),
             CredentialsUnreadable => "could not check credentials".into(),
             StreamUnreadable => "could not read the stream".into(),
             NotStored => "could not store the event".into(),
@@ -218,9 +223,20 @@ impl From<WriteError> for Failure {
             WriteError::NotFound => Failure::NotFound,
             WriteError::Busy => Failure::WriteQueueFull,
             WriteError::Storage(detail) => {
-                crate::log::error(&format!("write failed: {detail}"));
-                Failure::NotStored
+                Failure::from_store(&detail, "write", Failure::NotStored)
             }
+        }
+    }
+}
+
+impl Failure {
+    /// The answer to `what`, which failed in the store with `e` (logged): 503 while the
+    /// database cannot be reached, which passes by itself, else `otherwise`.
+    pub(crate) fn from_store(e: &StoreError, what: &str, otherwise: Failure) -> Failure {
+        crate::log::error(&format!("{what} failed: {e}"));
+        match e.is_unavailable() {
+            true => Failure::DatabaseUnavailable,
+            false => otherwise,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! (`"Bad Request - <why>"`), the long-poll API as golongpoll's `{"error": …}` bodies.
 
 mod admission;
+pub(crate) mod catch_up;
 pub mod check;
 mod edge;
 pub mod error;
@@ -365,8 +366,9 @@ impl App {
             Ok(Checked::Invalid) => Err(Failure::Unauthorized),
             Ok(Checked::Throttled(wait)) => Err(Failure::Throttled(wait)),
             Err(e) => {
-                crate::log::error(&format!("reading credentials failed: {e}"));
-                Err(Failure::CredentialsUnreadable)
+                let failure =
+                    Failure::from_store(&e, "reading credentials", Failure::CredentialsUnreadable);
+                Err(failure)
             }
         }
     }

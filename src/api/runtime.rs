@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 
+use super::catch_up::CatchUp;
 use super::error::{Api, Failure};
 use super::longpoll::{self, Polled};
 use super::sse::{self, Messages, Sse};
@@ -82,6 +83,10 @@ pub struct Runtime {
     pub(crate) registry: Registry<Parked>,
     /// Stamps the timeout answers.
     clock: Arc<Clock>,
+    /// Categories whose waiters wait behind events committed by another node, with the
+    /// newest sequence number known: the catch-up thread reads them from the store. `None`
+    /// with one node, whose writer registers every event in order.
+    catch_up: Option<Sender<CatchUp>>,
     /// Set once shutdown has begun.
     stopping: AtomicBool,
     /// What the last look for clients that went away found.
@@ -108,6 +113,7 @@ impl Runtime {
         timer: Sender<()>,
         registry: Registry<Parked>,
         clock: Arc<Clock>,
+        catch_up: Option<Sender<CatchUp>>,
     ) -> Runtime {
         Runtime {
             writer,
@@ -115,6 +121,7 @@ impl Runtime {
             timer,
             registry,
             clock,
+            catch_up,
             stopping: AtomicBool::new(false),
             last_look: Mutex::new(None),
         }
@@ -128,6 +135,24 @@ impl Runtime {
     /// Marks shutdown as begun: in-process publishes are refused from now on.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether other nodes write to the database too, so a catch-up thread reads what
+    /// they commit.
+    pub(crate) fn shared(&self) -> bool {
+        self.catch_up.is_some()
+    }
+
+    /// Queues `due` for the catch-up thread, if there is one.
+    pub(crate) fn catch_up(&self, due: CatchUp) {
+        if let Some(queue) = &self.catch_up {
+            let _ = queue.send(due);
+        }
+    }
+
+    /// Tells the catch-up thread, if any, to stop after what is queued.
+    pub(crate) fn stop_catch_up(&self) {
+        self.catch_up(CatchUp::Stop);
     }
 
     /// Pokes the timer thread (to re-read its deadlines, or to see that it must stop).
@@ -196,8 +221,9 @@ impl Runtime {
                     }
                     Ok(view) => self.registry.park_after(category, view.hwm, wait(parked)),
                     Err(e) => {
-                        crate::log::error(&format!("long-poll read failed: {e}"));
-                        return parked.fail(&Failure::StreamUnreadable);
+                        let failure =
+                            Failure::from_store(&e, "long-poll read", Failure::StreamUnreadable);
+                        return parked.fail(&failure);
                     }
                 };
             }
@@ -284,6 +310,31 @@ impl Runtime {
             }
             released
         });
+    }
+
+    /// Registers `events` of `category`, adding the waiters they wake to `woken`. Events
+    /// that do not follow on from memory (another node committed some between) go to
+    /// the catch-up queue by their last sequence number, to be read from the store.
+    pub(crate) fn publish(
+        &self,
+        category: &str,
+        events: &[Arc<Event>],
+        woken: &mut Vec<Woken<Parked>>,
+    ) {
+        match self.registry.publish(category, events, Parked::resident) {
+            Some(more) => woken.extend(more),
+            None => {
+                let last = events.last().map_or(0, |e| e.seq);
+                match &self.catch_up {
+                    Some(queue) => {
+                        let _ = queue.send(CatchUp::Behind(category.into(), last));
+                    }
+                    None => crate::log::error(&format!(
+                        "events of {category} up to {last} do not follow on from memory"
+                    )),
+                }
+            }
+        }
     }
 
     /// Answers woken waiters, spread over workers. Streams take their events here, in
@@ -411,14 +462,10 @@ impl Runtime {
     /// hears of the commit, so a poll sent after a 200 sees them; the writers' answers are
     /// queued before the waiters' (which may be thousands).
     pub(crate) fn committed(&self, committed: Committed) {
-        let woken: Vec<_> = committed
-            .appended
-            .iter()
-            .flat_map(|appended| {
-                self.registry
-                    .publish(&appended.stream, &appended.events, Parked::resident)
-            })
-            .collect();
+        let mut woken = Vec::new();
+        for appended in &committed.appended {
+            self.publish(&appended.stream, &appended.events, &mut woken);
+        }
         let mut replies = committed.replies.into_iter().peekable();
         while replies.peek().is_some() {
             let chunk: Vec<_> = replies.by_ref().take(COMMIT_CHUNK).collect();

@@ -109,10 +109,11 @@ fn pinned(reader: &mut Reader, category: &str, start: Start) -> Result<Start, Fa
     }
     match reader.since(category, &start, None, 0) {
         Ok(view) => Ok(Start::After(view.hwm)),
-        Err(e) => {
-            crate::log::error(&format!("reading where a stream starts failed: {e}"));
-            Err(Failure::StreamUnreadable)
-        }
+        Err(e) => Err(Failure::from_store(
+            &e,
+            "reading where a stream starts",
+            Failure::StreamUnreadable,
+        )),
     }
 }
 
@@ -132,10 +133,11 @@ fn resume(reader: &Reader, req: &Request, category: &str, start: Start) -> Resul
             ms: 0,
             last_id: None,
         }),
-        Err(e) => {
-            crate::log::error(&format!("looking up Last-Event-ID failed: {e}"));
-            Err(Failure::StreamUnreadable)
-        }
+        Err(e) => Err(Failure::from_store(
+            &e,
+            "looking up Last-Event-ID",
+            Failure::StreamUnreadable,
+        )),
     }
 }
 

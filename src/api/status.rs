@@ -79,8 +79,9 @@ pub(super) fn overview(app: &App, reader: &mut Reader, req: Request, reply: Repl
     let store = match reader.overview(visible, MAX_STREAMS, MAX_CONSUMERS) {
         Ok(store) => store,
         Err(e) => {
-            crate::log::error(&format!("status: reading the streams failed: {e}"));
-            return reply.send(Failure::StreamUnreadable.render(super::Api::Streams));
+            let failure =
+                Failure::from_store(&e, "status: reading the streams", Failure::StreamUnreadable);
+            return reply.send(failure.render(super::Api::Streams));
         }
     };
     let streams: Vec<Value> = store

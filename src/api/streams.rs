@@ -156,8 +156,9 @@ pub fn handle(app: &App, reader: &mut Reader, req: Request, reply: Reply) {
                 Ok(Some(view)) => view,
                 Ok(None) => return reply.send(Failure::NoStream(stream).render(Api::Streams)),
                 Err(e) => {
-                    crate::log::error(&format!("consume read failed: {e}"));
-                    return reply.send(Failure::StreamUnreadable.render(Api::Streams));
+                    let failure =
+                        Failure::from_store(&e, "consume read", Failure::StreamUnreadable);
+                    return reply.send(failure.render(Api::Streams));
                 }
             };
             match timeout {

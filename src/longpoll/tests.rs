@@ -43,12 +43,18 @@ fn publish_wakes_parked_waiters_once() {
             ..
         }
     ));
-    let woken = reg.publish("c", &[event(1, 5, None), event(2, 5, None)], |_| None);
+    let woken = reg
+        .publish("c", &[event(1, 5, None), event(2, 5, None)], |_| None)
+        .unwrap();
     assert_eq!(woken.len(), 1, "same cursor, same answer: one group");
     assert_eq!(woken[0].replies, vec![1, 2]);
     assert_eq!(woken[0].events.len(), 2);
     assert_eq!(reg.parked(), 0);
-    assert!(reg.publish("c", &[event(3, 6, None)], |_| None).is_empty());
+    assert!(
+        reg.publish("c", &[event(3, 6, None)], |_| None)
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -61,10 +67,12 @@ fn a_resident_waiter_stays_parked_past_each_wake_up() {
     assert!(matches!(parked, Poll::Parked { cursor: 0, .. }));
     // Reply 1 is resident: its handle (101) is woken, and it stays parked.
     let resident = |r: &u32| (*r == 1).then_some(r + 100);
-    let woken = reg.publish("c", &[event(1, 5, None)], resident);
+    let woken = reg.publish("c", &[event(1, 5, None)], resident).unwrap();
     assert_eq!(woken[0].replies, vec![101]);
     assert_eq!(reg.parked(), 1);
-    let woken = reg.publish("c", &[event(2, 6, None), event(3, 6, None)], resident);
+    let woken = reg
+        .publish("c", &[event(2, 6, None), event(3, 6, None)], resident)
+        .unwrap();
     let seqs: Vec<u64> = woken[0].events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [2, 3], "each wake-up after the one before");
     assert_eq!(reg.expire(later), vec![1], "it leaves at its deadline");
@@ -74,7 +82,7 @@ fn a_resident_waiter_stays_parked_past_each_wake_up() {
 fn park_after_sees_events_registered_since_the_read() {
     let reg = Registry::new(100, 8);
     let later = Instant::now() + Duration::from_secs(60);
-    reg.publish("c", &[event(1, 5, None)], |_| None);
+    reg.publish("c", &[event(1, 5, None)], |_| None).unwrap();
     match reg.park_after("c", 0, wait(1, None, later)) {
         Poll::Ready(1, events) => assert_eq!(events[0].seq, 1),
         _ => panic!("an event registered after the read must answer at once"),
@@ -91,9 +99,12 @@ fn filters_keep_waiting_past_other_names() {
     ));
     assert!(
         reg.publish("s", &[event(1, 1, Some("B"))], |_| None)
+            .unwrap()
             .is_empty()
     );
-    let woken = reg.publish("s", &[event(2, 2, Some("A"))], |_| None);
+    let woken = reg
+        .publish("s", &[event(2, 2, Some("A"))], |_| None)
+        .unwrap();
     assert_eq!(woken[0].replies, vec![7]);
     assert_eq!(woken[0].events[0].seq, 2);
 }
@@ -143,7 +154,8 @@ fn resume_ahead_of_memory_is_not_delivered_twice() {
             event(3, 110, None),
         ],
         |_| None,
-    );
+    )
+    .unwrap();
     let fourth = event(4, 115, None);
     let start = Start::Since {
         ms: 115,
@@ -158,7 +170,7 @@ fn resume_ahead_of_memory_is_not_delivered_twice() {
         Poll::Parked { .. }
     ));
     assert!(
-        reg.publish("c", &[fourth], |_| None).is_empty(),
+        reg.publish("c", &[fourth], |_| None).unwrap().is_empty(),
         "event 4 was already delivered"
     );
 }
@@ -172,7 +184,7 @@ fn since_resolves_from_the_tail() {
         event(3, 20, None),
         event(4, 30, None),
     ];
-    reg.publish("c", &e, |_| None);
+    reg.publish("c", &e, |_| None).unwrap();
     let inner = reg.lock();
     let cat = inner.categories.get("c").unwrap();
     assert_eq!(resolve_in_tail(cat, 20, None), Some(3));
@@ -192,7 +204,7 @@ fn since_resolves_from_the_tail() {
     assert_eq!(resolve_in_tail(cat, 30, Some(&Uuid::new_v4())), None);
     drop(inner);
     let late = [event(9, 50, None), event(10, 60, None)];
-    reg.publish("d", &late, |_| None);
+    reg.publish("d", &late, |_| None).unwrap();
     let inner = reg.lock();
     let cat = inner.categories.get("d").unwrap();
     assert_eq!(
@@ -216,7 +228,7 @@ fn take_where_takes_only_the_matching_replies() {
     taken.sort_unstable();
     assert_eq!(taken, vec![2, 4]);
     assert!(!reg.any(|r| r % 2 == 0));
-    let woken = reg.publish("a", &[event(1, 1, None)], |_| None);
+    let woken = reg.publish("a", &[event(1, 1, None)], |_| None).unwrap();
     let mut rest = woken[0].replies.clone();
     rest.sort_unstable();
     assert_eq!(
@@ -225,4 +237,48 @@ fn take_where_takes_only_the_matching_replies() {
         "the others are still parked, and only they"
     );
     assert_eq!(reg.next_deadline(), None);
+}
+
+#[test]
+fn events_already_registered_are_skipped_and_a_gap_is_refused() {
+    let reg = Registry::new(100, 8);
+    let later = Instant::now() + Duration::from_secs(60);
+    reg.publish("c", &[event(1, 5, None), event(2, 5, None)], |_| None)
+        .unwrap();
+    reg.park_after("c", 2, wait(1, None, later));
+    // Another node committed 3 and 4: this node's 5 must not be delivered before them.
+    assert!(reg.publish("c", &[event(5, 9, None)], |_| None).is_none());
+    assert_eq!(reg.parked(), 1, "nothing was delivered past the gap");
+    let woken = reg
+        .publish("c", &[event(2, 5, None), event(3, 6, None)], |_| None)
+        .unwrap();
+    let seqs: Vec<u64> = woken[0].events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [3], "event 2 was registered already");
+}
+
+#[test]
+fn an_announcement_past_memory_sends_waiters_to_the_store_and_others_to_it() {
+    let reg = Registry::new(100, 8);
+    let later = Instant::now() + Duration::from_secs(60);
+    reg.publish("idle", &[event(1, 5, None)], |_| None).unwrap();
+    assert_eq!(reg.announce("idle", 1), None, "nothing new");
+    assert_eq!(reg.announce("idle", 3), None, "nobody waits");
+    let Poll::Unknown(reply) = reg.poll("idle", &Start::After(1), wait(1, None, later)) else {
+        panic!("memory no longer reaches the head: the store must answer");
+    };
+    assert!(matches!(
+        reg.park_after("idle", 1, wait(reply, None, later)),
+        Poll::Unknown(_)
+    ));
+    assert_eq!(reg.announce("new", 7), None);
+    assert!(matches!(
+        reg.park_after("new", 6, wait(2, None, later)),
+        Poll::Unknown(_)
+    ));
+    reg.park_after("busy", 4, wait(3, None, later));
+    assert_eq!(
+        reg.announce("busy", 6),
+        Some(4),
+        "read after 4, then publish"
+    );
 }

@@ -86,6 +86,9 @@ pub enum StoreError {
     File(PathBuf, std::io::Error),
     /// Something this code relies on did not hold; the message says what.
     Invariant(&'static str),
+    /// PostgreSQL refused or failed an operation, or could not be reached.
+    #[cfg(feature = "postgres")]
+    Pg(pg::PgError),
 }
 
 impl std::fmt::Display for StoreError {
@@ -117,6 +120,8 @@ impl std::fmt::Display for StoreError {
             StoreError::NotUtf8(path) => write!(f, "{} is not valid UTF-8", path.display()),
             StoreError::File(path, e) => write!(f, "{}: {e}", path.display()),
             StoreError::Invariant(what) => f.write_str(what),
+            #[cfg(feature = "postgres")]
+            StoreError::Pg(e) => write!(f, "{e}"),
         }
     }
 }
@@ -126,6 +131,8 @@ impl std::error::Error for StoreError {
         match self {
             StoreError::Sqlite(e) => Some(e),
             StoreError::File(_, e) => Some(e),
+            #[cfg(feature = "postgres")]
+            StoreError::Pg(e) => Some(e),
             _ => None,
         }
     }
@@ -143,6 +150,25 @@ impl StoreError {
             e.code,
             rusqlite::ErrorCode::SystemIoFailure | rusqlite::ErrorCode::DiskFull
         )
+    }
+}
+
+impl StoreError {
+    /// Whether the database could not be reached or went away (PostgreSQL), a condition
+    /// that passes by itself: clients get 503 and may retry.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            #[cfg(feature = "postgres")]
+            StoreError::Pg(e) => e.is_unavailable(),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<pg::PgError> for StoreError {
+    fn from(e: pg::PgError) -> StoreError {
+        StoreError::Pg(e)
     }
 }
 

@@ -51,15 +51,119 @@ pub struct SinceView {
     pub hwm: u64,
 }
 
-/// A worker's read connection.
-pub struct Reader {
-    conn: Connection,
+/// A worker's read connection, on the engine `--db` names; each read is the same query on
+/// either, with the same answer.
+pub enum Reader {
+    /// A read connection on the SQLite file.
+    Sqlite(Sqlite),
+    /// A connection to the shared PostgreSQL database, reopened after it broke. Reads take
+    /// `&self` where SQLite's do (a worker's reader is its own, so the cell is never
+    /// contended).
+    #[cfg(feature = "postgres")]
+    Pg(Box<std::cell::RefCell<super::pg::Connection>>),
+}
+
+/// Runs the same read on whichever engine `$reader` is: `$r` is the SQLite reader or the
+/// PostgreSQL database.
+macro_rules! on_engine {
+    ($reader:expr, $r:ident => $read:expr) => {
+        match $reader {
+            Reader::Sqlite($r) => $read,
+            #[cfg(feature = "postgres")]
+            Reader::Pg(conn) => conn.borrow_mut().with(|$r| $read),
+        }
+    };
 }
 
 impl Reader {
+    /// A read connection on the database `--db` names: a SQLite file, or (built with the
+    /// `postgres` feature) a PostgreSQL URL.
+    pub fn open(db: &Path) -> Result<Reader, StoreError> {
+        #[cfg(feature = "postgres")]
+        if crate::config::Engine::of(db) == crate::config::Engine::Postgres {
+            let url = db.to_str().ok_or(StoreError::NotUtf8(db.to_owned()))?;
+            let mut conn = super::pg::Connection::new(url);
+            // Connect now, so a node that cannot reach its database fails at start.
+            conn.with(|_| Ok(()))?;
+            return Ok(Reader::Pg(Box::new(std::cell::RefCell::new(conn))));
+        }
+        Ok(Reader::Sqlite(Sqlite::open(db)?))
+    }
+
+    /// See [`Sqlite::user`].
+    pub fn user(&self, user: &str) -> Result<Option<UserRecord>, StoreError> {
+        on_engine!(self, r => r.user(user))
+    }
+
+    /// See [`Sqlite::consume`].
+    pub fn consume(
+        &mut self,
+        stream: &str,
+        consumer: &str,
+        name: &str,
+        limit: usize,
+    ) -> Result<Option<ConsumeView>, StoreError> {
+        on_engine!(self, r => r.consume(stream, consumer, name, limit))
+    }
+
+    /// See [`Sqlite::since`].
+    pub fn since(
+        &mut self,
+        stream: &str,
+        start: &Start,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<SinceView, StoreError> {
+        on_engine!(self, r => r.since(stream, start, name, limit))
+    }
+
+    /// See [`Sqlite::seq_of`].
+    pub fn seq_of(&self, stream: &str, id: &Uuid) -> Result<Option<u64>, StoreError> {
+        on_engine!(self, r => r.seq_of(stream, id))
+    }
+
+    /// See [`Sqlite::consumer_lag`].
+    pub fn consumer_lag(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.consumer_lag(),
+            #[cfg(feature = "postgres")]
+            Reader::Pg(_) => Err(StoreError::Invariant("not on PostgreSQL yet")),
+        }
+    }
+
+    /// See [`Sqlite::retention_held`].
+    pub fn retention_held(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.retention_held(),
+            #[cfg(feature = "postgres")]
+            Reader::Pg(_) => Err(StoreError::Invariant("not on PostgreSQL yet")),
+        }
+    }
+
+    /// See [`Sqlite::overview`].
+    pub fn overview(
+        &mut self,
+        visible: impl Fn(&str) -> bool,
+        max_streams: usize,
+        max_consumers: usize,
+    ) -> Result<Overview, StoreError> {
+        match self {
+            Reader::Sqlite(r) => r.overview(visible, max_streams, max_consumers),
+            #[cfg(feature = "postgres")]
+            Reader::Pg(_) => Err(StoreError::Invariant("not on PostgreSQL yet")),
+        }
+    }
+}
+
+/// A worker's read connection on the SQLite file.
+pub struct Sqlite {
+    conn: Connection,
+}
+
+impl Sqlite {
     /// Opens a read connection on the database at `path`.
-    pub fn open(path: &Path) -> Result<Reader, StoreError> {
-        Ok(Reader {
+    pub fn open(path: &Path) -> Result<Sqlite, StoreError> {
+        Ok(Sqlite {
             conn: super::open_read(path)?,
         })
     }
@@ -178,7 +282,7 @@ impl Reader {
     }
 }
 
-impl Reader {
+impl Sqlite {
     /// Unacknowledged events per (stream, consumer, event name), for metrics.
     pub fn consumer_lag(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
@@ -196,7 +300,7 @@ impl Reader {
     }
 }
 
-impl Reader {
+impl Sqlite {
     /// What interest retention held back at its last run, per (stream, consumer), for
     /// metrics.
     pub fn retention_held(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
@@ -233,7 +337,7 @@ pub struct Overview {
     pub more_consumers: bool,
 }
 
-impl Reader {
+impl Sqlite {
     /// The first `max_streams` streams by name that `visible` admits, with their event
     /// counts and their first `max_consumers` consumers (in all). Names are walked without
     /// counting; only the listed streams are counted, each through its index, so the work

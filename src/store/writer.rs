@@ -23,7 +23,7 @@
 //! producers how to find out.
 //!
 //! After a disk failure (a read, write or sync error, or a full disk) the writer goes on
-//! with a new connection and closes the old one ([`reopened`]). SQLite documents only that
+//! with a new connection and closes the old one (`Sqlite::reopen`). SQLite documents only that
 //! after `SQLITE_IOERR` or `SQLITE_FULL` a transaction "might be rolled back automatically"
 //! (sqlite.org/c3ref/get_autocommit.html), not what the failed connection's page cache,
 //! WAL snapshot and VFS file state may still hold, so none of it is kept: the new connection
@@ -167,32 +167,46 @@ pub struct Committed {
     pub replies: Vec<Answer>,
 }
 
+/// What the writer commits to: one database connection and the retention run under way.
+/// The loop in [`run`] (batching, stop, retention between batches) is the same for every
+/// engine; only these steps differ.
+pub trait Log {
+    /// Applies `batch` in one transaction stamped `ts`, and commits it: each job's
+    /// outcome, in order. On failure nothing of the batch is stored or visible.
+    fn apply(&mut self, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, StoreError>;
+    /// Recovers after `apply` failed with `e` on `what`, which is logged.
+    fn failed(&mut self, what: &str, e: &StoreError);
+    /// Starts a retention run, unless one is under way: restarting it each minute, a run
+    /// over a large held backlog would never finish nor count what it holds.
+    fn retain(&mut self, limits: Retention);
+    /// Whether a retention run is under way.
+    fn retaining(&self) -> bool;
+    /// Commits the next chunk of the retention run under way, alone in its transaction:
+    /// if deleting fails, no append or ACK fails with it. A failure is logged and ends
+    /// the run.
+    fn retain_chunk(&mut self, ts: u64);
+}
+
 /// Runs the writer until it takes [`Job::Stop`] (or every sender is gone), then returns
-/// the connection.
-pub fn run(
-    mut conn: Connection,
+/// the log.
+pub fn run<L: Log>(
+    mut log: L,
     jobs: Receiver<Job>,
     clock: Arc<Clock>,
     on_commit: impl Fn(Committed),
-) -> Connection {
-    let mut streams = StreamCache::default();
+) -> L {
     let mut next = None;
-    // A retention run under way: a chunk of it commits after each batch of other jobs.
-    let mut sweep: Option<Sweep> = None;
     loop {
-        let first = match (next.take(), &sweep) {
+        let first = match (next.take(), log.retaining()) {
             (Some(job), _) => Some(job),
-            (None, Some(_)) => jobs.try_recv().ok(),
-            (None, None) => match jobs.recv() {
+            (None, true) => jobs.try_recv().ok(),
+            (None, false) => match jobs.recv() {
                 Ok(job) => Some(job),
                 Err(_) => break,
             },
         };
         match first {
-            // A run under way goes on: restarting it each minute, a run over a large held
-            // backlog would never finish nor count what it holds.
-            Some(Job::Retain(limits)) if sweep.is_none() => sweep = Some(Sweep::new(limits)),
-            Some(Job::Retain(_)) => {}
+            Some(Job::Retain(limits)) => log.retain(limits),
             Some(first) => {
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
@@ -209,17 +223,10 @@ pub fn run(
                 let ts = clock.stamp_batch();
                 let started = std::time::Instant::now();
                 let jobs = batch.len();
-                let mut committed = match apply(&mut conn, &mut streams, &batch, ts) {
+                let mut committed = match log.apply(&batch, ts) {
                     Ok(outcomes) => finish(batch, outcomes),
                     Err(e) => {
-                        // The cache may hold what the rolled-back transaction did: start
-                        // afresh.
-                        streams = StreamCache::default();
-                        // A reopened connection lost the retention run's cutoffs.
-                        if e.is_disk_failure() {
-                            sweep = sweep.map(Sweep::anew);
-                        }
-                        conn = failed(conn, &format!("commit of {jobs} jobs"), &e);
+                        log.failed(&format!("commit of {jobs} jobs"), &e);
                         fail(batch, WriteError::Storage(Arc::new(e)))
                     }
                 };
@@ -233,25 +240,10 @@ pub fn run(
             }
             None => {}
         }
-        if let Some(run) = sweep.take() {
+        if log.retaining() {
             let ts = clock.stamp_batch();
             let started = std::time::Instant::now();
-            // Retention commits alone: if deleting fails, no append or ACK fails with it.
-            let chunk = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(StoreError::from)
-                .and_then(|tx| {
-                    let more = run.chunk(&tx, ts)?;
-                    tx.commit()?;
-                    Ok(more)
-                });
-            sweep = match chunk {
-                Ok(more) => more,
-                Err(e) => {
-                    conn = failed(conn, "retention", &e);
-                    None
-                }
-            };
+            log.retain_chunk(ts);
             on_commit(Committed {
                 jobs: 1,
                 took: started.elapsed(),
@@ -261,38 +253,102 @@ pub fn run(
             clock.batch_done();
         }
     }
-    conn
+    log
 }
 
-/// Logs a failed transaction; after a disk failure, the connection to go on with.
-fn failed(conn: Connection, what: &str, e: &StoreError) -> Connection {
-    crate::log::error(&format!("{what} failed: {e}"));
-    match e.is_disk_failure() {
-        true => reopened(conn),
-        false => conn,
+/// The SQLite log: the write connection, the stream rows it has touched, and the
+/// retention run under way.
+pub struct Sqlite {
+    conn: Connection,
+    streams: StreamCache,
+    /// A retention run under way: a chunk of it commits after each batch of other jobs.
+    sweep: Option<Sweep>,
+}
+
+impl Sqlite {
+    /// The log on the write connection `conn`.
+    pub fn new(conn: Connection) -> Sqlite {
+        Sqlite {
+            conn,
+            streams: StreamCache::default(),
+            sweep: None,
+        }
+    }
+
+    /// The write connection, for the last checkpoint once the writer stopped.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
     }
 }
 
-/// A new write connection in place of `conn` after a disk failure (see the module docs);
-/// `conn` itself if the database cannot be opened again, to be retried after the next
-/// failure.
-fn reopened(conn: Connection) -> Connection {
-    match super::reopen_write(&conn) {
-        Ok(fresh) => {
-            crate::log::warn("reopened the write connection after a disk failure");
-            fresh
+impl Log for Sqlite {
+    fn apply(&mut self, batch: &[Job], ts: u64) -> Result<Vec<Outcome>, StoreError> {
+        apply(&mut self.conn, &mut self.streams, batch, ts)
+    }
+
+    fn failed(&mut self, what: &str, e: &StoreError) {
+        // The cache may hold what the rolled-back transaction did: start afresh.
+        self.streams = StreamCache::default();
+        crate::log::error(&format!("{what} failed: {e}"));
+        if e.is_disk_failure() {
+            self.reopen();
+            // A reopened connection lost the retention run's cutoffs.
+            self.sweep = self.sweep.map(Sweep::anew);
         }
-        Err(e) => {
-            crate::log::error(&format!(
+    }
+
+    fn retain(&mut self, limits: Retention) {
+        if self.sweep.is_none() {
+            self.sweep = Some(Sweep::new(limits));
+        }
+    }
+
+    fn retaining(&self) -> bool {
+        self.sweep.is_some()
+    }
+
+    fn retain_chunk(&mut self, ts: u64) {
+        let Some(run) = self.sweep.take() else { return };
+        let chunk = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)
+            .and_then(|tx| {
+                let more = run.chunk(&tx, ts)?;
+                tx.commit()?;
+                Ok(more)
+            });
+        match chunk {
+            Ok(more) => self.sweep = more,
+            Err(e) => {
+                crate::log::error(&format!("retention failed: {e}"));
+                if e.is_disk_failure() {
+                    self.reopen();
+                }
+            }
+        }
+    }
+}
+
+impl Sqlite {
+    /// A new write connection in place of the current one after a disk failure (see the
+    /// module docs); the current one stays if the database cannot be opened again, to be
+    /// retried after the next failure.
+    fn reopen(&mut self) {
+        match super::reopen_write(&self.conn) {
+            Ok(fresh) => {
+                self.conn = fresh;
+                crate::log::warn("reopened the write connection after a disk failure");
+            }
+            Err(e) => crate::log::error(&format!(
                 "could not reopen the write connection after a disk failure: {e}"
-            ));
-            conn
+            )),
         }
     }
 }
 
 /// The result of one job inside a transaction that has not committed yet.
-enum Outcome {
+pub enum Outcome {
     /// An append stored this event; the index is its stream's in the batch's `Appended`.
     Appended(usize, Arc<Event>),
     /// The job did its work and returns nothing: an ACK moved an offset, a heartbeat was
@@ -576,9 +632,12 @@ mod tests {
             tx.send(job).unwrap();
         }
         let batches = std::sync::Mutex::new(Vec::new());
-        run(conn, rx, Arc::new(Clock::starting_at(0)), |c| {
-            batches.lock().unwrap().push(c.jobs)
-        });
+        run(
+            Sqlite::new(conn),
+            rx,
+            Arc::new(Clock::starting_at(0)),
+            |c| batches.lock().unwrap().push(c.jobs),
+        );
         assert_eq!(batches.into_inner().unwrap(), [2, 1, 2]);
     }
 }

@@ -5,7 +5,7 @@
 //! the offset's row for the update, so two nodes acknowledging for one consumer at once
 //! both apply, in some order, and the offset ends at the later event whatever that order.
 
-use postgres::Client;
+use postgres::{Client, Transaction};
 use uuid::Uuid;
 
 use super::PgError;
@@ -25,6 +25,13 @@ pub struct Ack<'a> {
 /// `/publish` event has no name, hence no offset an ACK could move: not found either).
 pub fn commit(client: &mut Client, batch: &[Ack<'_>]) -> Result<Vec<bool>, PgError> {
     let mut tx = client.transaction()?;
+    let found = apply(&mut tx, batch)?;
+    tx.commit()?;
+    Ok(found)
+}
+
+/// Applies `batch` inside `tx`, which commits it with whatever else it holds.
+pub(super) fn apply(tx: &mut Transaction<'_>, batch: &[Ack<'_>]) -> Result<Vec<bool>, PgError> {
     let ack = tx.prepare(
         "INSERT INTO offsets (stream_id, consumer, name, seq) \
          SELECT e.stream_id, $3, e.name, e.seq FROM events e \
@@ -37,6 +44,5 @@ pub fn commit(client: &mut Client, batch: &[Ack<'_>]) -> Result<Vec<bool>, PgErr
         .iter()
         .map(|a| Ok(tx.execute(&ack, &[&a.id, &a.stream, &a.consumer])? == 1))
         .collect::<Result<_, PgError>>()?;
-    tx.commit()?;
     Ok(found)
 }

@@ -63,6 +63,21 @@ impl Database {
         })
     }
 
+    /// Adds `user` with the given password hash, allowed every stream, if there is no user
+    /// yet; false if there is one. Of two nodes doing this at once, both may find no user,
+    /// but the second's insert waits for the first's on the name's unique index and then
+    /// does nothing.
+    pub fn add_first_user(&mut self, user: &str, hash: &str) -> Result<bool, PgError> {
+        let created_ms = i64::try_from(wall_ms()).unwrap_or(i64::MAX);
+        let added = self.client.execute(
+            "INSERT INTO users (name, hash, produce, consume, created_ms)
+             SELECT $1, $2, '*', '*', $3 WHERE NOT EXISTS (SELECT 1 FROM users)
+             ON CONFLICT (name) DO NOTHING",
+            &[&user, &hash, &created_ms],
+        )?;
+        Ok(added == 1)
+    }
+
     /// All users as (name, produce patterns, consume patterns), sorted by name (bytewise,
     /// as SQLite sorts).
     pub fn list_users(&mut self) -> Result<Vec<(String, String, String)>, PgError> {

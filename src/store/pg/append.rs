@@ -60,11 +60,22 @@ struct StreamRow {
 /// nothing.
 pub fn commit(client: &mut Client, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
     let mut tx = client.transaction()?;
+    let outcomes = apply(&mut tx, batch, ts)?;
+    tx.commit()?;
+    Ok(outcomes)
+}
+
+/// Appends `batch` inside `tx`, which commits it with whatever else it holds.
+pub(super) fn apply(
+    tx: &mut Transaction<'_>,
+    batch: &[Append<'_>],
+    ts: u64,
+) -> Result<Vec<Outcome>, PgError> {
     // In name order (a BTreeSet's), so that batches never wait on each other in a cycle.
     let names: BTreeSet<&str> = batch.iter().map(|a| a.stream).collect();
     let mut streams = HashMap::with_capacity(names.len());
     for name in names {
-        streams.insert(name, lock(&mut tx, name, ts)?);
+        streams.insert(name, lock(tx, name, ts)?);
     }
     let mut outcomes = Vec::with_capacity(batch.len());
     // The stream of each stored event, in order.
@@ -115,7 +126,6 @@ pub fn commit(client: &mut Client, batch: &[Append<'_>], ts: u64) -> Result<Vec<
             ],
         )?;
     }
-    tx.commit()?;
     Ok(outcomes)
 }
 

@@ -5,10 +5,9 @@
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
 //! answers and types (`read`), and the operator commands (`admin`).
-//! The server does not run on it yet: `serve --db postgres://…` is refused by the settings
-//! until it does, while the operator commands run on it (`admin`). Until then this module
-//! is public (`eventserver::pg`, with the feature) so that its contracts are tested against
-//! a real PostgreSQL from outside, as a node would meet them.
+//! The server runs on it through `node` (the writer's [`Writes`] and the workers'
+//! [`Connection`]). The module is public (`eventserver::pg`, with the feature) so that its
+//! contracts are tested against a real PostgreSQL from outside, as a node would meet them.
 //!
 //! # One boundary, two implementations
 //!
@@ -17,10 +16,11 @@
 //!
 //! - **The writer** (`store::writer`): one thread per node takes whatever jobs are queued,
 //!   commits them in one transaction and hands the outcomes to the commit hook. Its loop
-//!   (batching, stop, retention between batches) does not depend on the engine; only
-//!   "apply this batch in one transaction" does: [`Database::append`] and [`Database::ack`]
-//!   are that for appends and ACKs (heartbeats follow: an `INSERT … ON CONFLICT`).
-//! - **Readers** (`store::Reader`): one connection per worker, as with SQLite; PostgreSQL's
+//!   (batching, stop, retention between batches) does not depend on the engine; only its
+//!   `writer::Log` does, here [`Writes`]: [`Database::write`] applies a batch's appends
+//!   (what [`Database::append`] does), ACKs ([`Database::ack`]) and heartbeat in one
+//!   transaction.
+//! - **Readers** (`store::Reader`, holding a [`Connection`]): one connection per worker, as with SQLite; PostgreSQL's
 //!   snapshots give each read the same consistency WAL readers give. [`Database::since`],
 //!   [`Database::consume`], [`Database::seq_of`] and [`Database::user`] are its queries,
 //!   returning its types (`read`); the status page's and metrics' queries are to come.
@@ -29,15 +29,11 @@
 //!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
 //!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
 //!
-//! Plugging in takes two changes to the SQLite side: `writer::run` becomes generic over the
-//! function that applies a batch (SQLite's `apply`, or one transaction holding what
-//! [`Database::append`] and [`Database::ack`] do, and heartbeats), and `StoreError`, which every failed job carries, gains a
-//! variant holding a [`PgError`].
-//!
 //! What differs is what several nodes add: a node's writer is not the only one, so nothing a
 //! transaction relies on may be cached across transactions without a lock (the SQLite writer
 //! caches stream rows; here every batch locks the rows it appends to), and a committed
-//! append must wake polls parked on other nodes (LISTEN/NOTIFY, to come).
+//! append must wake polls parked on other nodes (`api::catch_up` reads what the others
+//! commit).
 //!
 //! # What this relies on about PostgreSQL
 //!
@@ -56,6 +52,7 @@
 mod ack;
 mod admin;
 mod append;
+mod node;
 mod read;
 mod schema;
 
@@ -68,6 +65,7 @@ pub use super::writer::Payload;
 pub use crate::event::Event;
 pub use ack::Ack;
 pub use append::{Append, Outcome};
+pub use node::{Connection, Writes};
 
 /// One node's connection to the shared database.
 pub struct Database {
@@ -102,6 +100,42 @@ impl Database {
     pub fn ack(&mut self, batch: &[Ack<'_>]) -> Result<Vec<bool>, PgError> {
         ack::commit(&mut self.client, batch)
     }
+
+    /// One batch of a node's writer in one transaction, so one flush of PostgreSQL's WAL:
+    /// what [`Database::append`] and [`Database::ack`] do, then, with `heartbeat`, the
+    /// node's heartbeat row stamped `ts` (so a health check proves a commit goes through).
+    pub fn write(
+        &mut self,
+        appends: &[Append<'_>],
+        acks: &[Ack<'_>],
+        heartbeat: Option<&str>,
+        ts: u64,
+    ) -> Result<(Vec<Outcome>, Vec<bool>), PgError> {
+        let mut tx = self.client.transaction()?;
+        let stored = match appends.is_empty() {
+            true => Vec::new(),
+            false => append::apply(&mut tx, appends, ts)?,
+        };
+        let found = match acks.is_empty() {
+            true => Vec::new(),
+            false => ack::apply(&mut tx, acks)?,
+        };
+        if let Some(node) = heartbeat {
+            tx.execute(
+                "INSERT INTO heartbeat (node, at_ms) VALUES ($1, $2) \
+                 ON CONFLICT (node) DO UPDATE SET at_ms = excluded.at_ms",
+                &[&node, &(ts as i64)],
+            )?;
+        }
+        tx.commit()?;
+        Ok((stored, found))
+    }
+
+    /// Whether the connection is gone (the server closed it, or it broke): every later
+    /// call fails, so the caller opens a new one.
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
 }
 
 /// A failure of the PostgreSQL store; its message is for logs and operators, never for
@@ -134,6 +168,26 @@ impl std::fmt::Display for PgError {
     }
 }
 
+impl PgError {
+    /// Whether the database could not be reached, or went away: a condition that passes
+    /// when it comes back (503), as opposed to a refusal by a database that is there.
+    pub fn is_unavailable(&self) -> bool {
+        let PgError::Postgres(e) = self else {
+            return false;
+        };
+        match e.code() {
+            // No SQLSTATE: the connection failed, broke or timed out, or was closed.
+            None => true,
+            // Class 08 (connection exception), or 57P01–57P03: the server is shutting
+            // down or starting up.
+            Some(code) => {
+                let code = code.code();
+                code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+            }
+        }
+    }
+}
+
 impl std::error::Error for PgError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -162,8 +216,15 @@ fn described(e: &postgres::Error) -> String {
 }
 
 /// How long connecting may take when the URL does not say (`connect_timeout`): a node
-/// whose database is down must answer, not hang.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// whose database is down must answer, not hang, and a write waits for at most one
+/// attempt to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long sent data may stay unacknowledged by the database host's kernel, and how soon
+/// an idle connection is probed, before the connection counts as broken: a host that
+/// vanished from the network (no reset comes back) fails the calls waiting on it within
+/// a few seconds instead of TCP's default of many minutes.
+const DEAD_PEER: Duration = Duration::from_secs(3);
 
 /// Why `url` is not a PostgreSQL URL eventserver can connect with, if it is not. The
 /// reasons name options, never values, so they carry no password.
@@ -198,6 +259,11 @@ fn connect(url: &str) -> Result<Client, PgError> {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     config.application_name("eventserver");
+    config
+        .tcp_user_timeout(DEAD_PEER)
+        .keepalives_idle(DEAD_PEER)
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(2);
     let mut client = config.connect(NoTls)?;
     // `off` and `local` would answer a 200 for a commit a crash of the server (or the
     // loss of its host) could take back; stricter settings (`remote_apply`) are kept.

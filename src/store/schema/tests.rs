@@ -277,9 +277,12 @@ fn append(conn: Connection, streams: &[(&str, bool)]) -> Vec<Event> {
         .unwrap();
     }
     jobs.send(Job::Stop).unwrap();
-    writer::run(conn, rx, Arc::new(Clock::starting_at(0)), |c| {
-        c.replies.into_iter().for_each(writer::Answer::send)
-    });
+    writer::run(
+        writer::Sqlite::new(conn),
+        rx,
+        Arc::new(Clock::starting_at(0)),
+        |c| c.replies.into_iter().for_each(writer::Answer::send),
+    );
     appended.try_iter().map(|e| (*e).clone()).collect()
 }
 
@@ -315,9 +318,12 @@ fn append_cost(named: bool, streams: usize, batch: usize, events: usize) -> Cost
     let (jobs, rx) = crossbeam_channel::unbounded();
     let (commits, committed) = crossbeam_channel::unbounded();
     let writer = std::thread::spawn(move || {
-        writer::run(conn, rx, Arc::new(Clock::starting_at(0)), move |_| {
-            commits.send(()).unwrap()
-        })
+        writer::run(
+            writer::Sqlite::new(conn),
+            rx,
+            Arc::new(Clock::starting_at(0)),
+            move |_| commits.send(()).unwrap(),
+        )
     });
     let mut n = 0;
     let mut append = |count: usize| {
