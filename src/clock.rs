@@ -4,8 +4,20 @@
 //! callers: the timestamps the writer stamps on commits never decrease (even when the wall
 //! clock steps back), and every event committed after a timeout answer carries a timestamp
 //! greater than that answer's `timestamp` (golongpoll's Go client resumes from it).
+//!
+//! # Several nodes
+//!
+//! Nodes sharing a PostgreSQL database stamp one stream's events in turn, and a client may
+//! resume on one node from another's timeout answer. Each node's clock therefore follows
+//! the database server's ([`Clock::follow`]): its writer measures the offset when it
+//! connects and every few seconds after, to within half a round trip. Appends also stamp
+//! each stream no lower than its last event, so timestamps never decrease along a stream
+//! whatever the clocks say; the second promise holds across nodes up to the difference
+//! between two nodes' measurements (their round trips to the database, well under a
+//! millisecond on one network), where one node holds it exactly.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch by the wall clock (0 if the clock is before 1970).
@@ -20,6 +32,9 @@ pub fn wall_ms() -> u64 {
 #[derive(Debug, Default)]
 pub struct Clock {
     state: Mutex<State>,
+    /// Milliseconds added to the wall clock: the database's time less this host's, when
+    /// the node shares a database; 0 otherwise.
+    offset: AtomicI64,
 }
 
 #[derive(Debug, Default)]
@@ -40,7 +55,20 @@ impl Clock {
                 last_event: floor,
                 ..State::default()
             }),
+            offset: AtomicI64::new(0),
         }
+    }
+
+    /// Follows a clock `offset_ms` ahead of this host's wall clock (behind, if negative)
+    /// from now on. Stamps still never decrease, even if the offset does.
+    pub fn follow(&self, offset_ms: i64) {
+        self.offset.store(offset_ms, Ordering::Relaxed);
+    }
+
+    /// Now, by the clock followed.
+    fn now(&self) -> u64 {
+        let offset = self.offset.load(Ordering::Relaxed);
+        wall_ms().saturating_add_signed(offset)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -53,7 +81,8 @@ impl Clock {
     /// and its waiters were woken.
     pub fn stamp_batch(&self) -> u64 {
         let mut s = self.lock();
-        let ts = wall_ms()
+        let ts = self
+            .now()
             .max(s.last_event)
             .max(s.last_answer.saturating_add(1));
         s.last_event = ts;
@@ -73,7 +102,7 @@ impl Clock {
         let ts = match s.in_flight {
             // The batch in flight may commit after this answer is sent, so stay below it.
             Some(batch) => batch.saturating_sub(1),
-            None => wall_ms().max(s.last_event),
+            None => self.now().max(s.last_event),
         };
         s.last_answer = s.last_answer.max(ts);
         ts
@@ -98,6 +127,17 @@ mod tests {
             b > answer,
             "an event after a timeout answer must be newer than it"
         );
+    }
+
+    #[test]
+    fn a_followed_clock_stamps_by_it_and_never_goes_back() {
+        let clock = Clock::default();
+        clock.follow(60_000);
+        let ahead = clock.stamp_batch();
+        assert!(ahead >= wall_ms() + 59_000, "{ahead}");
+        clock.batch_done();
+        clock.follow(-60_000);
+        assert_eq!(clock.stamp_batch(), ahead, "stamps never decrease");
     }
 
     #[test]

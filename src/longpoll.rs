@@ -320,6 +320,17 @@ impl<R> Registry<R> {
         Some(woken)
     }
 
+    /// The categories polls are parked on, each with its high-water mark.
+    #[cfg(feature = "postgres")]
+    pub fn waited_on(&self) -> Vec<(Arc<str>, u64)> {
+        let inner = self.lock();
+        let waited = inner
+            .categories
+            .iter()
+            .filter(|(_, cat)| !cat.waiting.is_empty());
+        waited.map(|(name, cat)| (name.clone(), cat.hwm)).collect()
+    }
+
     /// Takes note that `category`'s events up to `seq` are committed (by another node, or
     /// by this one's writer, whose own registration may come before or after this). A
     /// category nobody waits on just moves its high-water mark there, forgetting a tail
@@ -327,6 +338,7 @@ impl<R> Registry<R> {
     /// from stale memory, and a poll parking on an older read is sent back to the store.
     /// `Some(hwm)` when waiters are parked behind `seq`: read the events after `hwm` from
     /// the store and [`Registry::publish`] them.
+    #[cfg(feature = "postgres")]
     pub fn announce(&self, category: &str, seq: u64) -> Option<u64> {
         let mut inner = self.lock();
         let cat = inner

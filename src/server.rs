@@ -1,16 +1,18 @@
 //! Wiring and lifecycle: the only place (with `pool` and `http`) that spawns the server's
 //! threads; `service` adds the systemd watchdog's for the binary.
 //!
-//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one checkpoint thread
-//! (poked by the writer after its commits), one timer.
+//! Threads: the HTTP accept loop(s), `workers` workers, one writer, one timer, and, on
+//! SQLite, one checkpoint thread (poked by the writer after its commits), or, on a
+//! PostgreSQL database that nodes share, one catch-up and one listening thread.
 //! Shutdown order, each step waiting for the one before:
 //! 1. stop accepting and close the request queue (new requests get 503);
 //! 2. close the registry: every parked long-poll is answered now, later ones at once;
 //! 3. wait until each worker has taken its last request;
-//! 4. stop the writer after it commits everything queued; it then drops the checkpoint
-//!    thread's pokes, which stops that thread, waits for it to end, and checkpoints the
-//!    database one last time;
-//! 5. stop the workers once the last answers are sent, then the timer.
+//! 4. stop the writer after it commits everything queued; on SQLite it then drops the
+//!    checkpoint thread's pokes, which stops that thread, waits for it to end, and
+//!    checkpoints the database one last time;
+//! 5. stop the catch-up thread after what is queued for it, and the listening thread;
+//! 6. stop the workers once the last answers are sent, then the timer.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -21,7 +23,6 @@ use uuid::Uuid;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 
-use crate::api::catch_up::CatchUp;
 use crate::api::longpoll::Polled;
 use crate::api::{self, App, Incoming, Runtime};
 use crate::auth::Authenticator;
@@ -57,12 +58,10 @@ impl Server {
     pub fn start_on(listener: TcpListener, config: Config) -> Result<ServerHandle, Error> {
         config.validate().map_err(Error::Config)?;
         crate::http::prepare(&listener)?;
-        let log = Log::open(&config, &listener)?;
+        let mut log = Log::open(&config, &listener)?;
         let clock = Arc::new(Clock::starting_at(log.newest_timestamp()?));
         // Every worker opens its reader before serving; fail now rather than in a thread.
         Reader::open(&config.db)?;
-        let (catch_up_tx, catch_up_rx) = unbounded::<CatchUp>();
-        let catch_up_tx = log.shared().then_some(catch_up_tx);
 
         let (writer_tx, writer_rx) = bounded::<Job>(config.write_queue);
         let (tasks_tx, tasks_rx) = unbounded::<Task>();
@@ -80,7 +79,6 @@ impl Server {
                 timer_tx,
                 registry,
                 clock.clone(),
-                catch_up_tx,
             ),
             auth: Authenticator::new(
                 config.auth_cache_ttl,
@@ -92,20 +90,16 @@ impl Server {
             config,
         });
 
+        #[cfg(feature = "postgres")]
+        let log_shared = log.shared();
         let (writer, checkpoints) = log.spawn(&app, writer_rx, clock)?;
-        let catch_up = match app.runtime.shared() {
-            true => {
-                let app = app.clone();
-                let mut reader = Reader::open(&app.config.db)?;
-                Some(
-                    thread::Builder::new()
-                        .name("catch-up".into())
-                        .stack_size(THREAD_STACK)
-                        .spawn(move || api::catch_up::run(&app, &mut reader, &catch_up_rx))?,
-                )
-            }
+        #[cfg(feature = "postgres")]
+        let catch_up = match log_shared {
+            true => Some(spawn_catch_up(&app)?),
             false => None,
         };
+        #[cfg(not(feature = "postgres"))]
+        let catch_up = None;
 
         let db = app.config.db.clone();
         let worker_app = app.clone();
@@ -163,6 +157,8 @@ impl Server {
 }
 
 /// The writer's log on the engine `--db` names.
+// One per server, moved once into the writer thread: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Log {
     /// SQLite's write connection.
     Sqlite(store::writer::Sqlite),
@@ -189,17 +185,17 @@ impl Log {
     }
 
     /// Whether other nodes write to the same database.
+    #[cfg(feature = "postgres")]
     fn shared(&self) -> bool {
         !matches!(self, Log::Sqlite(_))
     }
 
     /// The newest event's time, for the clock to start at.
-    fn newest_timestamp(&self) -> Result<u64, Error> {
+    fn newest_timestamp(&mut self) -> Result<u64, Error> {
         match self {
             Log::Sqlite(log) => Ok(store::newest_timestamp(log.connection())?),
-            // Each batch is stamped at least at its stream's last time (`pg::append`).
             #[cfg(feature = "postgres")]
-            Log::Pg(_) => Ok(0),
+            Log::Pg(log) => Ok(log.newest_timestamp()?),
         }
     }
 
@@ -230,6 +226,28 @@ impl Log {
     }
 }
 
+/// Starts the threads of a node that shares its database: one reads what the others
+/// commit (`api::catch_up`), one listens for their announcements.
+#[cfg(feature = "postgres")]
+fn spawn_catch_up(app: &Arc<App>) -> Result<[JoinHandle<()>; 2], Error> {
+    let (queue_tx, queue) = unbounded();
+    app.runtime.share(queue_tx);
+    let mut reader = Reader::open(&app.config.db)?;
+    let reads = {
+        let app = app.clone();
+        thread::Builder::new()
+            .name("catch-up".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || api::catch_up::run(&app, &mut reader, &queue))?
+    };
+    let app = app.clone();
+    let listens = thread::Builder::new()
+        .name("listen".into())
+        .stack_size(THREAD_STACK)
+        .spawn(move || api::catch_up::listen(&app, &app.config.db.to_string_lossy()))?;
+    Ok([reads, listens])
+}
+
 /// Starts SQLite's writer thread as `writer` says, and the checkpoint thread it pokes.
 fn spawn_sqlite(
     log: store::writer::Sqlite,
@@ -238,41 +256,39 @@ fn spawn_sqlite(
     jobs: Receiver<Job>,
     clock: Arc<Clock>,
 ) -> Result<(JoinHandle<()>, Option<JoinHandle<()>>), Error> {
-    {
-        let checkpointer = Checkpointer::open(&app.config.db)?;
-        let (pokes_tx, pokes_rx) = bounded::<()>(1);
-        // Never sent on: disconnects when the checkpoint thread ends, however it ends.
-        let (ended_tx, ended_rx) = bounded::<()>(0);
-        let writer = {
-            let app = app.clone();
-            writer.spawn(move || {
-                let hook = |committed: writer::Committed| {
-                    on_commit(&app, committed);
-                    // Full means a poke is pending already, which is as good.
-                    let _ = pokes_tx.try_send(());
-                };
-                let log = writer::run(log, jobs, clock, hook);
-                // The checkpoint thread stops once its pokes are gone; the last
-                // checkpoint waits for it, so that it runs alone.
-                drop(pokes_tx);
-                let _ = ended_rx.recv();
-                if let Err(e) = store::checkpoint(log.connection()) {
-                    crate::log::warn(&format!("final checkpoint failed: {e}"));
-                }
+    let checkpointer = Checkpointer::open(&app.config.db)?;
+    let (pokes_tx, pokes_rx) = bounded::<()>(1);
+    // Never sent on: disconnects when the checkpoint thread ends, however it ends.
+    let (ended_tx, ended_rx) = bounded::<()>(0);
+    let writer = {
+        let app = app.clone();
+        writer.spawn(move || {
+            let hook = |committed: writer::Committed| {
+                on_commit(&app, committed);
+                // Full means a poke is pending already, which is as good.
+                let _ = pokes_tx.try_send(());
+            };
+            let log = writer::run(log, jobs, clock, hook);
+            // The checkpoint thread stops once its pokes are gone; the last
+            // checkpoint waits for it, so that it runs alone.
+            drop(pokes_tx);
+            let _ = ended_rx.recv();
+            if let Err(e) = store::checkpoint(log.connection()) {
+                crate::log::warn(&format!("final checkpoint failed: {e}"));
+            }
+        })?
+    };
+    let checkpoints = {
+        let app = app.clone();
+        thread::Builder::new()
+            .name("checkpoint".into())
+            .stack_size(THREAD_STACK)
+            .spawn(move || {
+                let _ended = ended_tx;
+                checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
             })?
-        };
-        let checkpoints = {
-            let app = app.clone();
-            thread::Builder::new()
-                .name("checkpoint".into())
-                .stack_size(THREAD_STACK)
-                .spawn(move || {
-                    let _ended = ended_tx;
-                    checkpointer.run(&pokes_rx, |wal| app.metrics.wal(wal.bytes, wal.pending))
-                })?
-        };
-        Ok((writer, Some(checkpoints)))
-    }
+    };
+    Ok((writer, Some(checkpoints)))
 }
 
 /// The front door the HTTP layer hands requests to: admission by the API, then the lane's
@@ -379,8 +395,8 @@ struct Running {
     writer: JoinHandle<()>,
     /// SQLite's checkpoint thread.
     checkpoints: Option<JoinHandle<()>>,
-    /// The catch-up thread of a node sharing its database.
-    catch_up: Option<JoinHandle<()>>,
+    /// The catch-up and listening threads of a node sharing its database.
+    catch_up: Option<[JoinHandle<()>; 2]>,
     timer: JoinHandle<()>,
     tasks: Sender<Task>,
 }
@@ -465,8 +481,14 @@ impl ServerHandle {
         // The writer's end stopped the checkpoint thread (it waited for it).
         let checkpoints = running.checkpoints.and_then(|t| t.join().err());
         // After the writer: its last commits may queue reads for the catch-up thread.
-        self.app.runtime.stop_catch_up();
-        let catch_up = running.catch_up.and_then(|t| t.join().err());
+        #[cfg(feature = "postgres")]
+        self.app.runtime.catch_up(api::catch_up::CatchUp::Stop);
+        let catch_up = running
+            .catch_up
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.join().err())
+            .next();
         for _ in 0..self.app.config.workers {
             let _ = running.tasks.send(Task::Stop);
         }

@@ -11,8 +11,9 @@
 //! publishes them: the waiters are answered from memory, never one query per poll. A
 //! category nobody waits on costs no query (`Registry::announce`).
 //!
-//! A failed read leaves the polls parked; the next notification reads them again, and
-//! their deadlines answer them meanwhile.
+//! A failed read leaves the polls parked; the next notification, or the re-check of every
+//! waited-on category ([`CatchUp::Recheck`]) that follows a reconnection of the
+//! notifications ([`listen`]), reads them again, and their deadlines answer them meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +28,8 @@ use crate::store::Reader;
 pub(crate) enum CatchUp {
     /// The category's events up to this sequence number are committed.
     Behind(Arc<str>, u64),
+    /// Notifications may have been missed: read every category polls wait on.
+    Recheck,
     /// Stop, after what is queued before.
     Stop,
 }
@@ -38,6 +41,7 @@ const READ_LIMIT: usize = 1024;
 pub(crate) fn run(app: &App, reader: &mut Reader, queue: &Receiver<CatchUp>) {
     while let Ok(first) = queue.recv() {
         let mut behind: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut recheck = false;
         let mut stop = false;
         for next in std::iter::once(first).chain(queue.try_iter()) {
             match next {
@@ -45,6 +49,7 @@ pub(crate) fn run(app: &App, reader: &mut Reader, queue: &Receiver<CatchUp>) {
                     let newest = behind.entry(category).or_insert(seq);
                     *newest = (*newest).max(seq);
                 }
+                CatchUp::Recheck => recheck = true,
                 CatchUp::Stop => stop = true,
             }
         }
@@ -53,8 +58,66 @@ pub(crate) fn run(app: &App, reader: &mut Reader, queue: &Receiver<CatchUp>) {
                 read_after(app, reader, &category, after);
             }
         }
+        if recheck {
+            for (category, hwm) in app.runtime.registry.waited_on() {
+                read_after(app, reader, &category, hwm);
+            }
+        }
         if stop {
             return;
+        }
+    }
+}
+
+/// How long the listening thread waits for a notification before it looks whether the
+/// server is stopping: what a shutdown may wait for it.
+#[cfg(feature = "postgres")]
+const LISTEN_STEP: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Longest wait between two attempts to reconnect the notifications.
+#[cfg(feature = "postgres")]
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the listening thread of a node on the PostgreSQL database `url` until the server
+/// stops: it hears every node's appends and queues them for the catch-up thread. After it
+/// (re)connects it queues a [`CatchUp::Recheck`]: appends announced while it was not
+/// listening were not heard. A database that is down is tried again with growing waits up
+/// to [`RECONNECT_MAX`], and logged once per outage.
+#[cfg(feature = "postgres")]
+pub(crate) fn listen(app: &App, url: &str) {
+    let mut wait = LISTEN_STEP;
+    let mut down = false;
+    while !app.runtime.stopping() {
+        let mut listener = match crate::store::pg::Listener::connect(url) {
+            Ok(listener) => listener,
+            Err(e) => {
+                if !down {
+                    crate::log::error(&format!("cannot listen for other nodes' appends: {e}"));
+                    down = true;
+                }
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(RECONNECT_MAX);
+                continue;
+            }
+        };
+        if down {
+            crate::log::warn("listening for other nodes' appends again");
+        }
+        (wait, down) = (LISTEN_STEP, false);
+        app.runtime.catch_up(CatchUp::Recheck);
+        while !app.runtime.stopping() {
+            match listener.wait(LISTEN_STEP) {
+                Ok(heard) => {
+                    for (stream, seq) in heard {
+                        app.runtime.catch_up(CatchUp::Behind(stream.into(), seq));
+                    }
+                }
+                Err(e) => {
+                    crate::log::error(&format!("lost the other nodes' appends: {e}"));
+                    down = true;
+                    break;
+                }
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 //! (`"Bad Request - <why>"`), the long-poll API as golongpoll's `{"error": …}` bodies.
 
 mod admission;
+#[cfg(feature = "postgres")]
 pub(crate) mod catch_up;
 pub mod check;
 mod edge;

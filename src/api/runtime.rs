@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Sender, TrySendError};
 
+#[cfg(feature = "postgres")]
 use super::catch_up::CatchUp;
 use super::error::{Api, Failure};
 use super::longpoll::{self, Polled};
@@ -84,9 +85,10 @@ pub struct Runtime {
     /// Stamps the timeout answers.
     clock: Arc<Clock>,
     /// Categories whose waiters wait behind events committed by another node, with the
-    /// newest sequence number known: the catch-up thread reads them from the store. `None`
+    /// newest sequence number known: the catch-up thread reads them from the store. Unset
     /// with one node, whose writer registers every event in order.
-    catch_up: Option<Sender<CatchUp>>,
+    #[cfg(feature = "postgres")]
+    catch_up: std::sync::OnceLock<Sender<CatchUp>>,
     /// Set once shutdown has begun.
     stopping: AtomicBool,
     /// What the last look for clients that went away found.
@@ -113,7 +115,6 @@ impl Runtime {
         timer: Sender<()>,
         registry: Registry<Parked>,
         clock: Arc<Clock>,
-        catch_up: Option<Sender<CatchUp>>,
     ) -> Runtime {
         Runtime {
             writer,
@@ -121,7 +122,8 @@ impl Runtime {
             timer,
             registry,
             clock,
-            catch_up,
+            #[cfg(feature = "postgres")]
+            catch_up: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             last_look: Mutex::new(None),
         }
@@ -137,22 +139,19 @@ impl Runtime {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// Whether other nodes write to the database too, so a catch-up thread reads what
-    /// they commit.
-    pub(crate) fn shared(&self) -> bool {
-        self.catch_up.is_some()
+    /// Hands what the catch-up thread is to do to `queue` from now on: other nodes write
+    /// to the database too.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn share(&self, queue: Sender<CatchUp>) {
+        let _ = self.catch_up.set(queue);
     }
 
     /// Queues `due` for the catch-up thread, if there is one.
+    #[cfg(feature = "postgres")]
     pub(crate) fn catch_up(&self, due: CatchUp) {
-        if let Some(queue) = &self.catch_up {
+        if let Some(queue) = self.catch_up.get() {
             let _ = queue.send(due);
         }
-    }
-
-    /// Tells the catch-up thread, if any, to stop after what is queued.
-    pub(crate) fn stop_catch_up(&self) {
-        self.catch_up(CatchUp::Stop);
     }
 
     /// Pokes the timer thread (to re-read its deadlines, or to see that it must stop).
@@ -325,14 +324,13 @@ impl Runtime {
             Some(more) => woken.extend(more),
             None => {
                 let last = events.last().map_or(0, |e| e.seq);
-                match &self.catch_up {
-                    Some(queue) => {
-                        let _ = queue.send(CatchUp::Behind(category.into(), last));
-                    }
-                    None => crate::log::error(&format!(
-                        "events of {category} up to {last} do not follow on from memory"
-                    )),
+                #[cfg(feature = "postgres")]
+                if self.catch_up.get().is_some() {
+                    return self.catch_up(CatchUp::Behind(category.into(), last));
                 }
+                crate::log::error(&format!(
+                    "events of {category} up to {last} do not follow on from memory"
+                ));
             }
         }
     }

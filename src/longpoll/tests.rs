@@ -256,6 +256,7 @@ fn events_already_registered_are_skipped_and_a_gap_is_refused() {
     assert_eq!(seqs, [3], "event 2 was registered already");
 }
 
+#[cfg(feature = "postgres")]
 #[test]
 fn an_announcement_past_memory_sends_waiters_to_the_store_and_others_to_it() {
     let reg = Registry::new(100, 8);

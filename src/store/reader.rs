@@ -124,20 +124,12 @@ impl Reader {
 
     /// See [`Sqlite::consumer_lag`].
     pub fn consumer_lag(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
-        match self {
-            Reader::Sqlite(r) => r.consumer_lag(),
-            #[cfg(feature = "postgres")]
-            Reader::Pg(_) => Err(StoreError::Invariant("not on PostgreSQL yet")),
-        }
+        on_engine!(self, r => r.consumer_lag())
     }
 
     /// See [`Sqlite::retention_held`].
     pub fn retention_held(&self) -> Result<Vec<(String, String, u64)>, StoreError> {
-        match self {
-            Reader::Sqlite(r) => r.retention_held(),
-            #[cfg(feature = "postgres")]
-            Reader::Pg(_) => Err(StoreError::Invariant("not on PostgreSQL yet")),
-        }
+        on_engine!(self, r => r.retention_held())
     }
 
     /// See [`Sqlite::overview`].
@@ -147,11 +139,7 @@ impl Reader {
         max_streams: usize,
         max_consumers: usize,
     ) -> Result<Overview, StoreError> {
-        match self {
-            Reader::Sqlite(r) => r.overview(visible, max_streams, max_consumers),
-            #[cfg(feature = "postgres")]
-            Reader::Pg(_) => Err(StoreError::Invariant("not on PostgreSQL yet")),
-        }
+        on_engine!(self, r => r.overview(&visible, max_streams, max_consumers))
     }
 }
 

@@ -185,6 +185,11 @@ pub trait Log {
     /// if deleting fails, no append or ACK fails with it. A failure is logged and ends
     /// the run.
     fn retain_chunk(&mut self, ts: u64);
+    /// How far the database's clock is ahead of this host's (ms), when it is time to
+    /// measure it again: a node sharing its database follows that clock (see `clock`).
+    fn clock_offset(&mut self) -> Option<i64> {
+        None
+    }
 }
 
 /// Runs the writer until it takes [`Job::Stop`] (or every sender is gone), then returns
@@ -197,6 +202,9 @@ pub fn run<L: Log>(
 ) -> L {
     let mut next = None;
     loop {
+        if let Some(offset) = log.clock_offset() {
+            clock.follow(offset);
+        }
         let first = match (next.take(), log.retaining()) {
             (Some(job), _) => Some(job),
             (None, true) => jobs.try_recv().ok(),

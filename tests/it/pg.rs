@@ -3,7 +3,9 @@
 //! ([`Postgres`]): migrations run once when nodes start together, a newer schema is
 //! refused, appends through two nodes are gapless and totally ordered, a race for a new
 //! stream has exactly one winner, ACKs through two nodes only move an offset forward, and
-//! reads answer as SQLite's reader does for every cursor, gaps included.
+//! reads answer as SQLite's reader does for every cursor, gaps included; and (`node`) the
+//! status page's and metrics' reads, retention run by one node at a time in bounded
+//! chunks, and the wake-up every append sends to every node's listener.
 //!
 //! Each "node" is a thread with a connection of its own ([`eventserver::pg::Database`]):
 //! to PostgreSQL, that is exactly what two processes are.
@@ -847,5 +849,647 @@ mod cluster {
         cli(&["consumer", "remove", "nope", "billing"]).fails(2, "no stream named 'nope'");
         let shown = cli(&["stream", "show", "orders"]).ok().stdout;
         assert!(shown.ends_with("consumers:\n"), "{shown}");
+    }
+}
+
+/// The status page's and metrics' reads, retention and the cross-node wake-up on
+/// PostgreSQL, each against a throwaway cluster.
+#[cfg(feature = "postgres")]
+mod node {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use eventserver::Start;
+    use eventserver::pg::{
+        Ack, Append, Database, Listener, Outcome, Payload, RETENTION_LOCK, Retention, Sweep,
+    };
+
+    use crate::support::Postgres;
+
+    /// Appends one event named `name` (a `/publish` event for `None`) to each of
+    /// `streams`, in one batch stamped `ts`; returns the events' ids.
+    fn append(db: &mut Database, streams: &[&str], name: Option<&str>, ts: u64) -> Vec<uuid::Uuid> {
+        let payload = match name {
+            Some(name) => Payload::Element {
+                name: name.into(),
+                fields: ",\"event\":{}".into(),
+            },
+            None => Payload::Data("{}".into()),
+        };
+        let appends: Vec<Append> = streams
+            .iter()
+            .map(|stream| Append {
+                stream,
+                producer: None,
+                payload: &payload,
+            })
+            .collect();
+        db.append(&appends, ts)
+            .unwrap()
+            .into_iter()
+            .map(|outcome| match outcome {
+                Outcome::Stored(event) => event.id,
+                Outcome::Locked => panic!("{streams:?}: locked"),
+            })
+            .collect()
+    }
+
+    /// `consumer` acknowledges event `id` of `stream`.
+    fn ack(db: &mut Database, stream: &str, consumer: &str, id: uuid::Uuid) {
+        let ack = Ack {
+            stream,
+            consumer,
+            id,
+        };
+        assert_eq!(
+            db.ack(&[ack]).unwrap(),
+            [true],
+            "{stream}: {consumer}'s ACK"
+        );
+    }
+
+    /// Consumer lag, retention's held counts, the status page's overview (names in
+    /// bytewise order, hidden streams skipped, both limits) and the newest timestamp answer
+    /// as SQLite's reader does.
+    #[test]
+    fn the_status_and_metrics_reads_answer_as_sqlites_do() {
+        let test = "the_status_and_metrics_reads_answer_as_sqlites_do";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        // A database whose own collation (ICU's English) sorts "a" before "B".
+        pg.psql(
+            "postgres",
+            "CREATE DATABASE status TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en'",
+        );
+        assert_eq!(
+            pg.psql(
+                "status",
+                "SELECT string_agg(n, '') FROM (SELECT unnest(ARRAY['B', 'a']) ORDER BY 1) v (n)"
+            ),
+            "aB"
+        );
+        let mut db = Database::open(&pg.url("status")).unwrap();
+        assert_eq!(db.newest_timestamp().unwrap(), 0);
+        let overview = db.overview(|_| true, 10, 10).unwrap();
+        assert!(overview.streams.is_empty() && !overview.more_streams);
+        assert!(db.consumer_lag().unwrap().is_empty());
+
+        // Bytewise, "B" sorts before "a"; a locale would put it after.
+        let streams = ["a", "B", "hidden", "z"];
+        let placed = append(&mut db, &streams, Some("placed"), 20);
+        append(&mut db, &streams, Some("placed"), 30);
+        append(&mut db, &["a", "B"], Some("paid"), 25);
+        append(&mut db, &["a"], None, 10);
+        ack(&mut db, "a", "billing", placed[0]);
+        ack(&mut db, "a", "audit", placed[0]);
+        ack(&mut db, "B", "billing", placed[1]);
+        assert_eq!(
+            db.newest_timestamp().unwrap(),
+            30,
+            "the newest time of any stream, whatever the order of the batches"
+        );
+
+        let lag = db.consumer_lag().unwrap();
+        let lag: Vec<(&str, &str, &str, u64)> = lag
+            .iter()
+            .map(|(s, c, n, lag)| (&**s, &**c, &**n, *lag))
+            .collect();
+        assert_eq!(
+            lag,
+            [
+                ("B", "billing", "placed", 1),
+                ("a", "audit", "placed", 1),
+                ("a", "billing", "placed", 1),
+            ]
+        );
+
+        let visible = |name: &str| name != "hidden";
+        let all = db.overview(visible, 10, 10).unwrap();
+        let listed: Vec<(&str, u64, u64, u64, usize)> = all
+            .streams
+            .iter()
+            .map(|s| {
+                let sum = &s.summary;
+                (
+                    &*sum.name,
+                    sum.events,
+                    sum.last_seq,
+                    sum.last_ms,
+                    s.consumers.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [("B", 3, 3, 30, 1), ("a", 4, 4, 30, 2), ("z", 2, 2, 30, 0)]
+        );
+        assert!(!all.more_streams && !all.more_consumers);
+        let a = &all.streams[1].consumers;
+        let a: Vec<(&str, &str, u64, u64)> = a
+            .iter()
+            .map(|c| (&*c.consumer, &*c.event_name, c.offset, c.lag))
+            .collect();
+        assert_eq!(a, [("audit", "placed", 1, 1), ("billing", "placed", 1, 1)]);
+
+        let first = db.overview(visible, 2, 3).unwrap();
+        let names: Vec<&str> = first.streams.iter().map(|s| &*s.summary.name).collect();
+        assert_eq!(names, ["B", "a"]);
+        assert!(first.more_streams, "z was left out");
+        assert!(!first.more_consumers, "three consumers in all fit");
+        let fewer = db.overview(visible, 10, 2).unwrap();
+        let counts: Vec<usize> = fewer.streams.iter().map(|s| s.consumers.len()).collect();
+        assert_eq!(counts, [1, 1, 0]);
+        assert!(fewer.more_consumers && !fewer.more_streams);
+        // Past a page of the walk: the names beyond it are still found, in order.
+        let many: Vec<String> = (0..300).map(|i| format!("m{i:03}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        append(&mut db, &many, None, 40);
+        let late = db.overview(|name| name >= "m250", 100, 0).unwrap();
+        assert_eq!(late.streams.len(), 51, "m250..m299 and z");
+        assert_eq!(late.streams[50].summary.name, "z");
+
+        assert!(db.retention_held().unwrap().is_empty());
+        pg.psql(
+            "status",
+            "INSERT INTO retention_held (stream_id, consumer, events) \
+             SELECT id, c, n FROM streams, (VALUES ('x', 2), ('W', 5)) v (c, n) \
+             WHERE name IN ('a', 'B')",
+        );
+        let held = db.retention_held().unwrap();
+        let held: Vec<(&str, &str, u64)> = held.iter().map(|(s, c, n)| (&**s, &**c, *n)).collect();
+        assert_eq!(
+            held,
+            [("B", "W", 5), ("B", "x", 2), ("a", "W", 5), ("a", "x", 2)]
+        );
+    }
+
+    /// How long a notification may take to arrive: far more than it ever does.
+    const HEARD_WITHIN: Duration = Duration::from_secs(10);
+
+    /// What `listener` hears until `enough` holds of it, the newest sequence number per
+    /// stream, failing the test if that takes longer than [`HEARD_WITHIN`]. Each wake-up
+    /// names a stream at most once.
+    fn hear(
+        listener: &mut Listener,
+        enough: impl Fn(&HashMap<String, u64>) -> bool,
+    ) -> HashMap<String, u64> {
+        let deadline = Instant::now() + HEARD_WITHIN;
+        let mut heard = HashMap::new();
+        while !enough(&heard) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "heard only {heard:?}");
+            let woken = listener.wait(left).unwrap();
+            let mut streams: Vec<&str> = woken.iter().map(|(s, _)| &**s).collect();
+            streams.sort_unstable();
+            streams.dedup();
+            assert_eq!(streams.len(), woken.len(), "a stream twice: {woken:?}");
+            for (stream, seq) in woken {
+                let newest = heard.entry(stream).or_default();
+                assert!(seq > *newest, "a wake-up went back: {seq} after {newest}");
+                *newest = seq;
+            }
+        }
+        heard
+    }
+
+    /// An append through one node wakes another node's listener with each stream it
+    /// appended to and that stream's newest sequence number; nothing is heard of a
+    /// transaction before it commits, nor of one rolled back.
+    #[test]
+    fn a_notification_carries_the_stream_and_its_newest_seq_after_the_commit() {
+        let test = "a_notification_carries_the_stream_and_its_newest_seq_after_the_commit";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("wake");
+        let mut db = Database::open(&url).unwrap();
+        let mut listener = Listener::connect(&url).unwrap();
+        append(&mut db, &["orders"], Some("placed"), 1);
+        append(&mut db, &["orders", "audit"], None, 2);
+        let heard = hear(&mut listener, |h| h.len() == 2 && h["orders"] == 2);
+        assert_eq!(heard["audit"], 1);
+
+        // Another connection's transaction, announcing as an append does.
+        let mut other = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut tx = other.transaction().unwrap();
+        tx.execute("SELECT pg_notify('eventserver', '7 orders')", &[])
+            .unwrap();
+        let early = listener.wait(Duration::from_millis(300)).unwrap();
+        assert!(early.is_empty(), "heard before the commit: {early:?}");
+        tx.rollback().unwrap();
+        let mut tx = other.transaction().unwrap();
+        tx.execute("SELECT pg_notify('eventserver', '9 orders')", &[])
+            .unwrap();
+        tx.commit().unwrap();
+        // The rolled-back 7 never arrives; the committed 9 does.
+        let heard = hear(&mut listener, |h| !h.is_empty());
+        assert_eq!(heard, HashMap::from([("orders".to_owned(), 9)]));
+    }
+
+    /// A batch of several appends to one stream wakes a listener once for it, with the
+    /// newest sequence number, and a listener that hears several batches at once names
+    /// each stream once.
+    #[test]
+    fn appends_to_one_stream_in_one_batch_wake_once_with_the_highest_seq() {
+        let test = "appends_to_one_stream_in_one_batch_wake_once_with_the_highest_seq";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("batch");
+        let mut db = Database::open(&url).unwrap();
+        let mut listener = Listener::connect(&url).unwrap();
+        append(&mut db, &["orders"; 5], Some("placed"), 1);
+        let heard = listener.wait(HEARD_WITHIN).unwrap();
+        assert_eq!(
+            heard,
+            [("orders".to_owned(), 5)],
+            "one wake-up at the newest"
+        );
+        for _ in 0..20 {
+            append(&mut db, &["orders", "audit", "orders"], None, 2);
+        }
+        // However the 20 batches' notifications fall into wake-ups, no wake-up names a
+        // stream twice, none goes back, and the last are the newest.
+        let newest =
+            |h: &HashMap<String, u64>| h.get("orders") == Some(&45) && h.get("audit") == Some(&20);
+        assert_eq!(hear(&mut listener, newest).len(), 2);
+    }
+
+    /// Stream names travel as they are, spaces, digits and any UTF-8 included, up to the
+    /// longest name the APIs accept (1,024 bytes).
+    #[test]
+    fn a_stream_name_with_spaces_and_unicode_round_trips() {
+        let test = "a_stream_name_with_spaces_and_unicode_round_trips";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("names");
+        let mut db = Database::open(&url).unwrap();
+        let mut listener = Listener::connect(&url).unwrap();
+        let longest = "\u{e9}".repeat(512);
+        assert_eq!(longest.len(), 1024);
+        let names = ["caf\u{e9} au lait \u{1F600}", "12 34 ", " ", &longest];
+        append(&mut db, &names, None, 1);
+        let heard = hear(&mut listener, |h| h.len() == names.len());
+        for name in names {
+            assert_eq!(heard.get(name), Some(&1), "{name:?} in {heard:?}");
+        }
+    }
+
+    /// Connects a listener and a node to `url`, trying again while the server recovers
+    /// from a crash of one of its backends.
+    fn reconnect(url: &str) -> (Listener, Database) {
+        let deadline = Instant::now() + HEARD_WITHIN;
+        loop {
+            match Listener::connect(url).and_then(|l| Ok((l, Database::open(url)?))) {
+                Ok(both) => return both,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("reconnecting: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("the server did not come back: {e}"),
+            }
+        }
+    }
+
+    /// A listener whose server-side backend ends answers its wait with an error at once,
+    /// rather than waiting out the timeout (or forever), whether the server says why
+    /// (`pg_terminate_backend`) or the connection just ends (the backend killed); a new
+    /// listener hears again.
+    #[test]
+    fn a_listener_whose_backend_is_gone_returns_an_error() {
+        let test = "a_listener_whose_backend_is_gone_returns_an_error";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("gone");
+        let listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %'";
+        let mut listener = Listener::connect(&url).unwrap();
+        for (seq, how) in (1..).zip(["terminated", "killed"]) {
+            let pid = pg.psql("gone", listening);
+            if how == "terminated" {
+                let sql = format!("SELECT pg_terminate_backend({pid})");
+                assert_eq!(pg.psql("gone", &sql), "t");
+            } else {
+                let killed = std::process::Command::new("kill")
+                    .args(["-KILL", &pid])
+                    .status()
+                    .unwrap();
+                assert!(killed.success());
+            }
+            let started = Instant::now();
+            let lost = listener.wait(Duration::from_secs(60));
+            assert!(lost.is_err(), "{how}: {lost:?}");
+            assert!(
+                started.elapsed() < HEARD_WITHIN,
+                "{how}: {:?}",
+                started.elapsed()
+            );
+            // A killed backend takes the others with it: the server restarts them all.
+            let (new, mut db) = reconnect(&url);
+            listener = new;
+            append(&mut db, &["orders"], None, 1);
+            let heard = hear(&mut listener, |h| !h.is_empty());
+            assert_eq!(heard, HashMap::from([("orders".to_owned(), seq)]), "{how}");
+        }
+    }
+
+    /// The sequence numbers of the events `stream` holds, oldest first.
+    fn seqs(db: &mut Database, stream: &str) -> Vec<u64> {
+        let view = db.since(stream, &Start::After(0), None, 100_000).unwrap();
+        view.events.iter().map(|e| e.seq).collect()
+    }
+
+    /// Runs a retention run of `limits` through `db` to its end, at `now_ms`; returns how
+    /// many chunks it took.
+    fn retain(db: &mut Database, limits: Retention, now_ms: u64) -> usize {
+        let mut sweep = Sweep::new(limits);
+        let mut chunks = 1;
+        while db.retain(&mut sweep, now_ms).unwrap() {
+            chunks += 1;
+        }
+        chunks
+    }
+
+    /// Retention by count keeps each stream's newest events; by age, those not older than
+    /// the limit (an event exactly that old stays). Deleting every event of a stream never
+    /// gives a sequence number twice, nor moves the newest time back.
+    #[test]
+    fn retention_keeps_the_newest_by_count_and_by_age() {
+        let test = "retention_keeps_the_newest_by_count_and_by_age";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let mut db = Database::open(&pg.database("retain")).unwrap();
+        for ts in [1000, 2000, 3000] {
+            append(&mut db, &["a"; 3], None, ts);
+        }
+        append(&mut db, &["b"; 2], None, 1000);
+        append(&mut db, &["c"], None, 3000);
+        let limits = |max_events, max_age_ms| Retention {
+            max_events,
+            max_age_ms,
+            acked_only: false,
+        };
+        retain(&mut db, limits(Some(4), None), 3000);
+        assert_eq!(seqs(&mut db, "a"), [6, 7, 8, 9]);
+        assert_eq!(seqs(&mut db, "b"), [1, 2]);
+        assert_eq!(seqs(&mut db, "c"), [1]);
+        // Older than 2000 ms: b's events; a's sixth is exactly that old and stays.
+        retain(&mut db, limits(None, Some(1000)), 3000);
+        assert_eq!(seqs(&mut db, "a"), [6, 7, 8, 9]);
+        assert!(seqs(&mut db, "b").is_empty());
+        assert_eq!(seqs(&mut db, "c"), [1]);
+        // Both limits: whichever reaches further.
+        retain(&mut db, limits(Some(2), Some(1000)), 3001);
+        assert_eq!(seqs(&mut db, "a"), [8, 9]);
+        retain(&mut db, limits(Some(100), Some(1000)), 3001);
+        assert_eq!(seqs(&mut db, "a"), [8, 9], "nothing else is that old");
+
+        retain(&mut db, limits(None, Some(1000)), 10_000);
+        for stream in ["a", "b", "c"] {
+            assert!(seqs(&mut db, stream).is_empty(), "{stream}");
+        }
+        assert_eq!(db.newest_timestamp().unwrap(), 3000);
+        append(&mut db, &["a", "b"], None, 1);
+        assert_eq!(seqs(&mut db, "a"), [10]);
+        assert_eq!(seqs(&mut db, "b"), [3]);
+    }
+
+    /// With `acked_only`, an event past the limits stays while a consumer known on its
+    /// stream has not acknowledged it; events of names nobody acknowledged, and `/publish`
+    /// events, go. What each consumer holds back is counted, and rewritten by every run.
+    #[test]
+    fn interest_retention_keeps_what_a_known_consumer_has_not_acknowledged() {
+        let test = "interest_retention_keeps_what_a_known_consumer_has_not_acknowledged";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let mut db = Database::open(&pg.database("interest")).unwrap();
+        // Seqs 1, 4, 7, 10 placed; 2, 5, 8, 11 paid; 3, 6, 9, 12 published.
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.extend(append(&mut db, &["orders"], Some("placed"), 1));
+            ids.extend(append(&mut db, &["orders"], Some("paid"), 1));
+            ids.extend(append(&mut db, &["orders"], None, 1));
+        }
+        append(&mut db, &["quiet"; 5], Some("placed"), 1);
+        ack(&mut db, "orders", "billing", ids[3]);
+        ack(&mut db, "orders", "audit", ids[1]);
+        let interest = Retention {
+            max_events: Some(3),
+            max_age_ms: None,
+            acked_only: true,
+        };
+        retain(&mut db, interest, 1);
+        // Up to seq 9: billing holds placed 7, audit paid 5 and 8.
+        assert_eq!(seqs(&mut db, "orders"), [5, 7, 8, 10, 11, 12]);
+        assert_eq!(seqs(&mut db, "quiet"), [3, 4, 5], "nobody's interest");
+        let held = |db: &mut Database| {
+            let held = db.retention_held().unwrap();
+            held.iter()
+                .map(|(s, c, n)| format!("{s} {c} {n}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(held(&mut db), ["orders audit 2", "orders billing 1"]);
+        retain(&mut db, interest, 1);
+        assert_eq!(
+            held(&mut db),
+            ["orders audit 2", "orders billing 1"],
+            "not added up"
+        );
+
+        ack(&mut db, "orders", "billing", ids[6]);
+        retain(&mut db, interest, 1);
+        assert_eq!(seqs(&mut db, "orders"), [5, 8, 10, 11, 12]);
+        assert_eq!(held(&mut db), ["orders audit 2"]);
+        ack(&mut db, "orders", "audit", ids[7]);
+        retain(&mut db, interest, 1);
+        assert_eq!(seqs(&mut db, "orders"), [10, 11, 12]);
+        assert!(held(&mut db).is_empty(), "{:?}", held(&mut db));
+
+        pg.psql(
+            "interest",
+            "INSERT INTO retention_held SELECT id, 'gone', 7 FROM streams",
+        );
+        let plain = Retention {
+            acked_only: false,
+            ..interest
+        };
+        retain(&mut db, plain, 1);
+        assert!(
+            held(&mut db).is_empty(),
+            "a run without interest holds nothing"
+        );
+    }
+
+    /// A backlog of thousands of events past the limits goes in chunks of at most 2,000
+    /// events each, whose counts of what a consumer holds back add up over the chunks, and
+    /// another node appends between them.
+    #[test]
+    fn a_large_backlog_is_trimmed_in_bounded_chunks() {
+        let test = "a_large_backlog_is_trimmed_in_bounded_chunks";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("backlog");
+        let mut db = Database::open(&url).unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..10 {
+            ids.extend(append(&mut db, &["big"; 500], Some("placed"), 1));
+        }
+        append(&mut db, &["small"; 10], Some("placed"), 1);
+        ack(&mut db, "big", "billing", ids[999]);
+        let count = || -> u64 {
+            pg.psql("backlog", "SELECT count(*) FROM events")
+                .parse()
+                .unwrap()
+        };
+        let mut other = Database::open(&url).unwrap();
+        let mut chunks = Vec::new();
+        for acked_only in [true, false] {
+            let mut sweep = Sweep::new(Retention {
+                max_events: Some(100),
+                max_age_ms: None,
+                acked_only,
+            });
+            let mut before = count();
+            let mut more = true;
+            while more {
+                more = db.retain(&mut sweep, 1).unwrap();
+                let after = count();
+                assert!(before - after <= 2_000, "{} in one chunk", before - after);
+                before = after;
+                if acked_only && chunks.is_empty() {
+                    append(&mut other, &["big"; 100], Some("placed"), 1);
+                    before += 100;
+                }
+                chunks.push(acked_only);
+            }
+            if acked_only {
+                // The run's cutoff was 4,900: billing holds 1,001..=4,900.
+                assert_eq!(seqs(&mut db, "big").len(), 3_900 + 200);
+                let held = db.retention_held().unwrap();
+                assert_eq!(held, [("big".into(), "billing".into(), 3_900)]);
+            }
+        }
+        assert!(chunks.iter().filter(|a| **a).count() >= 2, "{chunks:?}");
+        assert!(chunks.iter().filter(|a| !**a).count() >= 2, "{chunks:?}");
+        assert_eq!(seqs(&mut db, "big"), (5_001..=5_100).collect::<Vec<_>>());
+        assert_eq!(seqs(&mut db, "small").len(), 10);
+        assert!(db.retention_held().unwrap().is_empty());
+    }
+
+    /// Nodes running retention at once never delete past the limits, nor count what a
+    /// consumer holds back twice: two runs taking turns chunk by chunk, then two racing
+    /// (where one usually finds the lock taken and skips).
+    #[test]
+    fn two_nodes_retaining_at_once_keep_the_limits() {
+        let test = "two_nodes_retaining_at_once_keep_the_limits";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("both");
+        let mut db = Database::open(&url).unwrap();
+        let streams = ["s0", "s1", "s2", "s3"];
+        // The newest event of each batch.
+        let mut newest_ids = Vec::new();
+        let limits = Retention {
+            max_events: Some(1_000),
+            max_age_ms: None,
+            acked_only: true,
+        };
+        for round in 0..3 {
+            for stream in streams {
+                for _ in 0..4 {
+                    let ids = append(&mut db, &[stream; 500], Some("placed"), 1);
+                    newest_ids.push(ids[499]);
+                }
+            }
+            if round == 0 {
+                ack(&mut db, "s0", "billing", newest_ids[1]);
+            }
+            let chunks = match round {
+                // Two runs taking turns chunk by chunk, each starting where the other is.
+                0 | 1 => {
+                    let mut other = Database::open(&url).unwrap();
+                    let (mut a, mut b) = (Sweep::new(limits), Sweep::new(limits));
+                    let mut chunks = vec![0, 0];
+                    let (mut more_a, mut more_b) = (true, true);
+                    while more_a || more_b {
+                        if more_a {
+                            more_a = db.retain(&mut a, 1).unwrap();
+                            chunks[0] += 1;
+                        }
+                        if more_b {
+                            more_b = other.retain(&mut b, 1).unwrap();
+                            chunks[1] += 1;
+                        }
+                    }
+                    assert!(chunks.iter().all(|c| *c > 1), "{chunks:?}");
+                    chunks
+                }
+                // Two runs racing.
+                _ => {
+                    let start = std::sync::Barrier::new(2);
+                    std::thread::scope(|s| {
+                        let nodes: Vec<_> = (0..2)
+                            .map(|_| {
+                                s.spawn(|| {
+                                    let mut db = Database::open(&url).unwrap();
+                                    start.wait();
+                                    retain(&mut db, limits, 1)
+                                })
+                            })
+                            .collect();
+                        nodes.into_iter().map(|n| n.join().unwrap()).collect()
+                    })
+                }
+            };
+            let newest = 2_000 * (round + 1);
+            for stream in &streams[1..] {
+                let want: Vec<u64> = (newest - 999..=newest).collect();
+                assert_eq!(seqs(&mut db, stream), want, "round {round}, {chunks:?}");
+            }
+            // billing acknowledged s0 up to 1,000: it holds 1,001 up to the cutoff.
+            let held = newest - 1_000 - 1_000;
+            assert_eq!(seqs(&mut db, "s0").len() as u64, held + 1_000);
+            let counted = db.retention_held().unwrap();
+            let want = [("s0".into(), "billing".into(), held)];
+            assert_eq!(counted, want[..(held > 0) as usize], "{chunks:?}");
+        }
+    }
+
+    /// While another session holds the retention lock, a node's run stops at once and
+    /// deletes nothing; once it is let go, the next run deletes.
+    #[test]
+    fn a_node_skips_retention_while_another_holds_the_lock() {
+        let test = "a_node_skips_retention_while_another_holds_the_lock";
+        let Some(pg) = Postgres::start_or_skip(test) else {
+            return;
+        };
+        let url = pg.database("skip");
+        let mut db = Database::open(&url).unwrap();
+        append(&mut db, &["a"; 10], None, 1);
+        let limits = Retention {
+            max_events: Some(1),
+            max_age_ms: None,
+            acked_only: false,
+        };
+        let mut operator = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        operator
+            .execute("SELECT pg_advisory_lock($1)", &[&RETENTION_LOCK])
+            .unwrap();
+        let mut sweep = Sweep::new(limits);
+        assert!(!db.retain(&mut sweep, 1).unwrap(), "the run goes on");
+        assert_eq!(seqs(&mut db, "a").len(), 10);
+        operator
+            .execute("SELECT pg_advisory_unlock($1)", &[&RETENTION_LOCK])
+            .unwrap();
+        assert!(!db.retain(&mut sweep, 1).unwrap(), "a skipped run is over");
+        assert_eq!(seqs(&mut db, "a").len(), 10);
+        retain(&mut db, limits, 1);
+        assert_eq!(seqs(&mut db, "a"), [10]);
     }
 }

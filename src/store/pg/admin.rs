@@ -29,9 +29,19 @@ fn summary(r: &Row) -> (StreamSummary, i64) {
 
 /// The consumers of stream `$1` with their offsets and lag, by consumer and event name;
 /// each lag counts through the `events_by_name` index.
-const CONSUMERS: &str = "SELECT o.consumer, o.name, o.seq, (SELECT count(*) \
+pub(super) const CONSUMERS: &str = "SELECT o.consumer, o.name, o.seq, (SELECT count(*) \
      FROM events e WHERE e.stream_id = o.stream_id AND e.name = o.name AND e.seq > o.seq) \
      FROM offsets o WHERE o.stream_id = $1 ORDER BY o.consumer COLLATE \"C\", o.name COLLATE \"C\"";
+
+/// A row of [`CONSUMERS`].
+pub(super) fn consumer_offset(r: &Row) -> ConsumerOffset {
+    ConsumerOffset {
+        consumer: r.get(0),
+        event_name: r.get(1),
+        offset: r.get::<_, i64>(2) as u64,
+        lag: r.get::<_, i64>(3) as u64,
+    }
+}
 
 impl Database {
     /// Adds `user` with the given password hash and stream patterns, or replaces all three
@@ -130,15 +140,7 @@ impl Database {
         Ok(Some(StreamDetail {
             summary,
             first_ms: first_ms as u64,
-            consumers: consumers
-                .iter()
-                .map(|r| ConsumerOffset {
-                    consumer: r.get(0),
-                    event_name: r.get(1),
-                    offset: r.get::<_, i64>(2) as u64,
-                    lag: r.get::<_, i64>(3) as u64,
-                })
-                .collect(),
+            consumers: consumers.iter().map(consumer_offset).collect(),
             held: held
                 .iter()
                 .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))

@@ -15,6 +15,9 @@
 //! the stream's last). Taking the locks in one order (names sorted) means two batches
 //! touching the same streams never wait on each other in a cycle: no deadlock, whatever
 //! the order of their appends.
+//!
+//! Before it commits, a batch announces each stream it appended to, with its newest
+//! sequence number, to every node's listener ([`super::listen`]); they hear it at the commit.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -115,7 +118,8 @@ pub(super) fn apply(
             &rows.data,
         ],
     )?;
-    for stream in streams.values().filter(|s| s.appended) {
+    for (name, stream) in streams.iter().filter(|(_, s)| s.appended) {
+        super::listen::notify(tx, name, stream.last_seq as u64)?;
         tx.execute(
             "UPDATE streams SET owner = $2, last_seq = $3, last_ms = $4 WHERE id = $1",
             &[

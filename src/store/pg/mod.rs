@@ -4,7 +4,8 @@
 //! What is here: a node's connection ([`Database`]: connecting, migrating, appending,
 //! acknowledging, reading), the schema and its migrations (`schema`), the append path with
 //! group commit (`append`), ACKs (`ack`), and the reads of SQLite's `Reader` with its
-//! answers and types (`read`), and the operator commands (`admin`).
+//! answers and types (`read`; the status page's and metrics' in `status`), retention
+//! (`retention`), the cross-node wake-up (`listen`), and the operator commands (`admin`).
 //! The server runs on it through `node` (the writer's [`Writes`] and the workers'
 //! [`Connection`]). The module is public (`eventserver::pg`, with the feature) so that its
 //! contracts are tested against a real PostgreSQL from outside, as a node would meet them.
@@ -23,17 +24,26 @@
 //! - **Readers** (`store::Reader`, holding a [`Connection`]): one connection per worker, as with SQLite; PostgreSQL's
 //!   snapshots give each read the same consistency WAL readers give. [`Database::since`],
 //!   [`Database::consume`], [`Database::seq_of`] and [`Database::user`] are its queries,
-//!   returning its types (`read`); the status page's and metrics' queries are to come.
+//!   returning its types (`read`); [`Database::overview`], [`Database::consumer_lag`] and
+//!   [`Database::retention_held`] are the status page's and metrics' (`status`), and
+//!   [`Database::newest_timestamp`] is where a node's clock starts.
 //! - **Admin commands** (`store::admin`): the same statements on the same tables.
-//! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's, under
-//!   a session advisory lock taken with `pg_try_advisory_lock` so one node at a time runs
-//!   it; PostgreSQL checkpoints itself, so that thread does not exist there.
+//! - **Wake-ups**: on SQLite the writer's commit hook wakes the polls its commit answers;
+//!   here an append may be committed through any node, so every append transaction also
+//!   announces each stream it appended to with its newest sequence number (NOTIFY), and
+//!   each node's wake-up thread hears every node's through a [`Listener`] (`listen`).
+//! - **Retention and checkpoints**: retention deletes in bounded chunks like SQLite's
+//!   ([`Sweep`], one [`Database::retain`] per chunk, between the writer's batches), each
+//!   chunk under the transaction advisory lock [`RETENTION_LOCK`] taken with
+//!   `pg_try_advisory_xact_lock`, so one node at a time deletes and a node that finds it
+//!   taken skips its run (`retention`); PostgreSQL checkpoints itself, so that thread does
+//!   not exist there.
 //!
 //! What differs is what several nodes add: a node's writer is not the only one, so nothing a
 //! transaction relies on may be cached across transactions without a lock (the SQLite writer
 //! caches stream rows; here every batch locks the rows it appends to), and a committed
-//! append must wake polls parked on other nodes (`api::catch_up` reads what the others
-//! commit).
+//! append must wake polls parked on other nodes (LISTEN/NOTIFY, `listen`; `api::catch_up`
+//! reads what they announce).
 //!
 //! # What this relies on about PostgreSQL
 //!
@@ -52,20 +62,26 @@
 mod ack;
 mod admin;
 mod append;
+mod listen;
 mod node;
 mod read;
+mod retention;
 mod schema;
+mod status;
 
 use std::time::Duration;
 
 use postgres::config::SslMode;
 use postgres::{Client, NoTls};
 
+pub use super::Retention;
 pub use super::writer::Payload;
 pub use crate::event::Event;
 pub use ack::Ack;
 pub use append::{Append, Outcome};
+pub use listen::Listener;
 pub use node::{Connection, Writes};
+pub use retention::{RETENTION_LOCK, Sweep};
 
 /// One node's connection to the shared database.
 pub struct Database {

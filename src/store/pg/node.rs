@@ -14,8 +14,10 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::{Ack, Append, Database, Outcome as Stored, PgError};
+use super::{Ack, Append, Database, Outcome as Stored, PgError, Sweep};
+use crate::clock::wall_ms;
 use crate::store::StoreError;
 use crate::store::retention::Retention;
 use crate::store::writer::{Job, Log, Outcome, WriteError};
@@ -46,18 +48,28 @@ impl Connection {
             None => self.db.insert(Database::open(&self.url)?),
         };
         let result = call(db);
-        if db.is_closed() {
+        // A server going down answers the call in flight (57P01) before it closes the
+        // connection: let go of it then too, or the next call fails on it once more.
+        if db.is_closed() || result.as_ref().is_err_and(PgError::is_unavailable) {
             self.db = None;
         }
         Ok(result?)
     }
 }
 
-/// The writer's log on PostgreSQL: its connection and the name its heartbeat row has.
+/// The writer's log on PostgreSQL: its connection, the name its heartbeat row has, and
+/// the retention run under way.
 pub struct Writes {
     conn: Connection,
     node: String,
+    sweep: Option<Sweep>,
+    /// When the database's clock was last measured.
+    measured: Option<Instant>,
 }
+
+/// How often the writer measures the database's clock again: often enough that neither
+/// host's drift (parts per million) nor a step of its clock lasts.
+const MEASURE_EVERY: Duration = Duration::from_secs(10);
 
 impl Writes {
     /// The writer's log for node `node` on the database `url` names.
@@ -65,7 +77,14 @@ impl Writes {
         Writes {
             conn: Connection::new(url),
             node,
+            sweep: None,
+            measured: None,
         }
+    }
+
+    /// The newest event time of any stream, where the node's clock starts.
+    pub fn newest_timestamp(&mut self) -> Result<u64, StoreError> {
+        self.conn.with(Database::newest_timestamp)
     }
 }
 
@@ -134,13 +153,49 @@ impl Log for Writes {
         crate::log::error(&format!("{what} failed: {e}"));
     }
 
-    fn retain(&mut self, _limits: Retention) {
-        crate::log::warn("retention does not run on PostgreSQL yet");
+    fn clock_offset(&mut self) -> Option<i64> {
+        if self.measured.is_some_and(|at| at.elapsed() < MEASURE_EVERY) {
+            return None;
+        }
+        self.measured = Some(Instant::now());
+        let before = wall_ms();
+        let theirs = self.conn.with(|db| {
+            let row = db.client.query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                &[],
+            )?;
+            Ok(row.get::<_, i64>(0))
+        });
+        let after = wall_ms();
+        match theirs {
+            // The database read its clock about halfway through the round trip.
+            Ok(theirs) => Some(theirs - (before / 2 + after / 2) as i64),
+            Err(e) => {
+                crate::log::warn(&format!("could not read the database's clock: {e}"));
+                None
+            }
+        }
+    }
+
+    fn retain(&mut self, limits: Retention) {
+        if self.sweep.is_none() {
+            self.sweep = Some(Sweep::new(limits));
+        }
     }
 
     fn retaining(&self) -> bool {
-        false
+        self.sweep.is_some()
     }
 
-    fn retain_chunk(&mut self, _ts: u64) {}
+    fn retain_chunk(&mut self, ts: u64) {
+        let Some(mut run) = self.sweep.take() else {
+            return;
+        };
+        // Another node holding the retention lock ends the run here: it is deleting.
+        match self.conn.with(|db| db.retain(&mut run, ts)) {
+            Ok(true) => self.sweep = Some(run),
+            Ok(false) => {}
+            Err(e) => crate::log::error(&format!("retention failed: {e}")),
+        }
+    }
 }

@@ -187,21 +187,22 @@ fn resolve(tx: &mut Transaction<'_>, info: &StreamInfo, start: &Start) -> Result
     }
     // Without a usable last_id: everything at exactly `ms` is new when a last_id was given
     // (the client saw none of them), and already seen when it was not.
-    seq_at_time(tx, info, ms, last_id.is_some())
+    seq_at_time(tx, info.id, info.last_seq, ms, last_id.is_some())
 }
 
-/// The newest sequence number of the stream whose event is older than `ms` (`strict`) or
-/// not newer than `ms`; 0 if there is none: SQLite's search (`store::bisect_time`), with
-/// the stream's `last_seq` as the upper bound.
-fn seq_at_time(
+/// The newest sequence number of stream `stream_id` whose event is older than `ms`
+/// (`strict`) or not newer than `ms`; 0 if there is none: SQLite's search
+/// (`store::bisect_time`), with the stream's `last_seq` as the upper bound.
+pub(super) fn seq_at_time(
     tx: &mut Transaction<'_>,
-    info: &StreamInfo,
+    stream_id: i64,
+    last_seq: u64,
     ms: i64,
     strict: bool,
 ) -> Result<u64, PgError> {
     let at_or_after = tx.prepare(FIRST_AT_OR_AFTER)?;
-    crate::store::bisect_time(info.last_seq as i64, ms, strict, |mid| {
-        let probe = tx.query_opt(&at_or_after, &[&info.id, &mid])?;
+    crate::store::bisect_time(last_seq as i64, ms, strict, |mid| {
+        let probe = tx.query_opt(&at_or_after, &[&stream_id, &mid])?;
         Ok(probe.map(|r| (r.get(0), r.get(1))))
     })
 }
