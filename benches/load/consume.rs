@@ -261,7 +261,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         Some(n),
     );
     let eo = Options::new(Instant::now() + Duration::from_secs(600));
-    engine::run(target.site.addr, load_conns, &mut loader, &eo);
+    engine::run(&target.nodes, load_conns, &mut loader, &eo);
     if loader.ok != n {
         return Err(format!(
             "loading: only {} of {n} events were stored",
@@ -285,7 +285,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         );
         let mut eo = Options::new(Instant::now() + Duration::from_secs(600));
         eo.connect_all_first = true;
-        let transport = engine::run(target.site.addr, k, &mut c, &eo);
+        let transport = engine::run(&target.nodes, k, &mut c, &eo);
         let read = c.read();
         let secs = c.seconds();
         let rate = if secs > 0.0 { read as f64 / secs } else { 0.0 };

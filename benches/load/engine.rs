@@ -128,9 +128,10 @@ struct Conn {
     opened_once: bool,
 }
 
-/// Runs `client` over `n` connections to `addr` on this thread until it stops.
-pub fn run<C: Client>(addr: SocketAddr, n: usize, client: &mut C, opts: &Options) -> Stats {
-    let mut engine = match Engine::new(addr, n, opts.clone()) {
+/// Runs `client` over `n` connections on this thread until it stops, connection `i` to
+/// `addrs[i % addrs.len()]` (several nodes of one database share the connections round-robin).
+pub fn run<C: Client>(addrs: &[SocketAddr], n: usize, client: &mut C, opts: &Options) -> Stats {
+    let mut engine = match Engine::new(addrs, n, opts.clone()) {
         Ok(e) => e,
         Err(e) => {
             return Stats {
@@ -156,7 +157,7 @@ fn thread_cpu() -> Duration {
 }
 
 struct Engine {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     poll: Poll,
     conns: Vec<Conn>,
     pending: VecDeque<usize>,
@@ -176,7 +177,10 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(addr: SocketAddr, n: usize, opts: Options) -> io::Result<Engine> {
+    fn new(addrs: &[SocketAddr], n: usize, opts: Options) -> io::Result<Engine> {
+        if addrs.is_empty() {
+            return Err(io::Error::other("no address to connect to"));
+        }
         let now = Instant::now();
         let conns = (0..n)
             .map(|_| Conn {
@@ -191,7 +195,7 @@ impl Engine {
             })
             .collect();
         Ok(Engine {
-            addr,
+            addrs: addrs.to_vec(),
             poll: Poll::new()?,
             conns,
             pending: (0..n).collect(),
@@ -307,7 +311,8 @@ impl Engine {
     }
 
     fn connect<C: Client>(&mut self, i: usize, now: Instant, client: &mut C) {
-        let result = TcpStream::connect(self.addr).and_then(|mut sock| {
+        let addr = self.addrs[i % self.addrs.len()];
+        let result = TcpStream::connect(addr).and_then(|mut sock| {
             sock.set_nodelay(true)?;
             self.poll.registry().register(
                 &mut sock,

@@ -81,6 +81,7 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
             cell_ms(v.latency.p50),
             cell_ms(v.latency.p99),
             cell_ms(v.latency.max),
+            other_node_p99(&v),
             cell_ms(v.to_all.p50),
             cell_ms(v.to_all.max),
             format!("{}%", percent(v.delivered, v.expected)),
@@ -119,6 +120,7 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
             "p50 ms",
             "p99 ms",
             "max ms",
+            "other p99",
             "all p50",
             "all max",
             "delivered",
@@ -132,6 +134,9 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
     report::note(
         "p50/p99/max: publish→delivery per subscriber and event; all: publish→last subscriber per event",
     );
+    report::note(
+        "other p99: publish→delivery on the nodes other than the one published through (several nodes only)",
+    );
     for line in &notes {
         report::note(line);
     }
@@ -139,15 +144,32 @@ pub fn fanout(opts: &Opts, nofile: u64) -> Result<Vec<Figure>, String> {
     Ok(figures)
 }
 
-/// A subscriber run's figures: delivery p99 and delivered %, named after `what`.
-fn headline(what: &str, v: &Verdict) -> [Figure; 2] {
-    [
+/// A subscriber run's figures, named after `what`: delivery p50 and p99, p99 on the nodes
+/// other than the publisher's (when there are several), and delivered %.
+fn headline(what: &str, v: &Verdict) -> Vec<Figure> {
+    let mut figures = vec![
+        Figure::new(format!("{what} p50 ms"), report::ms(v.latency.p50)),
         Figure::new(format!("{what} p99 ms"), report::ms(v.latency.p99)),
-        Figure::new(
-            format!("{what} delivered %"),
-            percent(v.delivered, v.expected),
-        ),
-    ]
+    ];
+    if v.other_node.n > 0 {
+        figures.push(Figure::new(
+            format!("{what} other-node p99 ms"),
+            report::ms(v.other_node.p99),
+        ));
+    }
+    figures.push(Figure::new(
+        format!("{what} delivered %"),
+        percent(v.delivered, v.expected),
+    ));
+    figures
+}
+
+/// The p99 delivery latency on nodes other than the publisher's, as a cell.
+fn other_node_p99(v: &Verdict) -> String {
+    match v.other_node.n {
+        0 => "-".into(),
+        _ => cell_ms(v.other_node.p99),
+    }
 }
 
 /// The categories scenario; its figures are delivery p99 and delivered %.
@@ -239,7 +261,7 @@ pub fn categories(opts: &Opts) -> Result<Vec<Figure>, String> {
     j["publish_error_samples"] = json!(outcome.published.error_samples);
     j["park_seconds"] = json!(outcome.park_time.as_secs_f64());
     report::json_line(j);
-    Ok(headline("categories", &v).into())
+    Ok(headline("categories", &v))
 }
 
 /// The idle scenario: server memory, threads and descriptors with N parked subscribers.

@@ -4,7 +4,7 @@
 //! ```text
 //! cargo bench --bench load -- [SCENARIO...] [OPTIONS]
 //!   SCENARIO   publish consume fanout idle categories mixed retention, or all (the
-//!              default)
+//!              default); or nodes alone (see "Several nodes" below)
 //!   --url http://127.0.0.1:PORT --user U --password P [--pid PID]
 //!              load a server that is already running (loopback only); --pid lets the
 //!              idle and mixed scenarios read its memory and threads from /proc
@@ -21,6 +21,10 @@
 //!   --threads N          event-loop threads for the subscriber scenarios (default 1)
 //!   --workers N          worker threads of a server the bench starts
 //!   --server-bin PATH    the eventserver binary to spawn (default: the one cargo built)
+//!   --db postgres://USER:PASS@HOST:PORT/DB [--nodes N]
+//!                        spawn N servers (default 1) on that PostgreSQL database instead
+//!                        of one on a temporary SQLite file, and spread the connections
+//!                        over them (needs a server built with the postgres feature)
 //!   --nodelay-listener   diagnostic: in-process servers get a TCP_NODELAY listener
 //!   --engine-floor       load a bare tiny_http long-poll server instead (fanout and
 //!                        categories; see floor.rs): the engine's own limit here
@@ -68,9 +72,32 @@
 //! medians and the ratio eventserver ÷ floor, and one JSON line (`{"scenario":
 //! "versus-floor", …}`). The figures: publish, events/s on 64 connections through
 //! `/publish` and the streams API, each against the floor's `/publish` (the only write path
-//! it serves); fanout, delivery p99 and delivered %
-//! at each `--subscribers` count; categories, delivery p99 and delivered %. For example
+//! it serves); fanout, delivery p50, p99 and delivered %
+//! at each `--subscribers` count; categories, delivery p50, p99 and delivered %. For example
 //! `-- fanout --versus-floor --subscribers 1000,9000 --rounds 3`.
+//!
+//! # Several nodes
+//!
+//! `cargo bench --features postgres --bench load -- SCENARIO --db postgres://… --nodes N`
+//! spawns N `eventserver serve` processes on free ports, all on that database, after adding
+//! the bench's user there with `eventserver user add`. Connection `i` of every scenario goes
+//! to node `i % N` (subscriber `i` likewise), while setup work and the paced publisher of
+//! the subscriber scenarios use the first node: in fanout, the subscribers on the other
+//! nodes are woken across nodes, and the table shows their latency apart ("other p99").
+//! The group-commit figures add up every node's `/metrics`; memory and threads are the first
+//! node's. The database is used as it is: each run's streams and categories are named after
+//! the run, so earlier runs' events are only in the way, not in the figures. The server must
+//! be built with the `postgres` feature, as `cargo bench --features postgres` builds the one
+//! it spawns; a binary without it is refused with a message saying so. (`retention` always
+//! runs on SQLite, in process.)
+//!
+//! `cargo bench --features postgres --bench load -- nodes --db postgres://… [--nodes N]
+//! [--rounds R]` runs publish (1 and 64 connections unless `--conns` says otherwise) and
+//! fanout (1,000 subscribers unless `--subscribers` says otherwise) on one node on SQLite,
+//! one node on PostgreSQL and N nodes (2 by default) on PostgreSQL, R rounds (1 by
+//! default) with the order rotating from round to round, and prints one table of their
+//! headline figures, medians over the rounds, and a JSON line (`{"scenario": "nodes", …}`);
+//! see `nodes.rs`.
 //!
 //! # Which server is loaded
 //!
@@ -114,6 +141,7 @@ mod engine;
 mod fanout;
 mod floor;
 mod mixed;
+mod nodes;
 mod publish;
 mod report;
 mod retention;
@@ -191,6 +219,8 @@ pub struct Opts {
     pub close_with_reset: bool,
     /// `--report`: where to write each run's chart and its data.
     pub report: Option<PathBuf>,
+    /// `nodes`: rounds of the single-node and several-node comparison, or `None`.
+    pub nodes_rounds: Option<usize>,
 }
 
 const SCENARIOS: &[&str] = &[
@@ -202,6 +232,9 @@ const SCENARIOS: &[&str] = &[
     "mixed",
     "retention",
 ];
+
+/// The comparison of one node on SQLite with one and several on PostgreSQL (`nodes.rs`).
+const NODES: &str = "nodes";
 
 /// The scenarios whose figures `--versus-floor` can set against the bare engine's.
 const VERSUS_FLOOR: &[&str] = &["publish", "fanout", "categories"];
@@ -225,6 +258,8 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             nodelay: false,
             floor: false,
             own_process: false,
+            postgres: None,
+            nodes: 1,
         },
         duration: None,
         conns: vec![1, 16, 64, 256],
@@ -244,9 +279,11 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         versus_floor: None,
         close_with_reset: false,
         report: None,
+        nodes_rounds: None,
     };
     let (mut url, mut user, mut password, mut pid, mut workers, mut bin) =
         (None, None, None, None, None, None);
+    let (mut db, mut nodes, mut conns, mut subscribers) = (None, None, None, None);
     let (mut nodelay, mut floor, mut versus, mut rounds) = (false, false, false, None);
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -258,11 +295,11 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             if flag == "all" {
                 opts.scenarios
                     .extend(SCENARIOS.iter().map(|s| s.to_string()));
-            } else if SCENARIOS.contains(&flag.as_str()) {
+            } else if SCENARIOS.contains(&flag.as_str()) || flag == NODES {
                 opts.scenarios.push(flag);
             } else {
                 return Err(format!(
-                    "unknown scenario {flag:?} (known: {})",
+                    "unknown scenario {flag:?} (known: {} {NODES})",
                     SCENARIOS.join(" ")
                 ));
             }
@@ -295,6 +332,8 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             }
             "--workers" => workers = Some(num(value()?)? as usize),
             "--server-bin" => bin = Some(PathBuf::from(value()?)),
+            "--db" => db = Some(value()?),
+            "--nodes" => nodes = Some((num(value()?)? as usize).clamp(1, 64)),
             "--nodelay-listener" => nodelay = true,
             "--engine-floor" => floor = true,
             "--versus-floor" => versus = true,
@@ -302,7 +341,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--report" => opts.report = Some(PathBuf::from(value()?)),
             "--rounds" => rounds = Some((num(value()?)? as usize).clamp(1, 100)),
             "--duration" => opts.duration = Some(num(value()?)?.clamp(0.1, 3600.0)),
-            "--conns" => opts.conns = list(&flag, &value()?)?,
+            "--conns" => conns = Some(list(&flag, &value()?)?),
             "--api" => {
                 opts.apis = value()?
                     .split(',')
@@ -314,7 +353,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
                     .collect::<Result<_, _>>()?
             }
             "--streams" => opts.streams = Some((num(value()?)? as usize).max(1)),
-            "--subscribers" => opts.subscribers = list(&flag, &value()?)?,
+            "--subscribers" => subscribers = Some(list(&flag, &value()?)?),
             "--events" => opts.events = num(value()?)? as usize,
             "--interval-ms" => opts.interval_ms = num(value()?)? as u64,
             "--consume-events" => opts.consume_events = num(value()?)? as u64,
@@ -326,6 +365,46 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--threads" => opts.threads = (num(value()?)? as usize).clamp(1, 16),
             _ => return Err(format!("unknown flag {flag}")),
         }
+    }
+    let comparing_nodes = opts.scenarios.iter().any(|s| s == NODES);
+    if comparing_nodes {
+        if opts.scenarios.len() > 1 || versus || url.is_some() || floor {
+            return Err(format!(
+                "{NODES} runs alone and starts its servers itself: no other scenario, \
+                 --versus-floor, --url or --engine-floor"
+            ));
+        }
+        if db.is_none() {
+            return Err(format!(
+                "{NODES} needs --db postgres://USER:PASS@HOST:PORT/DB"
+            ));
+        }
+        opts.nodes_rounds = Some(rounds.take().unwrap_or(1));
+        opts.conns = conns.take().unwrap_or_else(|| vec![1, 64]);
+        opts.subscribers = subscribers.take().unwrap_or_else(|| vec![1_000]);
+    }
+    if let Some(c) = conns {
+        opts.conns = c;
+    }
+    if let Some(s) = subscribers {
+        opts.subscribers = s;
+    }
+    if let Some(db) = &db {
+        if eventserver::Engine::of(db.as_ref()) != eventserver::Engine::Postgres {
+            return Err(
+                "--db takes a postgres:// URL (SQLite runs get a temporary file of their own)"
+                    .into(),
+            );
+        }
+        if url.is_some() || floor || versus {
+            return Err(
+                "--db goes with servers the bench starts: no --url, --engine-floor \
+                 or --versus-floor"
+                    .into(),
+            );
+        }
+    } else if nodes.is_some_and(|n| n > 1) {
+        return Err("several nodes share a PostgreSQL database: give --db postgres://…".into());
     }
     if versus {
         if url.is_some() || floor {
@@ -348,7 +427,7 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         }
         opts.versus_floor = Some(rounds.unwrap_or(3));
     } else if rounds.is_some() {
-        return Err("--rounds goes with --versus-floor".into());
+        return Err(format!("--rounds goes with --versus-floor or {NODES}"));
     }
     if opts.scenarios.is_empty() {
         opts.scenarios = SCENARIOS.iter().map(|s| s.to_string()).collect();
@@ -374,11 +453,16 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         nodelay: d,
         floor: f,
         own_process: _,
+        postgres: p,
+        nodes: n,
     } = &mut opts.source
     {
         *w = workers;
         *d = nodelay;
         *f = floor;
+        *p = db;
+        // `nodes` compares one node with several: two unless told.
+        *n = nodes.unwrap_or(if comparing_nodes { 2 } else { 1 });
         if let Some(bin) = bin {
             *b = bin;
         }
@@ -404,20 +488,23 @@ impl Rng {
     }
 }
 
-/// One authenticated request, so the server's credential cache is warm before timing.
+/// One authenticated request to each node, so its credential cache is warm before timing.
 pub fn prime(target: &Target) -> Result<(), String> {
-    let mut client = wire::Blocking::new(&target.site);
-    let (status, body) = client
-        .call(|site, out| {
-            let body = br#"{"category":"load-prime","data":{}}"#;
-            site.post(out, "/publish", "", "application/json", body)
-        })
-        .map_err(|e| format!("cannot reach the server at {}: {e}", target.site.addr))?;
-    if status != 200 {
-        return Err(format!(
-            "the server answered {status} to an authenticated request: {}",
-            String::from_utf8_lossy(&body)
-        ));
+    for site in target.node_sites() {
+        let mut client = wire::Blocking::new(&site);
+        let (status, body) = client
+            .call(|site, out| {
+                let body = br#"{"category":"load-prime","data":{}}"#;
+                site.post(out, "/publish", "", "application/json", body)
+            })
+            .map_err(|e| format!("cannot reach the server at {}: {e}", site.addr))?;
+        if status != 200 {
+            return Err(format!(
+                "the server at {} answered {status} to an authenticated request: {}",
+                site.addr,
+                String::from_utf8_lossy(&body)
+            ));
+        }
     }
     Ok(())
 }
@@ -498,9 +585,10 @@ fn main() -> ExitCode {
     );
     let mut failed = false;
     for scenario in &opts.scenarios {
-        let result = match opts.versus_floor {
-            Some(rounds) => versus::compare(&opts, scenario, rounds, nofile),
-            None => run_scenario(&opts, scenario, nofile).map(drop),
+        let result = match (opts.versus_floor, opts.nodes_rounds) {
+            (_, Some(rounds)) => nodes::compare(&opts, rounds, nofile),
+            (Some(rounds), None) => versus::compare(&opts, scenario, rounds, nofile),
+            (None, None) => run_scenario(&opts, scenario, nofile).map(drop),
         };
         eprintln!("load: {scenario} done — load average {}", load_average());
         if let Err(e) = result {

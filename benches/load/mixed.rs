@@ -47,7 +47,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
         .collect();
     let plan = Plan::new(&target, categories.clone(), n, opts, secs);
     let epoch = plan.epoch;
-    let site = &target.site;
+    let (site, nodes) = (&target.site, &target.nodes);
     let mut parts = None;
     let mut outcome = plan.run(|_| {
         let start = pid.and_then(ProcSample::read);
@@ -58,7 +58,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
                         Appender::new(site, Api::Streams, &streams, PRODUCERS, Some(span), None);
                     let mut eo = Options::new(Instant::now() + span + Duration::from_secs(60));
                     eo.connect_all_first = true;
-                    let stats = engine::run(site.addr, PRODUCERS, &mut app, &eo);
+                    let stats = engine::run(nodes, PRODUCERS, &mut app, &eo);
                     (app, stats)
                 });
                 let consumers = s.spawn(|| {
@@ -73,7 +73,7 @@ pub fn run(opts: &Opts) -> Result<(), String> {
                         Some(until),
                     );
                     let eo = Options::new(until + Duration::from_secs(60));
-                    let stats = engine::run(site.addr, CONSUMERS, &mut c, &eo);
+                    let stats = engine::run(nodes, CONSUMERS, &mut c, &eo);
                     (c, stats)
                 });
                 let mut rng = Rng::new(0x3141);

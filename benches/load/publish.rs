@@ -226,8 +226,8 @@ struct Run {
 }
 
 /// The server's group-commit figures from `GET /metrics` (eventserver's Prometheus
-/// histograms `eventserver_writer_batch_size` and `eventserver_writer_commit_seconds`);
-/// absent for servers without them.
+/// histograms `eventserver_writer_batch_size` and `eventserver_writer_commit_seconds`),
+/// added up over its nodes; absent for servers without them.
 #[derive(Clone, Copy, Debug, Default)]
 struct WriterStats {
     jobs: f64,
@@ -236,7 +236,22 @@ struct WriterStats {
 }
 
 impl WriterStats {
-    fn scrape(site: &Site) -> Option<WriterStats> {
+    /// Every node's figures added up.
+    fn scrape(target: &Target) -> Option<WriterStats> {
+        target
+            .node_sites()
+            .iter()
+            .try_fold(WriterStats::default(), |sum, site| {
+                let node = WriterStats::scrape_node(site)?;
+                Some(WriterStats {
+                    jobs: sum.jobs + node.jobs,
+                    commits: sum.commits + node.commits,
+                    commit_seconds: sum.commit_seconds + node.commit_seconds,
+                })
+            })
+    }
+
+    fn scrape_node(site: &Site) -> Option<WriterStats> {
         let mut client = crate::wire::Blocking::new(site);
         let (status, body) = client.call(|s, o| s.get(o, "/metrics", "")).ok()?;
         if status != 200 {
@@ -289,9 +304,11 @@ impl WriterStats {
     }
 }
 
-/// Storage bytes written so far by the server's process (this one when in process).
+/// Storage bytes written so far by the server's process (this one when in process); none
+/// for nodes on PostgreSQL, whose writes are PostgreSQL's.
 fn disk_of(target: &Target) -> Option<u64> {
-    match (target.kind, target.pid) {
+    match (target.kind.as_str(), target.pid) {
+        (kind, _) if kind.starts_with("postgres") => None,
         ("in-process", _) => report::disk_write_bytes(None),
         (_, Some(pid)) => report::disk_write_bytes(Some(pid)),
         _ => None,
@@ -330,13 +347,13 @@ pub fn run(opts: &Opts) -> Result<Vec<Figure>, String> {
             let mut app = Appender::new(&target.site, api, &names, k, Some(duration), None);
             let mut eo = Options::new(Instant::now() + duration + Duration::from_secs(60));
             eo.connect_all_first = true;
-            let before = WriterStats::scrape(&target.site);
+            let before = WriterStats::scrape(&target);
             let disk_before = disk_of(&target);
             let (transport, server) = chart::sampled(target.pid, Instant::now(), || {
-                engine::run(target.site.addr, k, &mut app, &eo)
+                engine::run(&target.nodes, k, &mut app, &eo)
             });
             let writer = before
-                .zip(WriterStats::scrape(&target.site))
+                .zip(WriterStats::scrape(&target))
                 .map(|(b, a)| a.since(b));
             let disk_bytes = disk_before
                 .zip(disk_of(&target))

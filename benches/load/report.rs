@@ -168,3 +168,29 @@ pub fn disk_write_bytes(pid: Option<u32>) -> Option<u64> {
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// The median of `values` (the mean of the middle two for an even count), if any.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    match sorted.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[mid]),
+        _ => Some((sorted[mid - 1] + sorted[mid]) / 2.0),
+    }
+}
+
+/// `v` rounded to three decimals, for the JSON line.
+pub fn thousandths(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+/// A figure as a table cell: whole above 100, else with up to two decimals.
+pub fn number(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}

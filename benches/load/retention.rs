@@ -169,7 +169,7 @@ fn publish(
     let mut eo = Options::new(Instant::now() + duration + Duration::from_secs(60));
     eo.connect_all_first = true;
     std::thread::scope(|s| {
-        s.spawn(|| engine::run(site.addr, conns, &mut app, &eo));
+        s.spawn(|| engine::run(std::slice::from_ref(&site.addr), conns, &mut app, &eo));
         meanwhile(started);
     });
     server.shutdown();

@@ -76,9 +76,16 @@ pub struct Subscribers {
     shared: Arc<Shared>,
     /// The subscribers, one per connection.
     pub(crate) subs: Vec<Sub>,
+    /// The first subscriber's number over all threads: subscriber `first + conn` polls
+    /// node `(first + conn) % nodes`.
+    pub(crate) first: usize,
+    nodes: usize,
     waiting: Vec<usize>,
     /// Publish→delivery latency of every event received, µs.
     pub(crate) lat: Vec<u64>,
+    /// The same for subscribers on a node other than the first, through which the paced
+    /// publisher publishes: the cross-node wake-up.
+    pub(crate) other_node_lat: Vec<u64>,
     /// The same latencies by their arrival time on the bench clock, for `--report`.
     pub(crate) timeline: Timeline,
     /// Per sequence number: when the last subscriber here got it (µs on the bench clock).
@@ -98,12 +105,13 @@ pub struct Subscribers {
 }
 
 impl Subscribers {
-    /// Subscribers `first..first + n`; subscriber `i` follows category `i % categories`.
+    /// Subscribers `numbers`; subscriber `i` follows category `i % categories` and polls
+    /// node `i % nodes`.
     pub fn new(
         site: &Site,
         categories: &Arc<Vec<String>>,
-        first: usize,
-        n: usize,
+        numbers: std::ops::Range<usize>,
+        nodes: usize,
         timeout_s: u64,
         epoch: Instant,
         shared: &Arc<Shared>,
@@ -114,7 +122,8 @@ impl Subscribers {
             timeout_s,
             epoch,
             shared: shared.clone(),
-            subs: (first..first + n)
+            first: numbers.start,
+            subs: numbers
                 .map(|i| Sub {
                     cat: (i % categories.len()) as u32,
                     // A fresh category: "since 1 ms after the epoch" is everything.
@@ -125,8 +134,10 @@ impl Subscribers {
                     retry_at: None,
                 })
                 .collect(),
+            nodes: nodes.max(1),
             waiting: Vec::new(),
             lat: Vec::new(),
+            other_node_lat: Vec::new(),
             timeline: Timeline::default(),
             last_arrival: Vec::new(),
             statuses: BTreeMap::new(),
@@ -200,12 +211,16 @@ impl Client for Subscribers {
             self.timeouts += 1;
         }
         let now_us = now.duration_since(self.epoch).as_micros() as u64;
+        let other_node = !(self.first + conn).is_multiple_of(self.nodes);
         let sub = &mut self.subs[conn];
         for e in &reply.events {
             let seq = e.data.seq as usize;
             sub.got.push(e.data.seq);
             let lat = now_us.saturating_sub(e.data.t);
             self.lat.push(lat);
+            if other_node {
+                self.other_node_lat.push(lat);
+            }
             self.timeline.record(now_us, lat);
             if self.last_arrival.len() <= seq {
                 self.last_arrival.resize(seq + 1, 0);
@@ -407,8 +422,8 @@ impl Plan<'_> {
                 Subscribers::new(
                     &self.target.site,
                     &self.categories,
-                    first,
-                    count,
+                    first..first + count,
+                    self.target.nodes.len(),
                     self.timeout_s,
                     self.epoch,
                     &shared,
@@ -424,17 +439,21 @@ impl Plan<'_> {
             reset_at_end: self.reset_at_end,
             ..Options::new(began + Duration::from_secs(3_900))
         };
-        let addr = self.target.site.addr;
+        let nodes = &self.target.nodes;
         std::thread::scope(|scope| {
             let handles: Vec<_> = shards
                 .into_iter()
                 .enumerate()
                 .map(|(i, (mut client, count))| {
                     let eo = eo.clone();
+                    // Subscriber `first + j` polls node `(first + j) % nodes`, whichever
+                    // thread it is on.
+                    let mut addrs = nodes.clone();
+                    addrs.rotate_left(client.first % nodes.len().max(1));
                     std::thread::Builder::new()
                         .name(format!("subs-{i}"))
                         .spawn_scoped(scope, move || {
-                            let stats = engine::run(addr, count, &mut client, &eo);
+                            let stats = engine::run(&addrs, count, &mut client, &eo);
                             (client, stats)
                         })
                         .expect("spawn a subscriber thread")

@@ -29,6 +29,9 @@ pub struct Verdict {
     pub subscribers: usize,
     /// Publish→delivery latency.
     pub latency: Latency,
+    /// Publish→delivery for subscribers on another node than the publisher's (none with
+    /// one node).
+    pub other_node: Latency,
     /// Publish→last subscriber, per event that reached all its subscribers.
     pub to_all: Latency,
     /// Transport and protocol trouble: (what, count).
@@ -76,6 +79,7 @@ impl Verdict {
             "foreign": self.foreign,
             "exact_subscribers": self.exact,
             "latency": self.latency.json(),
+            "other_node_latency": self.other_node.json(),
             "event_to_all": self.to_all.json(),
             "timeouts": self.timeouts,
             "bench_loop_cpu_pct": self.bench_cpu_pct,
@@ -109,6 +113,7 @@ pub fn judge(
         exact: 0,
         subscribers: 0,
         latency: Latency::default(),
+        other_node: Latency::default(),
         to_all: Latency::default(),
         errors: Vec::new(),
         timeouts: 0,
@@ -117,7 +122,7 @@ pub fn judge(
     };
     let (mut cpu, mut wall) = (0.0, 0.0);
     let mut sub_id = 0;
-    let mut lat = Vec::new();
+    let (mut lat, mut other_node) = (Vec::new(), Vec::new());
     let mut last_arrival = vec![0u64; n_events];
     let mut statuses = BTreeMap::new();
     let (mut error_bodies, mut bad, mut lost, mut broken) = (0, 0, 0, 0);
@@ -155,6 +160,7 @@ pub fn judge(
             sub_id += 1;
         }
         lat.append(&mut shard.lat);
+        other_node.append(&mut shard.other_node_lat);
         for (seq, t) in shard.last_arrival.iter().enumerate() {
             if seq < n_events {
                 last_arrival[seq] = last_arrival[seq].max(*t);
@@ -202,6 +208,7 @@ pub fn judge(
         0.0
     };
     v.latency = Latency::of(&mut lat);
+    v.other_node = Latency::of(&mut other_node);
     v.to_all = Latency::of(&mut to_all);
     for (s, n) in statuses {
         v.errors.push((format!("status_{s}"), n));

@@ -12,13 +12,13 @@
 //! `/publish` and the streams API (`--api` picks; both by default), each against the
 //! floor's `/publish`, the only write path it serves (a ratio below 1 is what
 //! eventserver's durability and bookkeeping cost; `--streams 1` puts every connection on
-//! one stream); **fanout**, delivery p99 and delivered % at each
-//! `--subscribers` count; **categories**, delivery p99 and delivered % (for latencies a
+//! one stream); **fanout**, delivery p50, p99 and delivered % at each
+//! `--subscribers` count; **categories**, delivery p50, p99 and delivered % (for latencies a
 //! ratio above 1 is eventserver's cost).
 
 use serde_json::json;
 
-use crate::report::{self, Figure};
+use crate::report::{self, Figure, median, number, thousandths};
 use crate::target::Source;
 use crate::{Api, Opts};
 
@@ -193,30 +193,4 @@ fn print(scenario: &str, rounds: usize, series: &[Series]) {
         "rounds": rounds,
         "figures": figures,
     }));
-}
-
-/// The median of `values` (the mean of the middle two for an even count), if any.
-fn median(values: &[f64]) -> Option<f64> {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    match sorted.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(sorted[mid]),
-        _ => Some((sorted[mid - 1] + sorted[mid]) / 2.0),
-    }
-}
-
-/// `v` rounded to three decimals, for the JSON line.
-fn thousandths(v: f64) -> f64 {
-    (v * 1000.0).round() / 1000.0
-}
-
-/// A figure as a table cell: whole above 100, else with up to two decimals.
-fn number(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
 }

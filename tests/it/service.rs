@@ -896,6 +896,41 @@ fn each_setting_is_a_flag_and_a_variable_and_the_flag_wins() {
     }
 }
 
+/// Every variable the shipped environment files set, or show commented out, is a setting
+/// of `serve` (or the log level), so a node never refuses to start over a line copied from
+/// them.
+#[test]
+fn the_shipped_environment_files_name_only_settings() {
+    let files = [
+        (
+            "eventserver.env",
+            include_str!("../../systemd/eventserver.env"),
+        ),
+        (
+            "eventserver-node.env",
+            include_str!("../../systemd/eventserver-node.env"),
+        ),
+    ];
+    for (file, text) in files {
+        let vars: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.trim_start_matches('#').split_once('='))
+            .map(|(var, _)| var)
+            .filter(|var| var.starts_with("EVENTSERVER_"))
+            .collect();
+        assert!(!vars.is_empty(), "{file} names no variable");
+        for var in vars {
+            assert!(
+                var == "EVENTSERVER_LOG"
+                    || eventserver::settings::SETTINGS
+                        .iter()
+                        .any(|s| s.var() == var),
+                "{file}: {var} is not a setting"
+            );
+        }
+    }
+}
+
 #[test]
 fn invalid_command_lines_exit_2_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
