@@ -16,10 +16,20 @@
 //! touching the same streams never wait on each other in a cycle: no deadlock, whatever
 //! the order of their appends.
 //!
-//! Before it commits, a batch announces each stream it appended to, with its newest
-//! sequence number, to every node's listener ([`super::listen`]); they hear it at the commit.
+//! The transaction only locks rows that exist: the streams of a batch that this connection
+//! has not seen yet are created first ([`create`]), unowned, in a statement of their own
+//! (a new stream's first producer claims it inside the batch, as with an existing unowned
+//! one). Creating inside the transaction would wait on another batch's uncommitted insert
+//! of the same name while holding locks, out of name order. Stream rows are never deleted,
+//! so a connection remembers which exist. A batch that fails after creating its streams
+//! leaves them empty, as a failed first append on SQLite does not.
+//!
+//! The round trips of a batch do not grow with its streams: one statement locks them all,
+//! one inserts every event, one updates every stream row and announces each stream it
+//! appended to, with its newest sequence number, to every node's listener
+//! ([`super::listen`]); they hear it at the commit.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use postgres::{Client, Transaction};
 use uuid::Uuid;
@@ -61,32 +71,73 @@ struct StreamRow {
 /// Appends `batch` in one transaction stamped `ts` (epoch ms, from the node's clock), and
 /// returns each append's outcome in order. A failure fails the whole batch and stores
 /// nothing.
-pub fn commit(client: &mut Client, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
+pub fn commit(
+    client: &mut Client,
+    known: &mut Known,
+    batch: &[Append<'_>],
+    ts: u64,
+) -> Result<Vec<Outcome>, PgError> {
+    create(client, known, batch, ts)?;
     let mut tx = client.transaction()?;
     let outcomes = apply(&mut tx, batch, ts)?;
     tx.commit()?;
     Ok(outcomes)
 }
 
-/// Appends `batch` inside `tx`, which commits it with whatever else it holds.
+/// The streams a connection knows exist: stream rows are never deleted.
+#[derive(Default)]
+pub(super) struct Known(HashSet<String>);
+
+/// Most stream names a connection remembers; beyond it, it starts afresh.
+const KNOWN_MAX: usize = 65_536;
+
+/// Creates the streams of `batch` that `known` does not hold (unowned, where they do not
+/// exist), in one statement of its own, and remembers them.
+pub(super) fn create(
+    client: &mut Client,
+    known: &mut Known,
+    batch: &[Append<'_>],
+    ts: u64,
+) -> Result<(), PgError> {
+    let mut new: Vec<&str> = batch
+        .iter()
+        .map(|a| a.stream)
+        .filter(|name| !known.0.contains(*name))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    // In name order, so that two of these creating the same streams never wait on each
+    // other in a cycle.
+    new.sort_unstable();
+    new.dedup();
+    client.execute(
+        "INSERT INTO streams (name, created_ms) SELECT unnest($1::TEXT[]), $2 \
+         ON CONFLICT (name) DO NOTHING",
+        &[&new, &(ts as i64)],
+    )?;
+    if known.0.len() + new.len() > KNOWN_MAX {
+        known.0.clear();
+    }
+    known.0.extend(new.into_iter().map(str::to_owned));
+    Ok(())
+}
+
+/// Appends `batch` inside `tx`, which commits it with whatever else it holds. Its streams
+/// exist ([`create`]).
 pub(super) fn apply(
     tx: &mut Transaction<'_>,
     batch: &[Append<'_>],
     ts: u64,
 ) -> Result<Vec<Outcome>, PgError> {
-    // In name order (a BTreeSet's), so that batches never wait on each other in a cycle.
-    let names: BTreeSet<&str> = batch.iter().map(|a| a.stream).collect();
-    let mut streams = HashMap::with_capacity(names.len());
-    for name in names {
-        streams.insert(name, lock(tx, name, ts)?);
-    }
+    let mut streams = lock(tx, batch, ts)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     // The stream of each stored event, in order.
     let mut stream_ids = Vec::with_capacity(batch.len());
     for append in batch {
-        let stream = streams
-            .get_mut(append.stream)
-            .expect("every stream of the batch is locked");
+        let Some(stream) = streams.get_mut(append.stream) else {
+            return Err(PgError::Invariant("a stream of the batch has no row"));
+        };
         match (&stream.owner, append.producer) {
             (Some(owner), Some(p)) if owner == p => {}
             (Some(_), _) => {
@@ -118,58 +169,71 @@ pub(super) fn apply(
             &rows.data,
         ],
     )?;
-    for (name, stream) in streams.iter().filter(|(_, s)| s.appended) {
-        super::listen::notify(tx, name, stream.last_seq as u64)?;
-        tx.execute(
-            "UPDATE streams SET owner = $2, last_seq = $3, last_ms = $4 WHERE id = $1",
-            &[
-                &stream.id,
-                &stream.owner,
-                &stream.last_seq,
-                &(stream.ts as i64),
-            ],
-        )?;
-    }
+    let appended: Vec<(&str, &StreamRow)> = streams
+        .iter()
+        .filter(|(_, s)| s.appended)
+        .map(|(name, s)| (*name, s))
+        .collect();
+    let column = |f: fn(&str, &StreamRow) -> i64| -> Vec<i64> {
+        appended.iter().map(|(name, s)| f(name, s)).collect()
+    };
+    let owners: Vec<Option<&str>> = appended.iter().map(|(_, s)| s.owner.as_deref()).collect();
+    let notices: Vec<String> = appended
+        .iter()
+        .map(|(name, s)| super::listen::notice(name, s.last_seq as u64))
+        .collect();
+    tx.execute(
+        "UPDATE streams s SET owner = u.owner, last_seq = u.last_seq, last_ms = u.last_ms \
+         FROM unnest($1::BIGINT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::TEXT[]) \
+              AS u (id, owner, last_seq, last_ms, notice) \
+         WHERE s.id = u.id \
+         RETURNING pg_notify($6, u.notice)",
+        &[
+            &column(|_, s| s.id),
+            &owners,
+            &column(|_, s| s.last_seq),
+            &column(|_, s| s.ts as i64),
+            &notices,
+            &super::listen::CHANNEL,
+        ],
+    )?;
     Ok(outcomes)
 }
 
-/// Locks the row of stream `name`, creating it (unowned) if it does not exist; `ts` is
-/// raised to the stream's last timestamp.
-///
-/// Of two transactions creating the same stream, the second's insert waits for the first
-/// to commit and then does nothing, and its lock finds the row as the first left it (owned,
-/// if the first one's producer claimed it).
-fn lock(tx: &mut Transaction<'_>, name: &str, ts: u64) -> Result<StreamRow, PgError> {
-    const LOCK: &str =
-        "SELECT id, owner, last_seq, last_ms FROM streams WHERE name = $1 FOR NO KEY UPDATE";
-    loop {
-        if let Some(row) = tx.query_opt(LOCK, &[&name])? {
-            let last_ms: i64 = row.get(3);
-            return Ok(StreamRow {
-                id: row.get(0),
-                owner: row.get(1),
-                last_seq: row.get(2),
-                ts: ts.max(last_ms.max(0) as u64),
-                appended: false,
-            });
-        }
-        let created = tx.query_opt(
-            "INSERT INTO streams (name, created_ms) VALUES ($1, $2) \
-             ON CONFLICT (name) DO NOTHING RETURNING id",
-            &[&name, &(ts as i64)],
-        )?;
-        // Created: the insert holds the row until commit. Otherwise another transaction
-        // created it and has committed by now: lock what it left.
-        if let Some(row) = created {
-            return Ok(StreamRow {
-                id: row.get(0),
-                owner: None,
-                last_seq: 0,
-                ts,
-                appended: false,
-            });
-        }
+/// Locks the rows of the streams of `batch`, in name order, in one statement; each
+/// stream's timestamp for the batch is `ts` raised to its last. A stream without a row is
+/// left out.
+fn lock<'a>(
+    tx: &mut Transaction<'_>,
+    batch: &[Append<'a>],
+    ts: u64,
+) -> Result<HashMap<&'a str, StreamRow>, PgError> {
+    let names: BTreeSet<&str> = batch.iter().map(|a| a.stream).collect();
+    let names: Vec<&str> = names.into_iter().collect();
+    // PostgreSQL sorts before it locks (the rows of a `SELECT … ORDER BY … FOR UPDATE` are
+    // locked in the order returned), and every batch sorts the same way: no cycle.
+    let rows = tx.query(
+        "SELECT name, id, owner, last_seq, last_ms FROM streams WHERE name = ANY($1) \
+         ORDER BY name COLLATE \"C\" FOR NO KEY UPDATE",
+        &[&names],
+    )?;
+    let mut streams = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let Ok(at) = names.binary_search(&row.get::<_, &str>(0)) else {
+            continue;
+        };
+        let name = names[at];
+        let last_ms: i64 = row.get(4);
+        let stream = StreamRow {
+            id: row.get(1),
+            owner: row.get(2),
+            last_seq: row.get(3),
+            ts: ts.max(last_ms.max(0) as u64),
+            appended: false,
+        };
+        streams.insert(name, stream);
     }
+    Ok(streams)
 }
 
 /// The batch's events as columns, for one `INSERT … SELECT FROM unnest(…)`.

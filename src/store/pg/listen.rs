@@ -1,5 +1,5 @@
 //! Cross-node wake-up: every append transaction announces, per stream it appended to, the
-//! stream's newest sequence number on one channel ([`notify`]), and each node listens on
+//! stream's newest sequence number on one channel ([`notice`]), and each node listens on
 //! it with a connection of its own ([`Listener`]), so that a poll parked on one node is
 //! answered by an append committed through another.
 //!
@@ -33,20 +33,18 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, Transaction};
 
 use super::PgError;
 
 /// The channel every node's appends are announced on and every node listens to.
-const CHANNEL: &str = "eventserver";
+pub(super) const CHANNEL: &str = "eventserver";
 
-/// Announces, within the append transaction `tx`, that `stream` now goes up to
-/// `last_seq`; the other nodes hear it once `tx` commits.
-pub(super) fn notify(tx: &mut Transaction<'_>, stream: &str, last_seq: u64) -> Result<(), PgError> {
-    let payload = format!("{last_seq} {stream}");
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])?;
-    Ok(())
+/// The notice that `stream` now goes up to `last_seq`, which the append transaction sends
+/// on [`CHANNEL`]; the other nodes hear it once it commits.
+pub(super) fn notice(stream: &str, last_seq: u64) -> String {
+    format!("{last_seq} {stream}")
 }
 
 /// A connection that listens for the appends of every node.

@@ -86,6 +86,8 @@ pub use retention::{RETENTION_LOCK, Sweep};
 /// One node's connection to the shared database.
 pub struct Database {
     client: Client,
+    /// The streams this connection knows exist.
+    known: append::Known,
 }
 
 impl Database {
@@ -95,7 +97,10 @@ impl Database {
     pub fn open(url: &str) -> Result<Database, PgError> {
         let mut client = connect(url)?;
         schema::migrate(&mut client)?;
-        Ok(Database { client })
+        Ok(Database {
+            client,
+            known: append::Known::default(),
+        })
     }
 
     /// The database's schema version: how many migrations it has had.
@@ -108,7 +113,7 @@ impl Database {
     /// append's outcome in order. A failure fails the whole batch and stores nothing; a
     /// success is flushed to the server's disk.
     pub fn append(&mut self, batch: &[Append<'_>], ts: u64) -> Result<Vec<Outcome>, PgError> {
-        append::commit(&mut self.client, batch, ts)
+        append::commit(&mut self.client, &mut self.known, batch, ts)
     }
 
     /// Applies `batch` of ACKs in one transaction, and returns for each whether its event
@@ -127,6 +132,7 @@ impl Database {
         heartbeat: Option<&str>,
         ts: u64,
     ) -> Result<(Vec<Outcome>, Vec<bool>), PgError> {
+        append::create(&mut self.client, &mut self.known, appends, ts)?;
         let mut tx = self.client.transaction()?;
         let stored = match appends.is_empty() {
             true => Vec::new(),
@@ -167,6 +173,8 @@ pub enum PgError {
     Postgres(postgres::Error),
     /// `--db` is not a URL this build can connect with; the text says why.
     Url(String),
+    /// Something this code relies on did not hold; the message says what.
+    Invariant(&'static str),
     /// The schema is newer than this eventserver knows: a newer node migrated it.
     TooNew {
         /// The database's schema version.
@@ -179,6 +187,7 @@ impl std::fmt::Display for PgError {
         match self {
             PgError::Postgres(e) => f.write_str(&described(e)),
             PgError::Url(why) => f.write_str(why),
+            PgError::Invariant(what) => f.write_str(what),
             PgError::TooNew { version } => write!(
                 f,
                 "the database has schema version {version}, newer than this eventserver \
