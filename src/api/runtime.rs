@@ -209,6 +209,10 @@ impl Runtime {
         let mut parked = parked;
         loop {
             let mut poll = self.registry.poll(category, &start, wait(parked));
+            #[cfg(feature = "postgres")]
+            if let Poll::Ready(ready, events) = poll {
+                poll = self.up_to_head(reader, category, ready, events, limit);
+            }
             // The store decides what memory cannot. New commits can race the read; each retry
             // means another commit landed, and memory answers once it holds them.
             for _ in 0..8 {
@@ -254,6 +258,31 @@ impl Runtime {
                 Poll::Unknown(parked) => parked.fail(&Failure::ChangingTooFast),
             }
             return;
+        }
+    }
+
+    /// Memory's answer `events` for `ready`, unless another node has committed events
+    /// past them that memory has not heard of yet (its notification is on the way): then
+    /// the store answers, so that a poll sent after another node's 200 gets that event, as
+    /// on one node. Costs a read of the stream's head, only when memory has events to
+    /// answer with and the node shares its database; a failed read leaves memory's answer,
+    /// which is true, if short.
+    #[cfg(feature = "postgres")]
+    fn up_to_head(
+        &self,
+        reader: &mut Reader,
+        category: &str,
+        ready: Parked,
+        events: Vec<Arc<Event>>,
+        limit: usize,
+    ) -> Poll<Parked> {
+        if self.catch_up.get().is_none() || events.len() >= limit {
+            return Poll::Ready(ready, events);
+        }
+        let last = events.last().map_or(0, |e| e.seq);
+        match reader.since(category, &Start::Now, None, 0) {
+            Ok(view) if view.hwm > last => Poll::Unknown(ready),
+            _ => Poll::Ready(ready, events),
         }
     }
 

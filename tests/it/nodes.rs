@@ -178,6 +178,36 @@ fn a_poll_parked_on_one_node_is_answered_by_an_append_through_the_other() {
     assert_eq!(elements[0]["eventId"], json!(id));
 }
 
+/// A poll sent after a 200 from one node sees that event on the other, in its first answer,
+/// though the other node's memory has not heard of it yet: as on one node.
+#[test]
+fn a_poll_on_one_node_after_a_200_from_the_other_sees_the_event_at_once() {
+    let test = "a_poll_on_one_node_after_a_200_from_the_other_sees_the_event_at_once";
+    let Some(server) = TestServer::two_nodes_or_skip(test) else {
+        return;
+    };
+    let [a, b] = server.addrs()[..] else {
+        panic!("two nodes");
+    };
+    let (mut first, mut latest): (Option<Ev>, Option<Ev>) = (None, None);
+    for n in 0..40 {
+        // Both nodes' memories hold the category: each answers from its tail if it can,
+        // resuming from the first event (several to answer with) or the latest.
+        let (from, to) = if n % 2 == 0 { (a, b) } else { (b, a) };
+        publish_ok(from, "yours", &json!({"t": 0, "n": n}));
+        let after = if n % 3 == 0 { &first } else { &latest };
+        let got = events(&subscribe_req(to, &resume("yours", 5, after.as_ref())).send());
+        let last = got.last().map(Ev::origin);
+        assert_eq!(
+            last,
+            Some((0, n)),
+            "poll {n} through the other node: {got:?}"
+        );
+        first = first.or_else(|| got.first().cloned());
+        latest = got.last().cloned();
+    }
+}
+
 #[test]
 fn long_polls_alternating_nodes_get_every_event_once_in_order_while_both_publish() {
     const PER_PRODUCER: u64 = 150;
@@ -407,6 +437,10 @@ struct Outage {
     _heavy: std::sync::MutexGuard<'static, ()>,
 }
 
+/// Events published before an outage to a category of their own: more than memory keeps of
+/// one (64), so a read of them all needs the store.
+const HISTORY: usize = 100;
+
 impl Outage {
     /// The nodes publishing; `None` as for [`Postgres::start_or_skip`].
     fn start(test: &str) -> Option<Outage> {
@@ -414,6 +448,10 @@ impl Outage {
         let heavy = heavy();
         let server = TestServer::two_nodes_on(&pg.database("events"));
         let addrs = server.addrs();
+        // More events than memory keeps of a category: reading them all needs the store.
+        for n in 0..HISTORY {
+            publish_ok(addrs[0], "history", &json!({ "n": n }));
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let tallies: Vec<Arc<Tally>> = (0..2).map(|_| Arc::default()).collect();
         let publishers = (0..2)
@@ -473,7 +511,7 @@ impl Outage {
         for addr in &self.addrs {
             let reads = [
                 consume_req(*addr, "outage", "c", "eventName=E&limit=1"),
-                subscribe_req(*addr, "timeout=1&category=outage&since_time=0"),
+                subscribe_req(*addr, "timeout=1&category=history&since_time=0"),
             ];
             for read in reads {
                 let resp = try_send(*addr, &read, NO_HANG).expect("a read answers");
