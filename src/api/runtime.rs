@@ -280,8 +280,8 @@ impl Runtime {
             return Poll::Ready(ready, events);
         }
         let last = events.last().map_or(0, |e| e.seq);
-        match reader.since(category, &Start::Now, None, 0) {
-            Ok(view) if view.hwm > last => Poll::Unknown(ready),
+        match reader.head(category) {
+            Ok(head) if head > last => Poll::Unknown(ready),
             _ => Poll::Ready(ready, events),
         }
     }

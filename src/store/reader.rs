@@ -122,6 +122,16 @@ impl Reader {
         on_engine!(self, r => r.seq_of(stream, id))
     }
 
+    /// The sequence number of `stream`'s newest event on the shared database (0 if it has
+    /// none), to tell whether memory has heard of every commit of other nodes.
+    #[cfg(feature = "postgres")]
+    pub fn head(&self, stream: &str) -> Result<u64, StoreError> {
+        match self {
+            Reader::Sqlite(r) => Ok(stream_info(&r.conn, stream)?.map_or(0, |i| i.last_seq)),
+            Reader::Pg(conn) => conn.borrow_mut().read(|db| db.head(stream)),
+        }
+    }
+
     /// See [`Sqlite::consumer_lag`].
     pub fn consumer_lag(&self) -> Result<Vec<(String, String, String, u64)>, StoreError> {
         on_engine!(self, r => r.consumer_lag())

@@ -133,6 +133,15 @@ impl Database {
         )?;
         Ok(row.map(|r| r.get::<_, i64>(0) as u64))
     }
+
+    /// The sequence number of `stream`'s newest event (0 if it has none or does not
+    /// exist), in one round trip.
+    pub fn head(&mut self, stream: &str) -> Result<u64, PgError> {
+        let row = self
+            .client
+            .query_opt("SELECT last_seq FROM streams WHERE name = $1", &[&stream])?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
 }
 
 /// A read-only transaction whose statements all see one snapshot.
