@@ -136,9 +136,7 @@ fn read_after(app: &App, reader: &mut Reader, category: &str, mut after: u64) {
         let events: Vec<Arc<Event>> = view.events.into_iter().map(Arc::new).collect();
         let Some(last) = events.last() else { return };
         after = last.seq;
-        let mut woken = Vec::new();
-        app.runtime.publish(category, &events, &mut woken);
-        app.runtime.answer(woken);
+        app.runtime.caught_up(category, &events);
         if events.len() < READ_LIMIT {
             return;
         }

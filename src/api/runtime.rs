@@ -93,6 +93,10 @@ pub struct Runtime {
     stopping: AtomicBool,
     /// What the last look for clients that went away found.
     last_look: Mutex<Option<Look>>,
+    /// Held from registering events until the streams they wake have taken them, so that
+    /// a stream takes events in the order they were registered, whichever thread registers
+    /// them: the writer's commit hook, or (on a database nodes share) the catch-up thread.
+    registering: Mutex<()>,
 }
 
 /// One look for clients that went away: when it began and who was connected.
@@ -126,6 +130,7 @@ impl Runtime {
             catch_up: std::sync::OnceLock::new(),
             stopping: AtomicBool::new(false),
             last_look: Mutex::new(None),
+            registering: Mutex::new(()),
         }
     }
 
@@ -343,12 +348,7 @@ impl Runtime {
     /// Registers `events` of `category`, adding the waiters they wake to `woken`. Events
     /// that do not follow on from memory (another node committed some between) go to
     /// the catch-up queue by their last sequence number, to be read from the store.
-    pub(crate) fn publish(
-        &self,
-        category: &str,
-        events: &[Arc<Event>],
-        woken: &mut Vec<Woken<Parked>>,
-    ) {
+    fn publish(&self, category: &str, events: &[Arc<Event>], woken: &mut Vec<Woken<Parked>>) {
         match self.registry.publish(category, events, Parked::resident) {
             Some(more) => woken.extend(more),
             None => {
@@ -364,10 +364,20 @@ impl Runtime {
         }
     }
 
+    /// Registers `events` of `category` that another node committed, and answers the
+    /// waiters they wake.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn caught_up(&self, category: &str, events: &[Arc<Event>]) {
+        let _registering = lock(&self.registering);
+        let mut woken = Vec::new();
+        self.publish(category, events, &mut woken);
+        self.answer(woken);
+    }
+
     /// Answers woken waiters, spread over workers. Streams take their events here, in
-    /// commit order (the commit hook calls this on one thread): the workers that write them
-    /// may run in any order.
-    pub(crate) fn answer(&self, woken: Vec<Woken<Parked>>) {
+    /// the order they were registered (callers hold `registering`): the workers that
+    /// write them may run in any order.
+    fn answer(&self, woken: Vec<Woken<Parked>>) {
         for group in woken {
             let answers = Answers::events(&group.replies, &group.events);
             for parked in &group.replies {
@@ -489,6 +499,7 @@ impl Runtime {
     /// hears of the commit, so a poll sent after a 200 sees them; the writers' answers are
     /// queued before the waiters' (which may be thousands).
     pub(crate) fn committed(&self, committed: Committed) {
+        let _registering = lock(&self.registering);
         let mut woken = Vec::new();
         for appended in &committed.appended {
             self.publish(&appended.stream, &appended.events, &mut woken);

@@ -236,6 +236,50 @@ fn a_stream_delivers_events_from_before_and_after_it_opened_in_order_once() {
     }
 }
 
+/// Publishers on every node at once (one node, or two on PostgreSQL, where the writer's
+/// commits and the other node's, caught up, are registered on two threads): the stream
+/// gets every event once, in the order the store gives them.
+#[test]
+fn a_stream_gets_concurrent_publishes_through_every_node_in_order() {
+    let server = TestServer::start();
+    let mut stream = Stream::open(server.addr, subscribe_req(server.addr, "category=race"));
+    assert_eq!(stream.next(PROMPT), Item::Retry(1000));
+    const EACH: u64 = 150;
+    let publishers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let node = server.addrs()[t as usize % server.addrs().len()];
+            std::thread::spawn(move || {
+                for n in 0..EACH {
+                    publish_ok(node, "race", &json!({"t": t, "n": n}));
+                }
+            })
+        })
+        .collect();
+    let streamed: Vec<String> = (0..2 * EACH).map(|_| stream.event(PROMPT).0).collect();
+    publishers.into_iter().for_each(|p| p.join().unwrap());
+    // Paged back as a long-poll client resumes: from each page's last event.
+    let mut stored: Vec<Value> = Vec::new();
+    while stored.len() < streamed.len() {
+        let query = match stored.last() {
+            None => "timeout=1&category=race&since_time=0".to_owned(),
+            Some(e) => format!(
+                "timeout=1&category=race&since_time={}&last_id={}",
+                e["timestamp"],
+                e["id"].as_str().unwrap()
+            ),
+        };
+        let page = subscribe_req(server.addr, &query).send().json();
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !events.is_empty(),
+            "the store has fewer events than the stream"
+        );
+        stored.extend(events);
+    }
+    let stored: Vec<&str> = stored.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(streamed, stored, "the stream's order is the store's");
+}
+
 #[test]
 fn heartbeats_arrive_and_the_lifetime_closes_the_stream() {
     let server = TestServer::start_with(|c| {
@@ -267,20 +311,22 @@ fn heartbeats_arrive_and_the_lifetime_closes_the_stream() {
 #[test]
 fn a_stream_takes_a_parked_place() {
     let server = TestServer::start_with(|c| c.max_parked = 2);
-    let mut stream = Stream::open(server.addr, stream_req(&server, "category=cap"));
+    // The cap is a node's: everything that parks goes to the first node (`server.addr`).
+    let node = server.addr;
+    let mut stream = Stream::open(node, subscribe_req(node, "category=cap"));
     assert_eq!(stream.next(PROMPT), Item::Retry(1000));
     let poll = std::thread::spawn({
-        let req = subscribe_req(&server, "timeout=20&category=cap");
+        let req = subscribe_req(node, "timeout=20&category=cap");
         move || req.send()
     });
     wait_until(PROMPT, "a stream and a poll parked", || {
         server.handle().parked() == 2
     });
-    let refused = stream_req(&server, "category=cap")
+    let refused = subscribe_req(node, "category=cap")
         .header("Accept", "text/event-stream")
         .send();
     assert_eq!(refused.status, 503, "{}", refused.text());
-    let refused = subscribe_req(&server, "timeout=20&category=cap").send();
+    let refused = subscribe_req(node, "timeout=20&category=cap").send();
     assert_eq!(refused.status, 503, "{}", refused.text());
     let event = published(&server, "cap", json!("both"));
     expect_event(stream.event(PROMPT), &event);

@@ -206,7 +206,6 @@ impl TestServer {
     }
 
     /// Every node's address, node 1's first.
-    #[cfg(feature = "postgres")]
     pub fn addrs(&self) -> Vec<SocketAddr> {
         let others = self.others.iter().map(ServerHandle::addr);
         std::iter::once(self.addr).chain(others).collect()
